@@ -1,0 +1,182 @@
+//! wasmgate-sdk: write a wasmgate HTTP function as one async fn.
+//!
+//! ```ignore
+//! use wasmgate_sdk::{Body, Request, Response, Result, StatusCode, json};
+//!
+//! async fn handle(req: Request<Body>) -> Result {
+//!     Ok(json(StatusCode::OK, &serde_json::json!({"hello": "world"})))
+//! }
+//! wasmgate_sdk::export_http_function!(handle);
+//! ```
+//!
+//! Built on [`wstd`], the Bytecode Alliance's async std for WASI 0.2 components, rather than on
+//! raw wit-bindgen output: wstd already turns `wasi:http` resources into the `http` crate's
+//! `Request`/`Response` and drives async I/O with its own small executor, so this crate only adds
+//! what is wasmgate's own: problem responses in the platform's format, JSON helpers, and access to
+//! the route parameters the host passes along. The output is a standard `wasi:http/proxy`
+//! component that also runs under `wasmtime serve`.
+//!
+//! Build with `cargo build --target wasm32-wasip2` and a `cdylib` crate type.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use wstd;
+pub use wstd::http::{Body, HeaderValue, Method, Request, Response, StatusCode};
+
+/// A handler's result: a response, or a problem that becomes `application/problem+json`.
+pub type Result<T = Response<Body>, E = Problem> = std::result::Result<T, E>;
+
+/// An RFC 9457 problem a handler returns instead of a response.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    #[serde(skip)]
+    status: StatusCode,
+    r#type: String,
+    title: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+impl Problem {
+    /// `slug` becomes the stable `type` (`urn:wasmgate:problem:<slug>`) clients match on.
+    pub fn new(status: StatusCode, slug: &str, title: impl Into<String>) -> Self {
+        Self {
+            status,
+            r#type: format!("urn:wasmgate:problem:{slug}"),
+            title: title.into(),
+            detail: None,
+        }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad-request", "Bad request").with_detail(detail)
+    }
+
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", "Not found")
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let bytes = serde_json::to_vec(&self).unwrap_or_default();
+        let mut resp = Response::new(Body::from(bytes));
+        *resp.status_mut() = self.status;
+        resp.headers_mut().insert(
+            "content-type",
+            HeaderValue::from_static("application/problem+json"),
+        );
+        resp
+    }
+}
+
+/// A JSON response.
+pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => {
+            let mut resp = Response::new(Body::from(bytes));
+            *resp.status_mut() = status;
+            resp.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
+            resp
+        }
+        Err(e) => Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "serialization",
+            "Response could not be serialized",
+        )
+        .with_detail(e.to_string())
+        .into_response(),
+    }
+}
+
+/// A plain-text response.
+pub fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let mut resp = Response::new(Body::from(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// The value of route parameter `name` (`/users/{id}` -> `param(&req, "id")`), as the host
+/// matched it. The host removes any client-sent copy, so it can be trusted.
+pub fn param<'a>(req: &'a Request<Body>, name: &str) -> Option<&'a str> {
+    req.headers()
+        .get(format!("wasmgate-param-{name}"))
+        .and_then(|v| v.to_str().ok())
+}
+
+/// Reads the body as JSON into `T`; malformed JSON or a wrong shape is a 400 naming the problem.
+pub async fn read_json<T: DeserializeOwned>(req: &mut Request<Body>) -> Result<T> {
+    let bytes = req
+        .body_mut()
+        .contents()
+        .await
+        .map_err(|e| Problem::bad_request(format!("cannot read the body: {e}")))?;
+    serde_json::from_slice(bytes).map_err(|e| Problem::bad_request(format!("invalid JSON: {e}")))
+}
+
+/// Exports `handler` (an `async fn(Request<Body>) -> Result`) as the component's
+/// `wasi:http/incoming-handler`.
+#[macro_export]
+macro_rules! export_http_function {
+    ($handler:path) => {
+        struct __WasmgateFunction;
+
+        impl $crate::__internal::wasip2::exports::http::incoming_handler::Guest
+            for __WasmgateFunction
+        {
+            fn handle(
+                request: $crate::__internal::wasip2::http::types::IncomingRequest,
+                response_out: $crate::__internal::wasip2::http::types::ResponseOutparam,
+            ) {
+                $crate::__internal::serve(request, response_out, $handler)
+            }
+        }
+
+        $crate::__internal::wasip2::http::proxy::export!(
+            __WasmgateFunction with_types_in $crate::__internal::wasip2
+        );
+    };
+}
+
+#[doc(hidden)]
+pub mod __internal {
+    pub use wstd::__internal::wasip2;
+    use wstd::http::server::Responder;
+
+    use super::{Body, Request, Response};
+
+    /// Runs one request through `handler` on wstd's executor and sends what it returns.
+    pub fn serve<F, Fut>(
+        request: wasip2::http::types::IncomingRequest,
+        response_out: wasip2::http::types::ResponseOutparam,
+        handler: F,
+    ) where
+        F: FnOnce(Request<Body>) -> Fut,
+        Fut: Future<Output = super::Result<Response<Body>>>,
+    {
+        let responder = Responder::new(response_out);
+        wstd::runtime::block_on(async move {
+            match wstd::http::request::try_from_incoming(request) {
+                Ok(request) => {
+                    let response = handler(request).await.unwrap_or_else(|p| p.into_response());
+                    // The client went away mid-body: nothing left to tell it.
+                    let _ = responder.respond(response).await;
+                }
+                Err(err) => responder.fail(err),
+            }
+        })
+    }
+}

@@ -1,0 +1,355 @@
+//! The manifest (`wasmgate.toml`): typed, strict, and validated as a whole.
+//!
+//! Parsing is strict (`deny_unknown_fields`) so a misspelt key is an error that names it. After
+//! parsing, [`Manifest::validate`] collects *every* problem it can find (not only the first), so an
+//! operator fixes a broken manifest in one pass. Problems that need the `.wasm` files (missing,
+//! invalid, wrong world) are found by the loader and reported the same way.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Why a function gets this long by default: long enough for a handler that makes a few
+/// database round trips under load, short enough that a stuck guest frees its slot quickly.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A handler's linear memory cap. 64 MiB holds a Rust handler with room to spare, and caps what a
+/// runaway guest can take from the host (times `max_instances` at worst).
+pub const DEFAULT_MEMORY: u64 = 64 * 1024 * 1024;
+/// Request bodies above this are refused with 413 before the guest sees them. 1 MiB is plenty for
+/// JSON APIs; functions that accept uploads raise it.
+pub const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
+/// Where `wasmgate up` listens when neither the manifest nor `--listen` says.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Live instances across all functions. Each slot reserves address space (not memory) in the
+/// pooling allocator; 1,000 is wasmtime's own default and far above what 2 cores keep busy.
+pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
+/// Compiled components are cached here, relative to the manifest, so a restart skips cranelift.
+pub const DEFAULT_CACHE_DIR: &str = ".wasmgate/cache";
+
+/// Methods a route may name. Extension methods are refused so a typo ("GTE") is an error, not a
+/// route nobody can call.
+pub const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+/// Paths the host answers itself; a route may not claim them.
+pub const RESERVED_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
+
+/// The whole manifest, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Functions by name: a TOML table makes duplicate names a parse error.
+    #[serde(default)]
+    pub functions: BTreeMap<String, FunctionConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_instances: u32,
+    pub cache_dir: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("DEFAULT_LISTEN is a valid socket address"),
+            max_instances: DEFAULT_MAX_INSTANCES,
+            cache_dir: PathBuf::from(DEFAULT_CACHE_DIR),
+        }
+    }
+}
+
+/// One function: a component and the limits every request to it runs under.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionConfig {
+    /// Path to the component, relative to the manifest.
+    pub wasm: PathBuf,
+    #[serde(default = "default_timeout", deserialize_with = "human_duration")]
+    pub timeout: Duration,
+    #[serde(default = "default_memory", deserialize_with = "human_size")]
+    pub memory: u64,
+    #[serde(default = "default_max_body", deserialize_with = "human_size")]
+    pub max_body: u64,
+}
+
+fn default_timeout() -> Duration {
+    DEFAULT_TIMEOUT
+}
+fn default_memory() -> u64 {
+    DEFAULT_MEMORY
+}
+fn default_max_body() -> u64 {
+    DEFAULT_MAX_BODY
+}
+
+/// One route: a path (with `{param}` segments, or ending in `/*` for a prefix), the methods it
+/// answers (all when empty), and the function that serves it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub path: String,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    pub function: String,
+}
+
+impl RouteConfig {
+    /// How problems name this route: its index and what it matches.
+    pub fn label(&self, index: usize) -> String {
+        let methods = if self.methods.is_empty() {
+            "*".to_string()
+        } else {
+            self.methods.join(",")
+        };
+        format!("routes[{index}] ({methods} {})", self.path)
+    }
+}
+
+/// Every problem found in a manifest, each naming the file, the entry and the fix.
+#[derive(Debug, thiserror::Error)]
+pub struct ManifestError {
+    pub path: PathBuf,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "manifest `{}` has {n} problem{}:",
+            self.path.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Manifest {
+    /// Reads and parses a manifest, then validates what can be checked without the `.wasm` files.
+    pub fn load(path: &Path) -> Result<Self, ManifestError> {
+        let fail = |problem: String| ManifestError {
+            path: path.to_path_buf(),
+            problems: vec![problem],
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            fail(format!(
+                "cannot read it: {e}; pass the right file with --manifest"
+            ))
+        })?;
+        let manifest = Self::parse(&text).map_err(fail)?;
+        let problems = manifest.validate();
+        if problems.is_empty() {
+            Ok(manifest)
+        } else {
+            Err(ManifestError {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| format!("invalid TOML: {}", e.to_string().trim_end()))
+    }
+
+    /// Problems that need no `.wasm` file: names, limits, unknown functions, route syntax.
+    /// Duplicate and overlapping routes are found when the route table is built.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.server.max_instances == 0 {
+            problems.push("[server] max_instances is 0; set it to at least 1".to_string());
+        }
+        for (name, f) in &self.functions {
+            if !valid_name(name) {
+                problems.push(format!(
+                    "[functions.{name}]: the name may only hold lowercase letters, digits and `-`; rename it"
+                ));
+            }
+            if f.timeout.is_zero() {
+                problems.push(format!(
+                    "[functions.{name}] timeout is 0; set a duration such as \"5s\""
+                ));
+            }
+            if f.memory < 64 * 1024 {
+                problems.push(format!(
+                    "[functions.{name}] memory is below one wasm page (64KiB); set at least \"1MiB\""
+                ));
+            }
+        }
+        if self.routes.is_empty() {
+            problems.push("no [[routes]]: add one so wasmgate has something to serve".to_string());
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let label = r.label(i);
+            if !self.functions.contains_key(&r.function) {
+                let known: Vec<_> = self.functions.keys().map(String::as_str).collect();
+                problems.push(format!(
+                    "{label}: unknown function `{}`; define [functions.{}] or use one of [{}]",
+                    r.function,
+                    r.function,
+                    known.join(", ")
+                ));
+            }
+            if !r.path.starts_with('/') {
+                problems.push(format!(
+                    "{label}: path must start with `/`; write `/{}`",
+                    r.path
+                ));
+            }
+            if RESERVED_PATHS.contains(&r.path.as_str()) {
+                problems.push(format!(
+                    "{label}: `{}` is reserved for the host; choose another path",
+                    r.path
+                ));
+            }
+            for m in &r.methods {
+                if !METHODS.contains(&m.to_ascii_uppercase().as_str()) {
+                    problems.push(format!(
+                        "{label}: `{m}` is not a method wasmgate routes; use one of {}",
+                        METHODS.join(", ")
+                    ));
+                }
+            }
+        }
+        problems
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Parses "250ms", "5s", "1m" (humantime) into a duration.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"250ms\" or \"5s\""))
+}
+
+/// Parses "64MiB", "512KiB", "1048576" into a byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    bytesize::ByteSize::from_str(s)
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("`{s}` is not a size ({e}); write e.g. \"64MiB\""))
+}
+
+fn human_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn human_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(n),
+        Size::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Manifest {
+        Manifest::parse(text).expect("test manifest parses")
+    }
+
+    #[test]
+    fn parses_human_units_and_defaults() {
+        let m = parse(
+            r#"
+            [functions.hello]
+            wasm = "hello.wasm"
+            timeout = "250ms"
+            memory = "8MiB"
+            [functions.big]
+            wasm = "big.wasm"
+            max_body = 2048
+            [[routes]]
+            path = "/hello"
+            function = "hello"
+            "#,
+        );
+        let hello = &m.functions["hello"];
+        assert_eq!(hello.timeout, Duration::from_millis(250));
+        assert_eq!(hello.memory, 8 * 1024 * 1024);
+        assert_eq!(hello.max_body, DEFAULT_MAX_BODY);
+        assert_eq!(m.functions["big"].max_body, 2048);
+        assert_eq!(m.functions["big"].timeout, DEFAULT_TIMEOUT);
+        assert!(m.validate().is_empty());
+    }
+
+    #[test]
+    fn rejects_misspelt_key_naming_it() {
+        let err = Manifest::parse(
+            r#"
+            [functions.hello]
+            wasm = "hello.wasm"
+            timeuot = "1s"
+            "#,
+        )
+        .expect_err("misspelt key");
+        assert!(err.contains("timeuot"), "{err}");
+    }
+
+    #[test]
+    fn rejects_bad_units_with_the_fix() {
+        let err = Manifest::parse(
+            r#"
+            [functions.hello]
+            wasm = "hello.wasm"
+            timeout = "soon"
+            "#,
+        )
+        .expect_err("bad duration");
+        assert!(err.contains("soon") && err.contains("5s"), "{err}");
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let m = parse(
+            r#"
+            [functions.Bad_Name]
+            wasm = "x.wasm"
+            timeout = "0s"
+            [[routes]]
+            path = "nope"
+            methods = ["FETCH!"]
+            function = "ghost"
+            [[routes]]
+            path = "/healthz"
+            function = "Bad_Name"
+            "#,
+        );
+        let problems = m.validate();
+        let all = problems.join("\n");
+        assert_eq!(problems.len(), 6, "{all}");
+        assert!(all.contains("unknown function `ghost`"), "{all}");
+        assert!(all.contains("must start with `/`"), "{all}");
+        assert!(all.contains("`FETCH!` is not a method"), "{all}");
+        assert!(all.contains("reserved"), "{all}");
+        assert!(all.contains("timeout is 0"), "{all}");
+        assert!(all.contains("[functions.Bad_Name]: the name"), "{all}");
+    }
+}

@@ -1,0 +1,26 @@
+//! wasmgate: a WebAssembly serverless functions platform.
+//!
+//! Teams deploy HTTP handlers as wasm components; the host routes requests to them, runs each
+//! request in a fresh, limited instance, and owns everything that must be fast or trustworthy.
+//!
+//! Layout:
+//! - [`config`]: the manifest (`wasmgate.toml`), strict parsing and validation.
+//! - [`loader`]: manifest -> loaded functions + route table, or every problem at once.
+//! - [`router`]: the route table (path + method -> version set).
+//! - [`runtime`]: wasmtime engine, compiled cache, per-request instances and their limits.
+//! - [`server`]: the axum listener and the request path.
+//! - [`body_limit`]: request bodies capped while streaming.
+//! - [`problem`]: RFC 9457 error responses.
+//! - [`request_id`]: the id that ties a response to its log lines.
+//!
+//! The binary (`main.rs`) parses flags, sets up logging, binds the socket and calls
+//! [`server::run`]; nothing in the library reads the environment or argv.
+
+pub mod body_limit;
+pub mod config;
+pub mod loader;
+pub mod problem;
+pub mod request_id;
+pub mod router;
+pub mod runtime;
+pub mod server;

@@ -1,0 +1,146 @@
+//! Every error the host answers itself, as `application/problem+json` (RFC 9457).
+//!
+//! Each cause has a stable `type` URI that clients may match on; the body never carries guest or
+//! backend internals, only the request id that finds the details in the log.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::request_id::RequestId;
+
+/// Why the host answered instead of the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    RouteNotFound,
+    MethodNotAllowed { allow: String },
+    BodyTooLarge { limit: u64 },
+    GuestTrap,
+    GuestMemoryExceeded,
+    GuestNoResponse,
+    Timeout,
+    Overloaded,
+    Internal,
+}
+
+impl Problem {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Problem::RouteNotFound => StatusCode::NOT_FOUND,
+            Problem::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Problem::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Problem::GuestTrap
+            | Problem::GuestMemoryExceeded
+            | Problem::GuestNoResponse
+            | Problem::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Problem::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Problem::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The stable last segment of the `type` URI.
+    pub fn slug(&self) -> &'static str {
+        match self {
+            Problem::RouteNotFound => "route-not-found",
+            Problem::MethodNotAllowed { .. } => "method-not-allowed",
+            Problem::BodyTooLarge { .. } => "body-too-large",
+            Problem::GuestTrap => "function-failed",
+            Problem::GuestMemoryExceeded => "function-memory-exceeded",
+            Problem::GuestNoResponse => "function-no-response",
+            Problem::Timeout => "function-timeout",
+            Problem::Overloaded => "overloaded",
+            Problem::Internal => "internal",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Problem::RouteNotFound => "No route matches this path",
+            Problem::MethodNotAllowed { .. } => "Method not allowed on this path",
+            Problem::BodyTooLarge { .. } => "Request body too large",
+            Problem::GuestTrap => "The function failed",
+            Problem::GuestMemoryExceeded => "The function exceeded its memory limit",
+            Problem::GuestNoResponse => "The function returned no response",
+            Problem::Timeout => "The function did not answer in time",
+            Problem::Overloaded => "The platform is at capacity",
+            Problem::Internal => "Internal error",
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            Problem::MethodNotAllowed { allow } => Some(format!("allowed methods: {allow}")),
+            Problem::BodyTooLarge { limit } => {
+                Some(format!("this function accepts bodies up to {limit} bytes"))
+            }
+            _ => None,
+        }
+    }
+
+    /// The response, carrying the request id so the log entry can be found.
+    pub fn into_response_with(self, request_id: &RequestId) -> Response {
+        let body = Body {
+            r#type: format!("{TYPE_BASE}{}", self.slug()),
+            title: self.title(),
+            status: self.status().as_u16(),
+            detail: self.detail(),
+            request_id: request_id.as_str(),
+        };
+        let json = serde_json::to_vec(&body).expect("problem body serializes");
+        let mut resp = (self.status(), json).into_response();
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Problem::MethodNotAllowed { allow } = &self
+            && let Ok(v) = HeaderValue::from_str(allow)
+        {
+            headers.insert(header::ALLOW, v);
+        }
+        if let Problem::Overloaded = self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        request_id.stamp(headers);
+        resp
+    }
+}
+
+/// Prefix of every problem `type`; the slug follows.
+pub const TYPE_BASE: &str = "urn:wasmgate:problem:";
+
+#[derive(Serialize)]
+struct Body<'a> {
+    r#type: String,
+    title: &'static str,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    request_id: &'a str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn method_not_allowed_carries_allow_and_problem_json() {
+        let id = RequestId::new();
+        let resp = Problem::MethodNotAllowed {
+            allow: "GET, HEAD".into(),
+        }
+        .into_response_with(&id);
+        assert_eq!(resp.status(), 405);
+        assert_eq!(resp.headers()[header::ALLOW], "GET, HEAD");
+        assert_eq!(
+            resp.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["type"], "urn:wasmgate:problem:method-not-allowed");
+        assert_eq!(v["status"], 405);
+        assert_eq!(v["request_id"], id.as_str());
+    }
+}

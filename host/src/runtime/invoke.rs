@@ -1,0 +1,172 @@
+//! One request through a fresh instance.
+//!
+//! The guest runs in its own task so it can keep streaming the body after it has handed over the
+//! status and headers. Two things bound it: the epoch callback traps it at its deadline even if
+//! it never calls the host, and a tokio timeout covers time spent waiting in host calls. Whatever
+//! happens, the store (and with it the instance and its pool slot) is dropped when the task ends.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::Body;
+use tokio::sync::oneshot;
+use wasmtime::{PoolConcurrencyLimitError, Store, UpdateDeadline};
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+
+use super::{Function, GuestState};
+use crate::request_id::RequestId;
+
+/// Why a request produced no guest response. Details are logged where the failure is detected;
+/// callers map the variant to an HTTP problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The guest trapped (panic, unreachable, bad memory access...).
+    Trap,
+    /// The guest tried to grow its memory past its cap.
+    MemoryExceeded,
+    /// The deadline passed, in guest code or in a host call.
+    Timeout,
+    /// The guest returned without setting a response, or set an error code.
+    NoResponse,
+    /// No instance slot was free.
+    Overloaded,
+    /// A host-side failure (a bug, not the guest's doing).
+    Internal,
+}
+
+enum Stage {
+    Instantiate(wasmtime::Error),
+    Call(wasmtime::Error),
+}
+
+impl Function {
+    /// Runs `req` through a fresh instance of this function and returns its response, whose body
+    /// the guest may still be writing.
+    pub async fn handle<B>(
+        &self,
+        req: hyper::Request<B>,
+        request_id: &RequestId,
+    ) -> Result<hyper::Response<HyperOutgoingBody>, Failure>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let f = &self.inner;
+        let deadline = Instant::now() + f.limits.timeout;
+        let memory_cap = usize::try_from(f.limits.memory).unwrap_or(usize::MAX);
+        let mut store = Store::new(f.pre.engine(), GuestState::new(memory_cap, deadline));
+        store.limiter(|s| s);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            if Instant::now() >= state.deadline {
+                state.deadline_hit = true;
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                // Let other requests run on this worker, then check again next tick.
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+
+        let (tx, rx) = oneshot::channel();
+        let (req, out) = {
+            let mut http = store.data_mut().http();
+            let req = http.new_incoming_request(Scheme::Http, req);
+            let out = http.new_response_outparam(tx);
+            match (req, out) {
+                (Ok(req), Ok(out)) => (req, out),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!(function = %f.name, %request_id, error = %e, "cannot hand the request to the guest");
+                    return Err(Failure::Internal);
+                }
+            }
+        };
+
+        let pre = f.pre.clone();
+        let timeout = f.limits.timeout;
+        let this = self.clone();
+        let id = request_id.clone();
+        let task = tokio::spawn(async move {
+            let run = async {
+                let proxy = pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(Stage::Instantiate)?;
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, req, out)
+                    .await
+                    .map_err(Stage::Call)
+            };
+            let result = tokio::time::timeout(timeout, run).await;
+            this.classify(result, store.data(), &id)
+        });
+
+        match rx.await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(code)) => {
+                log_error_code(self, request_id, &code);
+                Err(Failure::NoResponse)
+            }
+            // The guest dropped the out-param: the task has ended (or is ending) and says why.
+            Err(_) => match task.await {
+                Ok(Err(failure)) => Err(failure),
+                Ok(Ok(())) => {
+                    tracing::warn!(function = %f.name, %request_id, "guest returned without setting a response");
+                    Err(Failure::NoResponse)
+                }
+                Err(e) => {
+                    tracing::error!(function = %f.name, %request_id, error = %e, "guest task panicked");
+                    Err(Failure::Internal)
+                }
+            },
+        }
+    }
+
+    /// Names the cause of a failed run and logs it once, with the details that stay out of the
+    /// response.
+    fn classify(
+        &self,
+        result: Result<Result<(), Stage>, tokio::time::error::Elapsed>,
+        state: &GuestState,
+        request_id: &RequestId,
+    ) -> Result<(), Failure> {
+        let name = &self.inner.name;
+        let (failure, error) = match result {
+            Ok(Ok(())) => return Ok(()),
+            Err(_) => (Failure::Timeout, None),
+            Ok(Err(Stage::Instantiate(e))) if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() => {
+                (Failure::Overloaded, Some(e))
+            }
+            Ok(Err(Stage::Instantiate(e) | Stage::Call(e))) => {
+                let failure = if state.deadline_hit {
+                    Failure::Timeout
+                } else if state.memory_exceeded {
+                    Failure::MemoryExceeded
+                } else {
+                    Failure::Trap
+                };
+                (failure, Some(e))
+            }
+        };
+        match (&failure, error) {
+            (Failure::Timeout, _) => {
+                tracing::warn!(function = %name, %request_id, timeout = ?self.inner.limits.timeout, "function timed out")
+            }
+            (Failure::Overloaded, e) => {
+                tracing::warn!(function = %name, %request_id, error = ?e, "no instance slot free")
+            }
+            (_, Some(e)) => {
+                tracing::warn!(function = %name, %request_id, cause = ?failure, error = ?e, "function failed")
+            }
+            (_, None) => {}
+        }
+        Err(failure)
+    }
+}
+
+fn log_error_code(f: &Function, request_id: &RequestId, code: &ErrorCode) {
+    tracing::warn!(function = %f.inner.name, %request_id, error = ?code, "guest answered with an error instead of a response");
+}

@@ -1,0 +1,220 @@
+//! The wasm side of the host: one engine, one linker, components loaded once and instantiated
+//! fresh for every request.
+//!
+//! Layout:
+//! - `state`: what a request's `Store` holds (WASI contexts, limits, deadline flags).
+//! - `compile_cache`: compiled components on disk, keyed by sha256 + engine compatibility hash.
+//! - `invoke`: one request through a fresh instance, with its deadline and failure causes.
+//! - `deny_outgoing`: refuses `wasi:http` outgoing requests (capabilities are the only way out).
+//! - `epoch`: the ticker that makes deadlines real for guests that never call the host.
+//!
+//! Engine choices, and why: the pooling allocator makes instantiation a slot reuse instead of an
+//! mmap per request; epoch interruption (not fuel) costs almost nothing on the hot path and lets
+//! a spinning guest yield to tokio every tick and trap at its deadline.
+
+mod compile_cache;
+mod deny_outgoing;
+mod epoch;
+mod invoke;
+mod state;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::Linker;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+pub use compile_cache::Source;
+pub use invoke::Failure;
+pub use state::GuestState;
+
+use compile_cache::CompileCache;
+use epoch::EpochTicker;
+
+/// How often the epoch advances. A spinning guest yields to tokio this often and overshoots its
+/// deadline by at most about this much; 10 ms keeps that margin small at no measurable cost.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Core instances a component may hold: a Rust `wasm32-wasip2` component has a handful (main
+/// module plus wit-component shims); the pool reserves this many per live component instance.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
+
+/// Settings the engine needs before any function is loaded.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    pub max_instances: u32,
+    /// The largest memory cap of any function: the pool's slots are sized for it.
+    pub max_memory: u64,
+    pub cache_dir: PathBuf,
+}
+
+/// A function's per-request limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub timeout: Duration,
+    pub memory: u64,
+    pub max_body: u64,
+}
+
+/// The engine, the linker every component is checked against, and the compiled-module cache.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    cache: CompileCache,
+    _ticker: EpochTicker,
+}
+
+/// Why a component could not be loaded; each message names the file and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read `{path}`: {source}; build the function first or fix its `wasm` path")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "`{path}` is a core wasm module, not a component; build it for the `wasm32-wasip2` target (or wrap it with `wasm-tools component new`)"
+    )]
+    CoreModule { path: PathBuf },
+    #[error("`{path}` is not a valid wasm component: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error(
+        "`{path}` imports something wasmgate does not provide: {reason}; functions may import wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets and wasi:http 0.2.x"
+    )]
+    Import { path: PathBuf, reason: String },
+    #[error(
+        "`{path}` does not export the `wasi:http/incoming-handler` interface of the `http-function` world: {reason}; write the handler with wasmgate-sdk's `export_http_function!` (or any wasi:http 0.2 proxy toolchain)"
+    )]
+    WrongWorld { path: PathBuf, reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the wasm engine: {0}")]
+pub struct EngineError(String);
+
+impl Runtime {
+    pub fn new(opts: &RuntimeOptions) -> Result<Self, EngineError> {
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(opts.max_instances)
+            .total_core_instances(opts.max_instances * CORE_INSTANCES_PER_COMPONENT)
+            .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+            .total_memories(opts.max_instances)
+            .total_tables(opts.max_instances * 2)
+            .total_stacks(opts.max_instances)
+            .max_memory_size(usize::try_from(opts.max_memory).unwrap_or(usize::MAX));
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| EngineError(e.to_string()))?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
+            .map_err(|e| EngineError(e.to_string()))?;
+
+        let cache = CompileCache::new(opts.cache_dir.clone(), &engine).map_err(|e| {
+            EngineError(format!(
+                "cannot create the compiled cache `{}`: {e}",
+                opts.cache_dir.display()
+            ))
+        })?;
+        let ticker = EpochTicker::start(engine.clone(), EPOCH_TICK);
+        Ok(Self {
+            engine,
+            linker,
+            cache,
+            _ticker: ticker,
+        })
+    }
+
+    /// Reads, compiles (or loads from the cache), links and pre-instantiates a component.
+    pub fn load(&self, name: &str, path: &Path, limits: Limits) -> Result<Function, LoadError> {
+        let started = Instant::now();
+        let wasm = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // `\0asm` then version 1, layer 0: a core module. Components use layer 1.
+        if wasm.get(0..8) == Some(b"\0asm\x01\x00\x00\x00") {
+            return Err(LoadError::CoreModule {
+                path: path.to_path_buf(),
+            });
+        }
+        let sha256 = hex::encode(Sha256::digest(&wasm));
+        let (component, source) = self
+            .cache
+            .load(&self.engine, &sha256, &wasm)
+            .map_err(|e| LoadError::Invalid {
+                path: path.to_path_buf(),
+                reason: format!("{e:#}"),
+            })?;
+        let instance_pre =
+            self.linker
+                .instantiate_pre(&component)
+                .map_err(|e| LoadError::Import {
+                    path: path.to_path_buf(),
+                    reason: format!("{e:#}"),
+                })?;
+        let pre = ProxyPre::new(instance_pre).map_err(|e| LoadError::WrongWorld {
+            path: path.to_path_buf(),
+            reason: format!("{e:#}"),
+        })?;
+        Ok(Function {
+            inner: Arc::new(FunctionInner {
+                name: name.to_string(),
+                sha256,
+                pre,
+                limits,
+                source,
+                load_time: started.elapsed(),
+            }),
+        })
+    }
+}
+
+/// A loaded, pre-instantiated function version. Cheap to clone.
+#[derive(Clone)]
+pub struct Function {
+    inner: Arc<FunctionInner>,
+}
+
+struct FunctionInner {
+    name: String,
+    sha256: String,
+    pre: ProxyPre<GuestState>,
+    limits: Limits,
+    source: Source,
+    load_time: Duration,
+}
+
+impl Function {
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+    pub fn sha256(&self) -> &str {
+        &self.inner.sha256
+    }
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+    pub fn source(&self) -> Source {
+        self.inner.source
+    }
+    pub fn load_time(&self) -> Duration {
+        self.inner.load_time
+    }
+}
+
+impl std::fmt::Debug for Function {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Function")
+            .field("name", &self.inner.name)
+            .field("sha256", &self.inner.sha256)
+            .finish_non_exhaustive()
+    }
+}

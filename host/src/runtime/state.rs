@@ -1,0 +1,92 @@
+//! What one request's `Store` holds: WASI contexts, the resource table, and the limits that
+//! make a misbehaving guest fail alone.
+
+use std::time::Instant;
+
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use super::deny_outgoing::DenyOutgoing;
+
+/// Tables and memories beyond this many elements are refused: a guest that grows a table
+/// without bound gets a trap, not the host's memory.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+pub struct GuestState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    hooks: DenyOutgoing,
+    memory_cap: usize,
+    /// Set when the guest asked for more memory than its cap; the trap that follows is then
+    /// reported as a memory problem rather than a generic failure.
+    pub memory_exceeded: bool,
+    /// Wall-clock deadline checked on every epoch tick.
+    pub deadline: Instant,
+    pub deadline_hit: bool,
+}
+
+impl GuestState {
+    pub fn new(memory_cap: usize, deadline: Instant) -> Self {
+        Self {
+            // No preopens, no environment, no network, no stdio: a guest reaches the world only
+            // through the capabilities the host links.
+            wasi: WasiCtx::builder().build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            hooks: DenyOutgoing,
+            memory_cap,
+            memory_exceeded: false,
+            deadline,
+            deadline_hit: false,
+        }
+    }
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for GuestState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+impl ResourceLimiter for GuestState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_cap {
+            self.memory_exceeded = true;
+            wasmtime::bail!(
+                "guest asked for {desired} bytes of linear memory, over its cap of {}",
+                self.memory_cap
+            );
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
