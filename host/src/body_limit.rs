@@ -89,15 +89,24 @@ mod tests {
 
     #[tokio::test]
     async fn fails_the_read_that_crosses_the_limit() {
-        let chunks: Vec<Result<Bytes, std::io::Error>> =
-            vec![Ok(Bytes::from_static(b"12345")), Ok(Bytes::from_static(b"6789"))];
+        let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+            Ok(Bytes::from_static(b"12345")),
+            Ok(Bytes::from_static(b"6789")),
+        ];
         let inner = axum::body::Body::from_stream(futures::stream::iter(chunks));
         let (mut body, exceeded) = LimitedBody::new(inner, 8);
-        let first = body.frame().await.expect("a frame").expect("under the limit");
+        let first = body
+            .frame()
+            .await
+            .expect("a frame")
+            .expect("under the limit");
         assert_eq!(first.into_data().expect("data").len(), 5);
         assert!(!exceeded.get());
         let second = body.frame().await.expect("a frame");
-        assert!(matches!(second, Err(wasmtime_wasi_http::Error::HttpRequestBodySize(Some(8)))));
+        assert!(matches!(
+            second,
+            Err(wasmtime_wasi_http::Error::HttpRequestBodySize(Some(8)))
+        ));
         assert!(exceeded.get());
     }
 

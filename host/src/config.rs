@@ -62,7 +62,9 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            listen: DEFAULT_LISTEN.parse().expect("DEFAULT_LISTEN is a valid socket address"),
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("DEFAULT_LISTEN is a valid socket address"),
             max_instances: DEFAULT_MAX_INSTANCES,
             cache_dir: PathBuf::from(DEFAULT_CACHE_DIR),
         }
@@ -140,8 +142,9 @@ impl fmt::Display for ManifestError {
 }
 
 impl Manifest {
-    /// Reads and parses a manifest, then validates what can be checked without the `.wasm` files.
-    pub fn load(path: &Path) -> Result<Self, ManifestError> {
+    /// Reads and parses a manifest. Syntax errors stop here; [`Manifest::validate`] finds the
+    /// rest, so the loader can report them together with the problems of the `.wasm` files.
+    pub fn read(path: &Path) -> Result<Self, ManifestError> {
         let fail = |problem: String| ManifestError {
             path: path.to_path_buf(),
             problems: vec![problem],
@@ -151,16 +154,7 @@ impl Manifest {
                 "cannot read it: {e}; pass the right file with --manifest"
             ))
         })?;
-        let manifest = Self::parse(&text).map_err(fail)?;
-        let problems = manifest.validate();
-        if problems.is_empty() {
-            Ok(manifest)
-        } else {
-            Err(ManifestError {
-                path: path.to_path_buf(),
-                problems,
-            })
-        }
+        Self::parse(&text).map_err(fail)
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -239,7 +233,8 @@ fn valid_name(name: &str) -> bool {
 
 /// Parses "250ms", "5s", "1m" (humantime) into a duration.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"250ms\" or \"5s\""))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"250ms\" or \"5s\""))
 }
 
 /// Parses "64MiB", "512KiB", "1048576" into a byte count.

@@ -32,11 +32,13 @@ pub enum LoadError {
 
 /// Loads `path`. `cache_dir`, when given, overrides the manifest's.
 pub fn load(path: &Path, cache_dir: Option<PathBuf>) -> Result<Loaded, LoadError> {
-    let manifest = Manifest::load(path)?;
+    let manifest = Manifest::read(path)?;
+    let mut problems = manifest.validate();
     let base = path.parent().unwrap_or(Path::new("."));
     let cache_dir = cache_dir.unwrap_or_else(|| base.join(&manifest.server.cache_dir));
     let runtime = Runtime::new(&RuntimeOptions {
-        max_instances: manifest.server.max_instances,
+        // Zero is reported as a problem above; the engine still needs a pool to check the rest.
+        max_instances: manifest.server.max_instances.max(1),
         max_memory: manifest
             .functions
             .values()
@@ -46,7 +48,6 @@ pub fn load(path: &Path, cache_dir: Option<PathBuf>) -> Result<Loaded, LoadError
         cache_dir,
     })?;
 
-    let mut problems = Vec::new();
     let mut functions = BTreeMap::new();
     for (name, f) in &manifest.functions {
         let limits = Limits {

@@ -10,7 +10,11 @@ use tokio::net::TcpListener;
 use wasmgate::{loader, server};
 
 #[derive(Parser)]
-#[command(name = "wasmgate", version, about = "WebAssembly serverless functions platform")]
+#[command(
+    name = "wasmgate",
+    version,
+    about = "WebAssembly serverless functions platform"
+)]
 struct Cli {
     /// Log format: human-readable text, or one JSON object per line.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
@@ -24,7 +28,12 @@ enum Command {
     /// Load the manifest and serve its routes.
     Up {
         /// The manifest to serve.
-        #[arg(long, short, default_value = "wasmgate.toml", env = "WASMGATE_MANIFEST")]
+        #[arg(
+            long,
+            short,
+            default_value = "wasmgate.toml",
+            env = "WASMGATE_MANIFEST"
+        )]
         manifest: PathBuf,
         /// Address to listen on; overrides `[server] listen`. Port 0 picks a free port.
         #[arg(long, env = "WASMGATE_LISTEN")]
@@ -121,8 +130,10 @@ fn init_tracing(format: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("WASMGATE_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,cranelift=warn,wasmtime=warn"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();

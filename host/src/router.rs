@@ -99,7 +99,9 @@ impl<T> RouteTable<T> {
                         m.as_ref().map_or("every method", Method::as_str)
                     ));
                 }
-                entry.methods.push((m.clone(), target.clone(), label.to_string()));
+                entry
+                    .methods
+                    .push((m.clone(), target.clone(), label.to_string()));
             }
         }
         Ok(())
@@ -143,7 +145,11 @@ impl<T> RouteTable<T> {
                 .find(|(m, _, _)| m.as_ref().is_none_or(|m| m == want))
         };
         // HEAD is GET without a body: a GET route answers it unless HEAD is routed itself.
-        let chosen = pick(method).or_else(|| (method == Method::HEAD).then(|| pick(&Method::GET)).flatten());
+        let chosen = pick(method).or_else(|| {
+            (method == Method::HEAD)
+                .then(|| pick(&Method::GET))
+                .flatten()
+        });
         match chosen {
             Some((_, target, _)) => Match::Found {
                 target,
@@ -188,7 +194,9 @@ fn matchit_patterns(path: &str) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn table(routes: &[(&str, &[Method], &'static str)]) -> Result<RouteTable<&'static str>, String> {
+    fn table(
+        routes: &[(&str, &[Method], &'static str)],
+    ) -> Result<RouteTable<&'static str>, String> {
         let mut t = RouteTable::default();
         for (i, (p, m, target)) in routes.iter().enumerate() {
             t.add(p, m, *target, &format!("routes[{i}]"))?;
@@ -213,14 +221,39 @@ mod tests {
                 params: vec![("id".into(), "42".into())]
             }
         );
-        assert!(matches!(t.lookup(&Method::DELETE, "/users/42"), Match::Found { target: &"delete-user", .. }));
-        assert!(matches!(t.lookup(&Method::POST, "/users/me"), Match::Found { target: &"me", .. }));
-        assert!(matches!(t.lookup(&Method::HEAD, "/users/7"), Match::Found { target: &"get-user", .. }));
-        assert!(matches!(t.lookup(&Method::GET, "/static"), Match::Found { target: &"static", .. }));
-        assert!(matches!(t.lookup(&Method::GET, "/static/a/b.css"), Match::Found { target: &"static", params, .. } if params.is_empty()));
+        assert!(matches!(
+            t.lookup(&Method::DELETE, "/users/42"),
+            Match::Found {
+                target: &"delete-user",
+                ..
+            }
+        ));
+        assert!(matches!(
+            t.lookup(&Method::POST, "/users/me"),
+            Match::Found { target: &"me", .. }
+        ));
+        assert!(matches!(
+            t.lookup(&Method::HEAD, "/users/7"),
+            Match::Found {
+                target: &"get-user",
+                ..
+            }
+        ));
+        assert!(matches!(
+            t.lookup(&Method::GET, "/static"),
+            Match::Found {
+                target: &"static",
+                ..
+            }
+        ));
+        assert!(
+            matches!(t.lookup(&Method::GET, "/static/a/b.css"), Match::Found { target: &"static", params, .. } if params.is_empty())
+        );
         assert_eq!(
             t.lookup(&Method::PUT, "/users/42"),
-            Match::MethodNotAllowed { allow: "GET, DELETE, HEAD".into() }
+            Match::MethodNotAllowed {
+                allow: "GET, DELETE, HEAD".into()
+            }
         );
         assert_eq!(t.lookup(&Method::GET, "/nope"), Match::NotFound);
         assert_eq!(t.lookup(&Method::GET, "/users/42/x"), Match::NotFound);
@@ -233,9 +266,13 @@ mod tests {
             ("/a", &[Method::POST], "y"),
         ])
         .expect_err("duplicate");
-        assert!(err.contains("routes[1]") && err.contains("routes[0]") && err.contains("duplicate"), "{err}");
+        assert!(
+            err.contains("routes[1]") && err.contains("routes[0]") && err.contains("duplicate"),
+            "{err}"
+        );
 
-        let err = table(&[("/a", &[], "x"), ("/a", &[Method::GET], "y")]).expect_err("any-method duplicate");
+        let err = table(&[("/a", &[], "x"), ("/a", &[Method::GET], "y")])
+            .expect_err("any-method duplicate");
         assert!(err.contains("duplicate"), "{err}");
     }
 
@@ -246,6 +283,9 @@ mod tests {
             ("/users/{name}", &[Method::POST], "y"),
         ])
         .expect_err("overlap");
-        assert!(err.contains("routes[1]") && err.contains("overlaps routes[0]"), "{err}");
+        assert!(
+            err.contains("routes[1]") && err.contains("overlaps routes[0]"),
+            "{err}"
+        );
     }
 }

@@ -54,7 +54,9 @@ impl CompileCache {
             match deserialize(engine, &path) {
                 Ok(c) => return Ok((c, Source::Cache)),
                 // A truncated or foreign file: recompile and overwrite it.
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable compiled-cache entry"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable compiled-cache entry")
+                }
             }
         }
         let component = Component::from_binary(engine, wasm)?;
@@ -66,9 +68,7 @@ impl CompileCache {
     }
 
     fn store(&self, path: &Path, component: &Component) -> anyhow::Result<()> {
-        let bytes = component
-            .serialize()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let bytes = component.serialize().map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
         tmp.write_all(&bytes)?;
         tmp.persist(path)?;

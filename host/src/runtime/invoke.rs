@@ -134,10 +134,20 @@ impl Function {
         request_id: &RequestId,
     ) -> Result<(), Failure> {
         let name = &self.inner.name;
+        let stderr = state.stderr.contents();
+        let guest_stderr = String::from_utf8_lossy(&stderr);
+        let guest_stderr = guest_stderr.trim_end();
         let (failure, error) = match result {
-            Ok(Ok(())) => return Ok(()),
+            Ok(Ok(())) => {
+                if !guest_stderr.is_empty() {
+                    tracing::info!(function = %name, %request_id, ?guest_stderr, "guest wrote to stderr");
+                }
+                return Ok(());
+            }
             Err(_) => (Failure::Timeout, None),
-            Ok(Err(Stage::Instantiate(e))) if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() => {
+            Ok(Err(Stage::Instantiate(e)))
+                if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() =>
+            {
                 (Failure::Overloaded, Some(e))
             }
             Ok(Err(Stage::Instantiate(e) | Stage::Call(e))) => {
@@ -153,13 +163,13 @@ impl Function {
         };
         match (&failure, error) {
             (Failure::Timeout, _) => {
-                tracing::warn!(function = %name, %request_id, timeout = ?self.inner.limits.timeout, "function timed out")
+                tracing::warn!(function = %name, %request_id, timeout = ?self.inner.limits.timeout, ?guest_stderr, "function timed out")
             }
             (Failure::Overloaded, e) => {
                 tracing::warn!(function = %name, %request_id, error = ?e, "no instance slot free")
             }
             (_, Some(e)) => {
-                tracing::warn!(function = %name, %request_id, cause = ?failure, error = ?e, "function failed")
+                tracing::warn!(function = %name, %request_id, cause = ?failure, ?guest_stderr, error = ?e, "function failed")
             }
             (_, None) => {}
         }

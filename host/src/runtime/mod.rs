@@ -146,13 +146,13 @@ impl Runtime {
             });
         }
         let sha256 = hex::encode(Sha256::digest(&wasm));
-        let (component, source) = self
-            .cache
-            .load(&self.engine, &sha256, &wasm)
-            .map_err(|e| LoadError::Invalid {
-                path: path.to_path_buf(),
-                reason: format!("{e:#}"),
-            })?;
+        let (component, source) =
+            self.cache
+                .load(&self.engine, &sha256, &wasm)
+                .map_err(|e| LoadError::Invalid {
+                    path: path.to_path_buf(),
+                    reason: format!("{e:#}"),
+                })?;
         let instance_pre =
             self.linker
                 .instantiate_pre(&component)

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
@@ -14,11 +15,18 @@ use super::deny_outgoing::DenyOutgoing;
 /// without bound gets a trap, not the host's memory.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
+/// Guest stderr kept per request, for the log. A panic message and a short trace fit; a guest
+/// that writes more gets write errors rather than growing host memory.
+const STDERR_CAPACITY: usize = 64 * 1024;
+
 pub struct GuestState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
     hooks: DenyOutgoing,
+    /// What the guest wrote to stderr (a Rust panic message lands here); logged with its
+    /// request id, never sent to the client.
+    pub stderr: MemoryOutputPipe,
     memory_cap: usize,
     /// Set when the guest asked for more memory than its cap; the trap that follows is then
     /// reported as a memory problem rather than a generic failure.
@@ -30,13 +38,15 @@ pub struct GuestState {
 
 impl GuestState {
     pub fn new(memory_cap: usize, deadline: Instant) -> Self {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         Self {
-            // No preopens, no environment, no network, no stdio: a guest reaches the world only
-            // through the capabilities the host links.
-            wasi: WasiCtx::builder().build(),
+            // No preopens, no environment, no network, no stdin/stdout: a guest reaches the
+            // world only through the capabilities the host links.
+            wasi: WasiCtx::builder().stderr(stderr.clone()).build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             hooks: DenyOutgoing,
+            stderr,
             memory_cap,
             memory_exceeded: false,
             deadline,

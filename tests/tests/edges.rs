@@ -1,0 +1,311 @@
+//! Behaviour at the edges, against the real binary: every failure is a problem+json answer for
+//! that request alone, and the host keeps serving everything else.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wasmgate_tests::{Server, expect_problem};
+
+const MANIFEST: &str = r#"
+[functions.hello]
+wasm = "{wasm:hello}"
+
+[functions.echo]
+wasm = "{wasm:echo}"
+max_body = "1KiB"
+
+[functions.trap]
+wasm = "{wasm:trap}"
+
+[functions.spin]
+wasm = "{wasm:spin}"
+timeout = "500ms"
+
+[functions.memhog]
+wasm = "{wasm:memhog}"
+memory = "8MiB"
+
+[[routes]]
+path = "/hello"
+methods = ["GET"]
+function = "hello"
+
+[[routes]]
+path = "/hello/{name}"
+methods = ["GET"]
+function = "hello"
+
+[[routes]]
+path = "/echo/*"
+methods = ["POST", "PUT"]
+function = "echo"
+
+[[routes]]
+path = "/users/{id}/echo"
+function = "echo"
+
+[[routes]]
+path = "/trap"
+function = "trap"
+
+[[routes]]
+path = "/spin"
+function = "spin"
+
+[[routes]]
+path = "/memhog"
+function = "memhog"
+"#;
+
+fn server() -> Server {
+    Server::start(MANIFEST)
+}
+
+async fn hello_ok(client: &reqwest::Client, s: &Server) {
+    let resp = client.get(s.url("/hello")).send().await.expect("hello");
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body["message"], "hello, world");
+}
+
+#[tokio::test]
+async fn serves_a_function_with_a_request_id() {
+    let s = server();
+    let resp = reqwest::get(s.url("/hello/ada")).await.expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    assert_eq!(resp.headers()["x-request-id"].len(), 32);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body, serde_json::json!({"message": "hello, ada"}));
+}
+
+#[tokio::test]
+async fn head_is_answered_by_a_get_route() {
+    let s = server();
+    let resp = reqwest::Client::new()
+        .head(s.url("/hello"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.expect("body").len(), 0);
+}
+
+#[tokio::test]
+async fn unknown_route_is_404() {
+    let s = server();
+    let resp = reqwest::get(s.url("/nowhere")).await.expect("request");
+    expect_problem(resp, 404, "route-not-found").await;
+}
+
+#[tokio::test]
+async fn wrong_method_is_405_with_allow() {
+    let s = server();
+    let resp = reqwest::Client::new()
+        .delete(s.url("/hello"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.headers()["allow"], "GET, HEAD");
+    expect_problem(resp, 405, "method-not-allowed").await;
+}
+
+#[tokio::test]
+async fn route_parameters_reach_the_guest_and_cannot_be_forged() {
+    let s = server();
+    let client = reqwest::Client::new();
+    let resp = client
+        .put(s.url("/users/42/echo"))
+        .header("wasmgate-param-id", "forged")
+        .header("wasmgate-param-admin", "true")
+        .body("abc")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(
+        body["headers"],
+        serde_json::json!({"wasmgate-param-id": "42", "wasmgate-route": "/users/{id}/echo"})
+    );
+    assert_eq!(body["body_len"], 3);
+    // A prefix route matches below its prefix and gets no parameters.
+    let resp = client
+        .post(s.url("/echo/a/b"))
+        .body("x")
+        .send()
+        .await
+        .expect("request");
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(
+        body["headers"],
+        serde_json::json!({"wasmgate-route": "/echo/{*wasmgate_rest}"})
+    );
+}
+
+#[tokio::test]
+async fn guest_trap_is_500_without_internals_and_logged_with_the_request_id() {
+    let s = server();
+    let client = reqwest::Client::new();
+    let resp = client.get(s.url("/trap")).send().await.expect("request");
+    let text_check = resp.headers()["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_string();
+    let body = expect_problem(resp, 500, "function-failed").await;
+    let raw = body.to_string();
+    assert!(
+        !raw.contains("hunter2") && !raw.contains("secret-guest-internal"),
+        "{raw}"
+    );
+    // The details are in the log, on the line that carries the request id.
+    let log = s.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(&text_check))
+        .unwrap_or_else(|| panic!("no log line for {text_check}:\n{log}"));
+    assert!(line.contains("secret-guest-internal"), "{line}");
+    assert!(line.contains("function=trap"), "{line}");
+    hello_ok(&client, &s).await;
+}
+
+#[tokio::test]
+async fn spinning_guest_is_504_within_its_timeout_and_others_keep_serving() {
+    let s = server();
+    let client = reqwest::Client::new();
+    let spin = {
+        let client = client.clone();
+        let url = s.url("/spin");
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let resp = client.get(url).send().await.expect("request");
+            (resp, started.elapsed())
+        })
+    };
+    // While it spins, another function answers.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    hello_ok(&client, &s).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "hello took {:?} next to a spinning guest",
+        started.elapsed()
+    );
+
+    let (resp, elapsed) = spin.await.expect("spin task");
+    expect_problem(resp, 504, "function-timeout").await;
+    // Timeout 500 ms; the margin covers one epoch tick plus scheduling on a debug build.
+    assert!(
+        elapsed >= Duration::from_millis(500),
+        "answered after {elapsed:?}, before the timeout"
+    );
+    assert!(
+        elapsed < Duration::from_millis(800),
+        "answered after {elapsed:?}"
+    );
+    hello_ok(&client, &s).await;
+}
+
+#[tokio::test]
+async fn declared_oversized_body_is_413_without_reading_it() {
+    let s = server();
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    // Announce 100 MB but send only a few bytes: the answer must come anyway.
+    conn.write_all(b"POST /echo/x HTTP/1.1\r\nhost: test\r\ncontent-length: 100000000\r\n\r\nabc")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("answered without waiting for the body")
+        .expect("read");
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(head.contains("application/problem+json"), "{head}");
+    assert!(
+        head.contains("urn:wasmgate:problem:body-too-large"),
+        "{head}"
+    );
+}
+
+#[tokio::test]
+async fn streamed_oversized_body_is_413() {
+    let s = server();
+    let client = reqwest::Client::new();
+    // No content-length: chunks that cross the 1 KiB limit while the guest reads them.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..8).map(|_| Ok(vec![b'x'; 512])).collect();
+    let resp = client
+        .post(s.url("/echo/x"))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .expect("request");
+    expect_problem(resp, 413, "body-too-large").await;
+    // At the limit is fine.
+    let resp = client
+        .post(s.url("/echo/x"))
+        .body(vec![b'x'; 1024])
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body["body_len"], 1024);
+}
+
+#[tokio::test]
+async fn memory_hog_is_500_and_host_memory_stays_bounded() {
+    let s = server();
+    let client = reqwest::Client::new();
+    // Under its cap the same guest works.
+    let resp = client
+        .get(s.url("/memhog?mb=2"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let resp = client.get(s.url("/memhog")).send().await.expect("request");
+    expect_problem(resp, 500, "function-memory-exceeded").await;
+
+    // Warm up, then measure RSS across 1,000 hogs (8 at a time).
+    let before = s.rss_kib();
+    let url = s.url("/memhog");
+    let statuses: Vec<u16> = futures::future::join_all((0..8).map(|_| {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            let mut statuses = Vec::new();
+            for _ in 0..125 {
+                statuses.push(
+                    client
+                        .get(&url)
+                        .send()
+                        .await
+                        .expect("request")
+                        .status()
+                        .as_u16(),
+                );
+            }
+            statuses
+        }
+    }))
+    .await
+    .into_iter()
+    .flatten()
+    .collect();
+    let after = s.rss_kib();
+    assert_eq!(statuses.len(), 1000);
+    assert!(statuses.iter().all(|&c| c == 500), "every hog fails alone");
+    println!("RSS before {before} KiB, after 1,000 memory hogs {after} KiB");
+    // 8 concurrent hogs may each hold their 8 MiB cap at the moment of measurement; anything
+    // beyond that plus allocator slack would be a leak.
+    assert!(
+        after < before + 96 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+    hello_ok(&client, &s).await;
+}
