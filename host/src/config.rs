@@ -44,6 +44,8 @@ pub const RESERVED_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
 pub struct Manifest {
     #[serde(default)]
     pub server: ServerConfig,
+    #[serde(default)]
+    pub backends: crate::capabilities::BackendsConfig,
     /// Functions by name: a TOML table makes duplicate names a parse error.
     #[serde(default)]
     pub functions: BTreeMap<String, FunctionConfig>,
@@ -83,6 +85,11 @@ pub struct FunctionConfig {
     pub memory: u64,
     #[serde(default = "default_max_body", deserialize_with = "human_size")]
     pub max_body: u64,
+    /// What the function may import; anything else is refused at load.
+    #[serde(default)]
+    pub capabilities: crate::capabilities::Grants,
+    /// A folder of `NNNN_name.sql` files applied at start (needs the `db` capability).
+    pub migrations: Option<PathBuf>,
 }
 
 fn default_timeout() -> Duration {
@@ -177,6 +184,15 @@ impl Manifest {
             if f.timeout.is_zero() {
                 problems.push(format!(
                     "[functions.{name}] timeout is 0; set a duration such as \"5s\""
+                ));
+            }
+            if f.migrations.is_some()
+                && !f
+                    .capabilities
+                    .contains(&crate::capabilities::Capability::Db)
+            {
+                problems.push(format!(
+                    "[functions.{name}] has migrations but is not granted `db`; add \"db\" to its capabilities"
                 ));
             }
             if f.memory < 64 * 1024 {

@@ -7,6 +7,7 @@
 //! - [`config`]: the manifest (`wasmgate.toml`), strict parsing and validation.
 //! - [`loader`]: manifest -> loaded functions + route table, or every problem at once.
 //! - [`router`]: the route table (path + method -> version set).
+//! - [`capabilities`]: db, cache and lock: WIT bindings, backends, grants.
 //! - [`runtime`]: wasmtime engine, compiled cache, per-request instances and their limits.
 //! - [`server`]: the axum listener and the request path.
 //! - [`body_limit`]: request bodies capped while streaming.
@@ -17,6 +18,7 @@
 //! [`server::run`]; nothing in the library reads the environment or argv.
 
 pub mod body_limit;
+pub mod capabilities;
 pub mod config;
 pub mod loader;
 pub mod problem;

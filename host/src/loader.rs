@@ -1,25 +1,37 @@
 //! From a manifest file to everything the server needs, or every reason it cannot start.
 //!
-//! All functions are loaded and all routes built before anything serves; problems from the
-//! manifest, the `.wasm` files and the route table are gathered into one [`ManifestError`].
+//! All functions are loaded, their migrations applied and all routes built before anything
+//! serves; problems from the manifest, the `.wasm` files, migrations and the route table are
+//! gathered into one [`ManifestError`].
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use axum::http::Method;
-use std::collections::BTreeMap;
 
+use crate::capabilities::db::migrations;
+use crate::capabilities::{Backends, BackendsConfig};
 use crate::config::{Manifest, ManifestError};
 use crate::router::{RouteTable, VersionSet};
 use crate::runtime::{Function, Limits, Runtime, RuntimeOptions, Source};
 
-/// A loaded manifest: the runtime that owns the engine, and the routes that point into it.
+/// A loaded manifest: the runtime that owns the engine, the backends, and the routes.
 pub struct Loaded {
     pub manifest: Manifest,
     pub runtime: Runtime,
+    pub backends: Backends,
     pub routes: RouteTable<VersionSet>,
     pub functions: BTreeMap<String, Function>,
+}
+
+/// What the command line may override.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub cache_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub redis_url: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,14 +40,43 @@ pub enum LoadError {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Engine(#[from] crate::runtime::EngineError),
+    #[error(transparent)]
+    Backend(#[from] crate::capabilities::config::ConnectError),
 }
 
-/// Loads `path`. `cache_dir`, when given, overrides the manifest's.
-pub fn load(path: &Path, cache_dir: Option<PathBuf>) -> Result<Loaded, LoadError> {
+/// The backends section after overrides, with a relative SQLite path made absolute.
+fn backends_config(manifest: &Manifest, base: &Path, o: &Overrides) -> BackendsConfig {
+    let mut b = manifest.backends.clone();
+    if let Some(url) = &o.database_url {
+        b.database_url = url.clone();
+    }
+    if o.redis_url.is_some() {
+        b.redis_url = o.redis_url.clone();
+    }
+    if b.database_url.is_empty() {
+        b.database_url = format!(
+            "sqlite://{}",
+            crate::capabilities::config::DEFAULT_SQLITE_PATH
+        );
+    }
+    if let Some(path) = b.database_url.strip_prefix("sqlite://")
+        && !path.starts_with('/')
+        && !path.starts_with(':')
+    {
+        b.database_url = format!("sqlite://{}", base.join(path).display());
+    }
+    b
+}
+
+/// Loads `path`.
+pub async fn load(path: &Path, overrides: &Overrides) -> Result<Loaded, LoadError> {
     let manifest = Manifest::read(path)?;
     let mut problems = manifest.validate();
     let base = path.parent().unwrap_or(Path::new("."));
-    let cache_dir = cache_dir.unwrap_or_else(|| base.join(&manifest.server.cache_dir));
+    let cache_dir = overrides
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| base.join(&manifest.server.cache_dir));
     let runtime = Runtime::new(&RuntimeOptions {
         // Zero is reported as a problem above; the engine still needs a pool to check the rest.
         max_instances: manifest.server.max_instances.max(1),
@@ -47,6 +88,7 @@ pub fn load(path: &Path, cache_dir: Option<PathBuf>) -> Result<Loaded, LoadError
             .unwrap_or(crate::config::DEFAULT_MEMORY),
         cache_dir,
     })?;
+    let backends = Backends::connect(&backends_config(&manifest, base, overrides)).await?;
 
     let mut functions = BTreeMap::new();
     for (name, f) in &manifest.functions {
@@ -55,7 +97,8 @@ pub fn load(path: &Path, cache_dir: Option<PathBuf>) -> Result<Loaded, LoadError
             memory: f.memory,
             max_body: f.max_body,
         };
-        match runtime.load(name, &base.join(&f.wasm), limits) {
+        let caps = backends.configure(name);
+        match runtime.load(name, &base.join(&f.wasm), limits, &f.capabilities, caps) {
             Ok(loaded) => {
                 tracing::info!(
                     function = %name,
@@ -67,6 +110,19 @@ pub fn load(path: &Path, cache_dir: Option<PathBuf>) -> Result<Loaded, LoadError
                 functions.insert(name.clone(), loaded);
             }
             Err(e) => problems.push(format!("[functions.{name}]: {e}")),
+        }
+        if let Some(dir) = &f.migrations {
+            let applied = match migrations::load_dir(&base.join(dir)) {
+                Ok(m) => backends.db.backend().migrate(name, &m).await,
+                Err(e) => Err(e),
+            };
+            match applied {
+                Ok(done) if !done.is_empty() => {
+                    tracing::info!(function = %name, applied = ?done, "applied migrations");
+                }
+                Ok(_) => {}
+                Err(e) => problems.push(format!("[functions.{name}] migrations: {e}")),
+            }
         }
     }
 
@@ -102,6 +158,7 @@ pub fn load(path: &Path, cache_dir: Option<PathBuf>) -> Result<Loaded, LoadError
     Ok(Loaded {
         manifest,
         runtime,
+        backends,
         routes,
         functions,
     })

@@ -38,17 +38,40 @@ enum Command {
         /// Address to listen on; overrides `[server] listen`. Port 0 picks a free port.
         #[arg(long, env = "WASMGATE_LISTEN")]
         listen: Option<SocketAddr>,
-        /// Directory for compiled components; overrides `[server] cache_dir`.
-        #[arg(long, env = "WASMGATE_CACHE_DIR")]
-        cache_dir: Option<PathBuf>,
+        #[command(flatten)]
+        overrides: OverrideArgs,
     },
     /// Load the manifest and every function, report problems, and exit without serving.
     Check {
         #[arg(long, short, default_value = "wasmgate.toml")]
         manifest: PathBuf,
-        #[arg(long)]
-        cache_dir: Option<PathBuf>,
+        #[command(flatten)]
+        overrides: OverrideArgs,
     },
+}
+
+#[derive(clap::Args)]
+struct OverrideArgs {
+    /// Directory for compiled components; overrides `[server] cache_dir`.
+    #[arg(long, env = "WASMGATE_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Database for the db capability (sqlite://path or postgres://...); overrides
+    /// `[backends] database_url`.
+    #[arg(long, env = "WASMGATE_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Redis for the cache and lock capabilities; overrides `[backends] redis_url`.
+    #[arg(long, env = "WASMGATE_REDIS_URL")]
+    redis_url: Option<String>,
+}
+
+impl From<OverrideArgs> for loader::Overrides {
+    fn from(a: OverrideArgs) -> Self {
+        Self {
+            cache_dir: a.cache_dir,
+            database_url: a.database_url,
+            redis_url: a.redis_url,
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -74,13 +97,13 @@ fn real_main() -> anyhow::Result<()> {
             Command::Up {
                 manifest,
                 listen,
-                cache_dir,
-            } => up(manifest, listen, cache_dir).await,
+                overrides,
+            } => up(manifest, listen, overrides.into()).await,
             Command::Check {
                 manifest,
-                cache_dir,
+                overrides,
             } => {
-                let loaded = loader::load(&manifest, cache_dir)?;
+                let loaded = loader::load(&manifest, &overrides.into()).await?;
                 println!(
                     "manifest `{}` is valid: {} function(s), {} route(s)",
                     manifest.display(),
@@ -96,15 +119,15 @@ fn real_main() -> anyhow::Result<()> {
 async fn up(
     manifest: PathBuf,
     listen: Option<SocketAddr>,
-    cache_dir: Option<PathBuf>,
+    overrides: loader::Overrides,
 ) -> anyhow::Result<()> {
-    let loaded = loader::load(&manifest, cache_dir)?;
+    let loaded = loader::load(&manifest, &overrides).await?;
     let addr = listen.unwrap_or(loaded.manifest.server.listen);
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("failed to listen on {addr}"))?;
     let local = listener.local_addr().context("listener has no address")?;
-    let state = server::AppState::new(loaded.routes);
+    let state = server::AppState::new(loaded.routes, loaded.backends);
     // Tests and scripts wait for this exact line.
     println!("wasmgate listening on http://{local}");
     tracing::info!(%local, functions = loaded.functions.len(), "serving");

@@ -16,6 +16,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 
 use crate::body_limit::LimitedBody;
+use crate::capabilities::Backends;
 use crate::problem::Problem;
 use crate::request_id::RequestId;
 use crate::router::{Match, RouteTable, VersionSet};
@@ -28,12 +29,14 @@ pub const ROUTE_HEADER_PREFIX: &str = "wasmgate-";
 /// Shared by every request; the route table is swapped whole on reload.
 pub struct AppState {
     routes: ArcSwap<RouteTable<VersionSet>>,
+    backends: Backends,
 }
 
 impl AppState {
-    pub fn new(routes: RouteTable<VersionSet>) -> Arc<Self> {
+    pub fn new(routes: RouteTable<VersionSet>, backends: Backends) -> Arc<Self> {
         Arc::new(Self {
             routes: ArcSwap::from_pointee(routes),
+            backends,
         })
     }
 }
@@ -61,10 +64,25 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({"status": "ok"}))
 }
 
-/// Ready once every function is loaded (which is before the listener opens). Backend checks
-/// join here when capabilities arrive.
-async fn readyz() -> impl IntoResponse {
-    axum::Json(serde_json::json!({"status": "ready"}))
+/// Ready when every backend answers (functions are loaded before the listener opens). A
+/// backend that is down is named, so an operator sees which one; `/healthz` stays 200 meanwhile
+/// because the process itself is fine and restarting it would not help.
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let backends = state.backends.readiness().await;
+    let ready = backends.iter().all(|b| b.ready);
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "unavailable" },
+        "backends": backends
+            .iter()
+            .map(|b| (b.name.to_string(), serde_json::json!({"kind": b.kind, "ready": b.ready})))
+            .collect::<serde_json::Map<_, _>>(),
+    });
+    let status = if ready {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
 }
 
 async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {

@@ -56,7 +56,10 @@ impl Function {
         let f = &self.inner;
         let deadline = Instant::now() + f.limits.timeout;
         let memory_cap = usize::try_from(f.limits.memory).unwrap_or(usize::MAX);
-        let mut store = Store::new(f.pre.engine(), GuestState::new(memory_cap, deadline));
+        let mut store = Store::new(
+            f.pre.engine(),
+            GuestState::new(memory_cap, deadline, f.caps.instance()),
+        );
         store.limiter(|s| s);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|mut ctx| {

@@ -18,8 +18,9 @@ mod epoch;
 mod invoke;
 mod state;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -31,6 +32,7 @@ pub use compile_cache::Source;
 pub use invoke::Failure;
 pub use state::GuestState;
 
+use crate::capabilities::{self, FunctionCaps, Grants};
 use compile_cache::CompileCache;
 use epoch::EpochTicker;
 
@@ -62,7 +64,8 @@ pub struct Limits {
 /// The engine, the linker every component is checked against, and the compiled-module cache.
 pub struct Runtime {
     engine: Engine,
-    linker: Linker<GuestState>,
+    /// One linker per grant set: a function's linker holds only what it was granted.
+    linkers: Mutex<BTreeMap<Grants, Linker<GuestState>>>,
     cache: CompileCache,
     _ticker: EpochTicker,
 }
@@ -82,9 +85,11 @@ pub enum LoadError {
     #[error("`{path}` is not a valid wasm component: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error(
-        "`{path}` imports something wasmgate does not provide: {reason}; functions may import wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets and wasi:http 0.2.x"
+        "`{path}` imports something wasmgate does not provide: {reason}; functions may import wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets and wasi:http 0.2.x, and the capabilities they are granted"
     )]
     Import { path: PathBuf, reason: String },
+    #[error("`{path}` is refused: {reason}")]
+    NotGranted { path: PathBuf, reason: String },
     #[error(
         "`{path}` does not export the `wasi:http/incoming-handler` interface of the `http-function` world: {reason}; write the handler with wasmgate-sdk's `export_http_function!` (or any wasi:http 0.2 proxy toolchain)"
     )]
@@ -112,11 +117,6 @@ impl Runtime {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| EngineError(e.to_string()))?;
 
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
-            .map_err(|e| EngineError(e.to_string()))?;
-
         let cache = CompileCache::new(opts.cache_dir.clone(), &engine).map_err(|e| {
             EngineError(format!(
                 "cannot create the compiled cache `{}`: {e}",
@@ -126,14 +126,39 @@ impl Runtime {
         let ticker = EpochTicker::start(engine.clone(), EPOCH_TICK);
         Ok(Self {
             engine,
-            linker,
+            linkers: Mutex::default(),
             cache,
             _ticker: ticker,
         })
     }
 
-    /// Reads, compiles (or loads from the cache), links and pre-instantiates a component.
-    pub fn load(&self, name: &str, path: &Path, limits: Limits) -> Result<Function, LoadError> {
+    /// The linker for functions granted `grants`: WASI, wasi:http and those capabilities.
+    fn linker(&self, grants: &Grants) -> wasmtime::Result<Linker<GuestState>> {
+        let mut linkers = self
+            .linkers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(l) = linkers.get(grants) {
+            return Ok(l.clone());
+        }
+        let mut linker = Linker::new(&self.engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        capabilities::link(&mut linker, grants)?;
+        linkers.insert(grants.clone(), linker.clone());
+        Ok(linker)
+    }
+
+    /// Reads, compiles (or loads from the cache), checks grants, links and pre-instantiates a
+    /// component.
+    pub fn load(
+        &self,
+        name: &str,
+        path: &Path,
+        limits: Limits,
+        grants: &Grants,
+        caps: FunctionCaps,
+    ) -> Result<Function, LoadError> {
         let started = Instant::now();
         let wasm = std::fs::read(path).map_err(|source| LoadError::Read {
             path: path.to_path_buf(),
@@ -153,13 +178,20 @@ impl Runtime {
                     path: path.to_path_buf(),
                     reason: format!("{e:#}"),
                 })?;
-        let instance_pre =
-            self.linker
-                .instantiate_pre(&component)
-                .map_err(|e| LoadError::Import {
-                    path: path.to_path_buf(),
-                    reason: format!("{e:#}"),
-                })?;
+        capabilities::check_grants(&self.engine, &component, grants).map_err(|reason| {
+            LoadError::NotGranted {
+                path: path.to_path_buf(),
+                reason,
+            }
+        })?;
+        let import_err = |e: wasmtime::Error| LoadError::Import {
+            path: path.to_path_buf(),
+            reason: format!("{e:#}"),
+        };
+        let instance_pre = self
+            .linker(grants)
+            .and_then(|l| l.instantiate_pre(&component))
+            .map_err(import_err)?;
         let pre = ProxyPre::new(instance_pre).map_err(|e| LoadError::WrongWorld {
             path: path.to_path_buf(),
             reason: format!("{e:#}"),
@@ -170,6 +202,7 @@ impl Runtime {
                 sha256,
                 pre,
                 limits,
+                caps,
                 source,
                 load_time: started.elapsed(),
             }),
@@ -188,6 +221,7 @@ struct FunctionInner {
     sha256: String,
     pre: ProxyPre<GuestState>,
     limits: Limits,
+    caps: FunctionCaps,
     source: Source,
     load_time: Duration,
 }

@@ -10,6 +10,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::deny_outgoing::DenyOutgoing;
+use crate::capabilities::RequestCaps;
 
 /// Tables and memories beyond this many elements are refused: a guest that grows a table
 /// without bound gets a trap, not the host's memory.
@@ -22,7 +23,9 @@ const STDERR_CAPACITY: usize = 64 * 1024;
 pub struct GuestState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
-    table: ResourceTable,
+    pub(crate) table: ResourceTable,
+    /// The capabilities' per-request state; only the granted ones are linked.
+    pub(crate) caps: RequestCaps,
     hooks: DenyOutgoing,
     /// What the guest wrote to stderr (a Rust panic message lands here); logged with its
     /// request id, never sent to the client.
@@ -37,7 +40,7 @@ pub struct GuestState {
 }
 
 impl GuestState {
-    pub fn new(memory_cap: usize, deadline: Instant) -> Self {
+    pub fn new(memory_cap: usize, deadline: Instant, caps: RequestCaps) -> Self {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         Self {
             // No preopens, no environment, no network, no stdin/stdout: a guest reaches the
@@ -45,6 +48,7 @@ impl GuestState {
             wasi: WasiCtx::builder().stderr(stderr.clone()).build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
+            caps,
             hooks: DenyOutgoing,
             stderr,
             memory_cap,

@@ -1,0 +1,84 @@
+//! `wasmgate:platform/cache`: a key-value cache, in-process (moka) or on Redis.
+//!
+//! Keys are namespaced per function (`<function>:<key>`), so a function cannot see another's.
+
+mod backend;
+#[cfg(test)]
+mod conformance;
+mod host;
+
+use std::sync::Arc;
+
+use wasmtime::component::{HasData, Linker};
+
+use super::bindings::wasmgate::platform::cache as wit;
+use super::config::ConnectError;
+use crate::runtime::GuestState;
+
+pub use backend::{CacheBackend, MemoryCache, RedisCache, redis_manager};
+pub use wit::Error as CacheError;
+
+/// Largest key a guest may use, in bytes.
+pub const MAX_KEY_LEN: usize = 512;
+/// Largest value a guest may store: the cache holds small things, not blobs.
+pub const MAX_VALUE_LEN: usize = 1024 * 1024;
+
+/// The process-wide cache backend.
+#[derive(Clone)]
+pub struct Cache {
+    backend: Arc<dyn CacheBackend>,
+}
+
+impl Cache {
+    pub fn connect(redis_url: Option<&str>) -> Result<Self, ConnectError> {
+        let backend: Arc<dyn CacheBackend> = match redis_url {
+            Some(url) => Arc::new(RedisCache::connect(url)?),
+            None => Arc::new(MemoryCache::new(backend::DEFAULT_MEMORY_CAPACITY)),
+        };
+        Ok(Self { backend })
+    }
+
+    pub fn kind(&self) -> &'static str {
+        self.backend.kind()
+    }
+
+    pub async fn ready(&self) -> bool {
+        matches!(
+            tokio::time::timeout(super::BACKEND_TIMEOUT, self.backend.ping()).await,
+            Ok(Ok(()))
+        )
+    }
+
+    pub fn configure(&self, function: &str) -> FunctionCache {
+        FunctionCache {
+            backend: self.backend.clone(),
+            prefix: Arc::from(format!("{function}:")),
+        }
+    }
+}
+
+/// One function's view of the cache: the backend plus its key prefix.
+#[derive(Clone)]
+pub struct FunctionCache {
+    backend: Arc<dyn CacheBackend>,
+    prefix: Arc<str>,
+}
+
+impl FunctionCache {
+    pub fn instance(&self) -> RequestCache {
+        RequestCache(self.clone())
+    }
+}
+
+/// A request's handle on its function's cache.
+pub struct RequestCache(FunctionCache);
+
+struct CacheCap;
+
+impl HasData for CacheCap {
+    type Data<'a> = &'a mut RequestCache;
+}
+
+pub fn link(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
+    wit::add_to_linker::<GuestState, CacheCap>(linker, |s| &mut s.caps.cache)
+}

@@ -1,0 +1,280 @@
+//! The db conformance suite, run against every backend: SQLite (a temp file) and a real
+//! PostgreSQL (`DATABASE_URL`, default postgres://postgres@127.0.0.1:5432/test; each run gets
+//! its own fresh database).
+
+use std::sync::Arc;
+
+use super::migrations::Migration;
+use super::{Db, DbBackend, DbError, Value};
+
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Creates an empty database next to `DATABASE_URL`'s and returns its URL.
+pub async fn fresh_postgres() -> String {
+    use sqlx::Connection;
+    let base = database_url();
+    let mut admin = sqlx::PgConnection::connect(&base)
+        .await
+        .expect("PostgreSQL reachable at DATABASE_URL");
+    let name = format!("wg_{}", uuid::Uuid::new_v4().simple());
+    sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create database");
+    let (prefix, _) = base.rsplit_once('/').expect("DATABASE_URL ends in /dbname");
+    format!("{prefix}/{name}")
+}
+
+const SCHEMA: &str = "CREATE TABLE items (
+    id BIGINT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    price DOUBLE PRECISION,
+    data BYTEA,
+    active BOOLEAN NOT NULL DEFAULT TRUE,
+    created_at TIMESTAMP
+)";
+
+async fn suite(b: Arc<dyn DbBackend>, bytes_type: &str) {
+    b.ping().await.expect("reachable");
+    b.execute(&SCHEMA.replace("BYTEA", bytes_type), vec![])
+        .await
+        .expect("create table");
+
+    // Every value type round-trips, with parameters out of order.
+    let ts = 1_700_000_000_123_456;
+    let n = b
+        .execute(
+            "INSERT INTO items (name, id, price, data, active, created_at) VALUES ($2, $1, $3, $4, $5, $6)",
+            vec![
+                Value::Int64(1),
+                Value::Text("widget's \"best\"; DROP TABLE items; --".into()),
+                Value::Float64(9.5),
+                Value::Bytes(vec![0, 255, 1]),
+                Value::Boolean(false),
+                Value::Timestamp(ts),
+            ],
+        )
+        .await
+        .expect("insert");
+    assert_eq!(n, 1);
+    let rows = b
+        .query(
+            "SELECT id, name, price, data, active, created_at FROM items WHERE id = $1",
+            vec![Value::Int64(1)],
+        )
+        .await
+        .expect("select");
+    assert_eq!(
+        rows.columns,
+        ["id", "name", "price", "data", "active", "created_at"]
+    );
+    assert_eq!(
+        rows.rows,
+        vec![vec![
+            Value::Int64(1),
+            Value::Text("widget's \"best\"; DROP TABLE items; --".into()),
+            Value::Float64(9.5),
+            Value::Bytes(vec![0, 255, 1]),
+            Value::Boolean(false),
+            Value::Timestamp(ts),
+        ]]
+    );
+
+    // Nulls bind into any column and read back as null.
+    b.execute(
+        "INSERT INTO items (id, name, price, data, created_at) VALUES ($1, $2, $3, $4, $5)",
+        vec![
+            Value::Int64(2),
+            Value::Text("two".into()),
+            Value::Null,
+            Value::Null,
+            Value::Null,
+        ],
+    )
+    .await
+    .expect("insert nulls");
+    let rows = b
+        .query(
+            "SELECT price, data, created_at, active FROM items WHERE id = $1",
+            vec![Value::Int64(2)],
+        )
+        .await
+        .expect("select");
+    assert_eq!(
+        rows.rows,
+        vec![vec![
+            Value::Null,
+            Value::Null,
+            Value::Null,
+            Value::Boolean(true)
+        ]]
+    );
+
+    // Empty results still name their columns.
+    let rows = b
+        .query(
+            "SELECT id, name FROM items WHERE id = $1",
+            vec![Value::Int64(99)],
+        )
+        .await
+        .expect("select");
+    assert_eq!(rows.columns, ["id", "name"]);
+    assert!(rows.rows.is_empty());
+
+    // Typed errors.
+    let dup = b
+        .execute(
+            "INSERT INTO items (id, name) VALUES ($1, $2)",
+            vec![Value::Int64(3), Value::Text("two".into())],
+        )
+        .await;
+    assert!(matches!(dup, Err(DbError::UniqueViolation(_))), "{dup:?}");
+    let null = b
+        .execute("INSERT INTO items (id) VALUES ($1)", vec![Value::Int64(4)])
+        .await;
+    assert!(
+        matches!(null, Err(DbError::ConstraintViolation(_))),
+        "{null:?}"
+    );
+    let syntax = b.query("SELEC nonsense", vec![]).await;
+    assert!(
+        matches!(syntax, Err(DbError::InvalidQuery(_))),
+        "{syntax:?}"
+    );
+    let missing = b.query("SELECT nope FROM items", vec![]).await;
+    assert!(
+        matches!(missing, Err(DbError::InvalidQuery(_))),
+        "{missing:?}"
+    );
+    let arity = b.query("SELECT id FROM items WHERE id = $1", vec![]).await;
+    assert!(matches!(arity, Err(DbError::InvalidQuery(_))), "{arity:?}");
+
+    // Transactions: commit keeps, rollback and drop discard.
+    let mut tx = b.begin().await.expect("begin");
+    tx.execute(
+        "UPDATE items SET price = $1 WHERE id = $2",
+        vec![Value::Float64(1.0), Value::Int64(1)],
+    )
+    .await
+    .expect("update");
+    let inside = tx
+        .query(
+            "SELECT price FROM items WHERE id = $1",
+            vec![Value::Int64(1)],
+        )
+        .await
+        .expect("read own write");
+    assert_eq!(inside.rows, vec![vec![Value::Float64(1.0)]]);
+    tx.rollback().await.expect("rollback");
+    let price = |b: Arc<dyn DbBackend>| async move {
+        b.query(
+            "SELECT price FROM items WHERE id = $1",
+            vec![Value::Int64(1)],
+        )
+        .await
+        .expect("select")
+        .rows
+    };
+    assert_eq!(price(b.clone()).await, vec![vec![Value::Float64(9.5)]]);
+
+    let mut tx = b.begin().await.expect("begin");
+    tx.execute(
+        "UPDATE items SET price = $1 WHERE id = $2",
+        vec![Value::Float64(2.0), Value::Int64(1)],
+    )
+    .await
+    .expect("update");
+    drop(tx);
+    // sqlx rolls a dropped transaction back when its connection returns to the pool.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(price(b.clone()).await, vec![vec![Value::Float64(9.5)]]);
+
+    let mut tx = b.begin().await.expect("begin");
+    tx.execute(
+        "UPDATE items SET price = $1 WHERE id = $2",
+        vec![Value::Float64(3.0), Value::Int64(1)],
+    )
+    .await
+    .expect("update");
+    tx.commit().await.expect("commit");
+    assert_eq!(price(b.clone()).await, vec![vec![Value::Float64(3.0)]]);
+
+    // Migrations: applied once, in order, recorded; re-running applies nothing.
+    let m = |name: &str, sql: &str| Migration {
+        name: name.into(),
+        sql: sql.into(),
+        checksum: format!("sum-{sql}"),
+    };
+    let migrations = vec![
+        m("1_create", "CREATE TABLE migrated (id BIGINT PRIMARY KEY)"),
+        m(
+            "2_seed",
+            "INSERT INTO migrated (id) VALUES (1); INSERT INTO migrated (id) VALUES (2)",
+        ),
+    ];
+    assert_eq!(
+        b.migrate("fn-a", &migrations).await.expect("migrate"),
+        ["1_create", "2_seed"]
+    );
+    assert!(
+        b.migrate("fn-a", &migrations)
+            .await
+            .expect("again")
+            .is_empty()
+    );
+    let count = b
+        .query("SELECT count(*) AS n FROM migrated", vec![])
+        .await
+        .expect("count");
+    assert_eq!(count.rows, vec![vec![Value::Int64(2)]]);
+    // A failing migration leaves nothing behind.
+    let broken = vec![m("3_broken", "CREATE TABLE half (id BIGINT); SELEC oops")];
+    assert!(b.migrate("fn-a", &broken).await.is_err());
+    assert!(
+        b.query("SELECT * FROM half", vec![]).await.is_err(),
+        "rolled back"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_conforms() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let url = format!("sqlite://{}", dir.path().join("test.db").display());
+    let db = Db::connect(&url).await.expect("sqlite");
+    suite(db.backend().clone(), "BLOB").await;
+}
+
+#[tokio::test]
+async fn postgres_conforms() {
+    let db = Db::connect(&fresh_postgres().await)
+        .await
+        .expect("postgres");
+    suite(db.backend().clone(), "BYTEA").await;
+}
+
+#[tokio::test]
+async fn concurrent_migrations_apply_once_on_postgres() {
+    let url = fresh_postgres().await;
+    let migrations = vec![Migration {
+        name: "1_create".into(),
+        sql: "CREATE TABLE once (id BIGINT PRIMARY KEY)".into(),
+        checksum: "x".into(),
+    }];
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        let migrations = migrations.clone();
+        tasks.push(tokio::spawn(async move {
+            let db = Db::connect(&url).await.expect("postgres");
+            db.backend().migrate("fn", &migrations).await
+        }));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        applied += t.await.expect("task").expect("migrate").len();
+    }
+    assert_eq!(applied, 1, "exactly one process applied the migration");
+}

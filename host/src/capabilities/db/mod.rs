@@ -1,0 +1,115 @@
+//! `wasmgate:platform/db`: SQL with typed values and transactions, on SQLite (the embedded
+//! default) or PostgreSQL, both through sqlx pools.
+//!
+//! Guests write `$1`-style parameters in the portable subset of SQL both accept. Functions ship
+//! migrations the host applies once, in order, at start (see `migrations`).
+
+mod backend;
+#[cfg(test)]
+mod conformance;
+mod host;
+pub mod migrations;
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+
+use wasmtime::component::{HasData, Linker, ResourceTable};
+
+use super::bindings::wasmgate::platform::db as wit;
+use super::config::ConnectError;
+use crate::runtime::GuestState;
+
+pub use backend::{DbBackend, DbTransaction};
+pub use wit::{Error as DbError, Rows, Value};
+
+/// Open transactions one request may hold; each pins a pooled connection.
+pub const MAX_TRANSACTIONS_PER_REQUEST: usize = 4;
+
+#[derive(Clone)]
+pub struct Db {
+    backend: Arc<dyn DbBackend>,
+}
+
+impl Db {
+    /// Opens the pool for `url` (`sqlite://...` or `postgres://...`). PostgreSQL connects
+    /// lazily, so wasmgate starts (and `/readyz` says why it is not ready) while it is down.
+    pub async fn connect(url: &str) -> Result<Self, ConnectError> {
+        let backend: Arc<dyn DbBackend> =
+            if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+                Arc::new(postgres::Postgres::connect(url)?)
+            } else if url.starts_with("sqlite:") {
+                Arc::new(sqlite::Sqlite::connect(url).await?)
+            } else {
+                return Err(ConnectError::DatabaseUrl {
+                    url: super::config::redact(url),
+                    reason: "unknown scheme".into(),
+                });
+            };
+        Ok(Self { backend })
+    }
+
+    pub fn backend(&self) -> &Arc<dyn DbBackend> {
+        &self.backend
+    }
+
+    pub fn kind(&self) -> &'static str {
+        self.backend.kind()
+    }
+
+    pub async fn ready(&self) -> bool {
+        matches!(
+            tokio::time::timeout(super::BACKEND_TIMEOUT, self.backend.ping()).await,
+            Ok(Ok(()))
+        )
+    }
+
+    pub fn configure(&self, _function: &str) -> FunctionDb {
+        FunctionDb {
+            backend: self.backend.clone(),
+        }
+    }
+}
+
+/// A function's database handle. Tables are not namespaced: a function's migrations own its
+/// tables, and several functions of one service may share them on purpose.
+#[derive(Clone)]
+pub struct FunctionDb {
+    backend: Arc<dyn DbBackend>,
+}
+
+impl FunctionDb {
+    pub fn instance(&self) -> RequestDb {
+        RequestDb {
+            backend: self.backend.clone(),
+            open: 0,
+        }
+    }
+}
+
+pub struct RequestDb {
+    backend: Arc<dyn DbBackend>,
+    /// Transactions open in this request.
+    open: usize,
+}
+
+/// The `transaction` resource. `None` once committed or rolled back.
+pub struct Transaction(Option<Box<dyn DbTransaction>>);
+
+pub struct DbView<'a> {
+    pub table: &'a mut ResourceTable,
+    pub db: &'a mut RequestDb,
+}
+
+struct DbCap;
+
+impl HasData for DbCap {
+    type Data<'a> = DbView<'a>;
+}
+
+pub fn link(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
+    wit::add_to_linker::<GuestState, DbCap>(linker, |s| DbView {
+        table: &mut s.table,
+        db: &mut s.caps.db,
+    })
+}

@@ -1,0 +1,196 @@
+//! The capabilities a function can be granted: its only way to the outside world.
+//!
+//! Layout: one folder per capability, each the same shape:
+//! - `mod.rs`: the capability type and its three phases: `link` (once: adds its bindings to a
+//!   linker), `configure` (once per function: namespacing and the function's share), `instance`
+//!   (per request: cheap clones of handles into the store).
+//! - `host.rs`: the generated `Host` trait impls (argument checks, timeouts, error mapping).
+//! - `backend.rs`: a small trait and its embedded and PostgreSQL/Redis backends.
+//! - `conformance.rs` (tests): one suite, run against every backend.
+//!
+//! They are composed by hand in [`Backends`] (process-wide) and [`RequestCaps`] (per request).
+
+pub mod cache;
+pub mod config;
+pub mod db;
+pub mod lock;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::Deserialize;
+use wasmtime::Engine;
+use wasmtime::component::{Component, Linker};
+
+use crate::runtime::GuestState;
+
+pub use config::BackendsConfig;
+
+/// Host bindings generated from `wit/`: the `capabilities` world.
+pub(crate) mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "wasmgate:platform/capabilities",
+        imports: { default: async | trappable },
+        require_store_data_send: true,
+        additional_derives: [PartialEq],
+        with: {
+            "wasmgate:platform/db.transaction": super::db::Transaction,
+            "wasmgate:platform/lock.lease": super::lock::Lease,
+        },
+    });
+}
+
+/// Every host call to a backend is bounded by this, so a stopped server costs a guest at most
+/// this long before it sees `unavailable`/`timeout`, never a hang.
+pub const BACKEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The WIT package prefix of capability imports.
+const PACKAGE: &str = "wasmgate:platform/";
+
+/// A capability named in a function's `capabilities = [...]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Capability {
+    Db,
+    Cache,
+    Lock,
+}
+
+impl Capability {
+    pub const ALL: [Capability; 3] = [Capability::Db, Capability::Cache, Capability::Lock];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::Db => "db",
+            Capability::Cache => "cache",
+            Capability::Lock => "lock",
+        }
+    }
+}
+
+/// The set a function is granted.
+pub type Grants = BTreeSet<Capability>;
+
+/// Adds the granted capabilities' bindings to `linker`. A linker per grant set means an
+/// ungranted import cannot even be resolved.
+pub fn link(linker: &mut Linker<GuestState>, grants: &Grants) -> wasmtime::Result<()> {
+    for cap in grants {
+        match cap {
+            Capability::Db => db::link(linker)?,
+            Capability::Cache => cache::link(linker)?,
+            Capability::Lock => lock::link(linker)?,
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a component that imports a capability its manifest entry does not grant, naming the
+/// import and the fix.
+pub fn check_grants(engine: &Engine, component: &Component, grants: &Grants) -> Result<(), String> {
+    let ty = component.component_type();
+    for (name, _) in ty.imports(engine) {
+        let Some(rest) = name.strip_prefix(PACKAGE) else {
+            continue;
+        };
+        let iface = rest.split('@').next().unwrap_or(rest);
+        match Capability::ALL.iter().find(|c| c.name() == iface) {
+            Some(cap) if grants.contains(cap) => {}
+            Some(cap) => {
+                return Err(format!(
+                    "it imports `{name}` but is not granted `{0}`; add \"{0}\" to its `capabilities`",
+                    cap.name()
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "it imports `{name}`, which wasmgate does not provide; the capabilities are db, cache and lock"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The process-wide backends, built once from configuration.
+#[derive(Clone)]
+pub struct Backends {
+    pub db: db::Db,
+    pub cache: cache::Cache,
+    pub lock: lock::Lock,
+}
+
+/// One backend's state for `/readyz`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Readiness {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub ready: bool,
+}
+
+impl Backends {
+    pub async fn connect(config: &BackendsConfig) -> Result<Self, config::ConnectError> {
+        Ok(Self {
+            db: db::Db::connect(&config.database_url).await?,
+            cache: cache::Cache::connect(config.redis_url.as_deref())?,
+            lock: lock::Lock::connect(config.redis_url.as_deref())?,
+        })
+    }
+
+    /// Per function: its namespace and share of each backend.
+    pub fn configure(&self, function: &str) -> FunctionCaps {
+        FunctionCaps {
+            db: self.db.configure(function),
+            cache: self.cache.configure(function),
+            lock: self.lock.configure(function),
+        }
+    }
+
+    pub async fn readiness(&self) -> Vec<Readiness> {
+        let (db, cache, lock) =
+            tokio::join!(self.db.ready(), self.cache.ready(), self.lock.ready());
+        vec![
+            Readiness {
+                name: "db",
+                kind: self.db.kind(),
+                ready: db,
+            },
+            Readiness {
+                name: "cache",
+                kind: self.cache.kind(),
+                ready: cache,
+            },
+            Readiness {
+                name: "lock",
+                kind: self.lock.kind(),
+                ready: lock,
+            },
+        ]
+    }
+}
+
+/// A function's capabilities, configured once when it is loaded.
+#[derive(Clone)]
+pub struct FunctionCaps {
+    db: db::FunctionDb,
+    cache: cache::FunctionCache,
+    lock: lock::FunctionLock,
+}
+
+impl FunctionCaps {
+    /// Per request: cheap, infallible.
+    pub fn instance(&self) -> RequestCaps {
+        RequestCaps {
+            db: self.db.instance(),
+            cache: self.cache.instance(),
+            lock: self.lock.instance(),
+        }
+    }
+}
+
+/// What one request's store holds for its capabilities.
+pub struct RequestCaps {
+    pub db: db::RequestDb,
+    pub cache: cache::RequestCache,
+    pub lock: lock::RequestLock,
+}
