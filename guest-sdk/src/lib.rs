@@ -16,10 +16,19 @@
 //! the route parameters the host passes along. The output is a standard `wasi:http/proxy`
 //! component that also runs under `wasmtime serve`.
 //!
+//! Capabilities the host grants ([`db`], [`cache`], [`lock`]) are plain functions; their errors
+//! convert into a [`Problem`] with a sensible status, so `?` does the right thing by default.
+//!
 //! Build with `cargo build --target wasm32-wasip2` and a `cdylib` crate type.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+pub mod cache;
+#[doc(hidden)]
+pub mod capabilities;
+pub mod db;
+pub mod lock;
 
 pub use wstd;
 pub use wstd::http::{Body, HeaderValue, Method, Request, Response, StatusCode};
@@ -62,18 +71,44 @@ impl Problem {
         Self::new(StatusCode::NOT_FOUND, "not-found", "Not found")
     }
 
+    /// A bug or unexpected state in the function. `detail` goes to stderr (the host logs it
+    /// with the request id), not to the client.
+    pub fn internal(detail: impl Into<String>) -> Self {
+        eprintln!("internal error: {}", detail.into());
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+        )
+    }
+
+    /// A backend the function needs is down; the client may retry.
+    pub fn unavailable(what: &str) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "backend-unavailable",
+            "A backend is unavailable; retry later",
+        )
+        .with_detail(format!("{what} unavailable"))
+    }
+
     pub fn status(&self) -> StatusCode {
         self.status
     }
 
     pub fn into_response(self) -> Response<Body> {
         let bytes = serde_json::to_vec(&self).unwrap_or_default();
+        let status = self.status;
         let mut resp = Response::new(Body::from(bytes));
-        *resp.status_mut() = self.status;
+        *resp.status_mut() = status;
         resp.headers_mut().insert(
             "content-type",
             HeaderValue::from_static("application/problem+json"),
         );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+        }
         resp
     }
 }

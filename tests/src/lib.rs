@@ -5,6 +5,8 @@
 //! test command builds it first); the harness refuses a binary older than the host sources, so a
 //! stale build cannot pass for the current code.
 
+pub mod servers;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -101,10 +103,19 @@ impl Server {
     /// Starts `wasmgate up` on `manifest` (TOML; `{wasm:NAME}` is replaced by the absolute path
     /// of that guest) and waits until it listens.
     pub fn start(manifest: &str) -> Server {
-        Self::start_with_cache(manifest, &shared_cache_dir())
+        Self::start_with(manifest, &shared_cache_dir(), &[])
     }
 
     pub fn start_with_cache(manifest: &str, cache_dir: &Path) -> Server {
+        Self::start_with(manifest, cache_dir, &[])
+    }
+
+    /// Starts with extra `wasmgate up` arguments (e.g. `--database-url`).
+    pub fn start_with_args(manifest: &str, args: &[&str]) -> Server {
+        Self::start_with(manifest, &shared_cache_dir(), args)
+    }
+
+    fn start_with(manifest: &str, cache_dir: &Path, args: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let manifest_path = write_manifest(dir.path(), manifest);
         let log = dir.path().join("wasmgate.log");
@@ -113,6 +124,7 @@ impl Server {
             .arg(&manifest_path)
             .arg("--cache-dir")
             .arg(cache_dir)
+            .args(args)
             .env("WASMGATE_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -188,6 +200,55 @@ pub fn write_manifest(dir: &Path, manifest: &str) -> PathBuf {
     path
 }
 
+/// `DATABASE_URL`, defaulting to the local PostgreSQL.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// `REDIS_URL`, defaulting to the local Redis.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Creates an empty PostgreSQL database beside `DATABASE_URL`'s, for one test.
+pub fn fresh_postgres() -> String {
+    let base = database_url();
+    let name = format!("wgt_{}_{}", std::process::id(), unique_suffix());
+    let out = Command::new("psql")
+        .arg(&base)
+        .args(["-v", "ON_ERROR_STOP=1", "-qc"])
+        .arg(format!("CREATE DATABASE {name}"))
+        .output()
+        .expect("running psql");
+    assert!(
+        out.status.success(),
+        "cannot create a database at {base}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (prefix, _) = base.rsplit_once('/').expect("DATABASE_URL ends in /dbname");
+    format!("{prefix}/{name}")
+}
+
+/// A short suffix unique within this machine for a while.
+pub fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{nanos:x}{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// Runs `wasmgate check` on `manifest` and returns (success, stderr).
 pub fn check(manifest: &str) -> (bool, String) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -226,5 +287,22 @@ pub async fn expect_problem(resp: reqwest::Response, status: u16, slug: &str) ->
     );
     assert_eq!(body["status"], status, "{body}");
     assert_eq!(body["request_id"], id, "{body}");
+    body
+}
+
+/// Asserts a guest-produced problem (no host request id in the body) and returns its body.
+pub async fn expect_guest_problem(
+    resp: reqwest::Response,
+    status: u16,
+    slug: &str,
+) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status, "status");
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    let body: serde_json::Value = resp.json().await.expect("problem body is JSON");
+    assert_eq!(
+        body["type"],
+        format!("urn:wasmgate:problem:{slug}"),
+        "{body}"
+    );
     body
 }

@@ -1,0 +1,190 @@
+//! With Redis or PostgreSQL stopped, guests get a typed `unavailable` fast, other routes keep
+//! serving, `/readyz` names the backend that is down, and everything recovers on its own.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wasmgate_tests::Server;
+use wasmgate_tests::servers::{PrivatePostgres, PrivateRedis};
+
+const MANIFEST: &str = r#"
+[functions.probe]
+wasm = "{wasm:capprobe}"
+capabilities = ["db", "cache", "lock"]
+[functions.hello]
+wasm = "{wasm:hello}"
+[[routes]]
+path = "/probe/cache/{key}"
+function = "probe"
+[[routes]]
+path = "/probe/lock/{name}"
+function = "probe"
+[[routes]]
+path = "/probe/db"
+function = "probe"
+[[routes]]
+path = "/hello"
+function = "hello"
+"#;
+
+/// The bound a guest waits on a dead backend (BACKEND_TIMEOUT is 2 s), plus slack.
+const FAST: Duration = Duration::from_secs(3);
+
+async fn readyz(s: &Server) -> (u16, Value) {
+    let resp = reqwest::get(s.url("/readyz")).await.expect("readyz");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("json"))
+}
+
+async fn until_ok(client: &reqwest::Client, url: &str, method: reqwest::Method) {
+    let started = Instant::now();
+    loop {
+        let resp = client
+            .request(method.clone(), url)
+            .send()
+            .await
+            .expect("request");
+        if resp.status() == 200 {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{url} did not recover: {}",
+            resp.status()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn assert_unavailable_fast(client: &reqwest::Client, req: reqwest::RequestBuilder) {
+    let started = Instant::now();
+    let resp = req.send().await.expect("request");
+    let elapsed = started.elapsed();
+    assert_eq!(resp.status(), 503, "{:?}", resp.text().await);
+    assert!(elapsed < FAST, "took {elapsed:?}");
+    let _ = client;
+}
+
+#[tokio::test]
+async fn redis_down_is_unavailable_and_recovers() {
+    let mut redis = PrivateRedis::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = format!("sqlite://{}", dir.path().join("t.db").display());
+    let s = Server::start_with_args(
+        MANIFEST,
+        &["--redis-url", &redis.url(), "--database-url", &db],
+    );
+    let client = reqwest::Client::new();
+    let put = client
+        .put(s.url("/probe/cache/k"))
+        .body("v")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(put.status(), 200);
+    assert_eq!(readyz(&s).await.0, 200);
+
+    redis.stop();
+    let resp = client
+        .get(s.url("/probe/cache/k"))
+        .send()
+        .await
+        .expect("get");
+    let body = wasmgate_tests::expect_guest_problem(resp, 503, "backend-unavailable").await;
+    assert!(
+        !body.to_string().contains("127.0.0.1"),
+        "no backend details: {body}"
+    );
+    assert_unavailable_fast(&client, client.get(s.url("/probe/cache/k"))).await;
+    assert_unavailable_fast(&client, client.post(s.url("/probe/lock/x?wait_ms=100"))).await;
+    // Routes that do not need Redis keep serving.
+    assert_eq!(
+        client
+            .get(s.url("/hello"))
+            .send()
+            .await
+            .expect("hello")
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(s.url("/probe/db"))
+            .send()
+            .await
+            .expect("db")
+            .status(),
+        200
+    );
+    let (status, body) = readyz(&s).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["backends"]["cache"]["ready"], false, "{body}");
+    assert_eq!(body["backends"]["lock"]["ready"], false, "{body}");
+    assert_eq!(body["backends"]["db"]["ready"], true, "{body}");
+    assert_eq!(
+        client
+            .get(s.url("/healthz"))
+            .send()
+            .await
+            .expect("healthz")
+            .status(),
+        200
+    );
+
+    redis.resume();
+    until_ok(&client, &s.url("/probe/cache/k"), reqwest::Method::GET).await;
+    until_ok(
+        &client,
+        &s.url("/probe/lock/x?wait_ms=100"),
+        reqwest::Method::POST,
+    )
+    .await;
+    assert_eq!(readyz(&s).await.0, 200);
+}
+
+#[tokio::test]
+async fn postgres_down_is_unavailable_and_recovers() {
+    let pg = PrivatePostgres::start();
+    let s = Server::start_with_args(MANIFEST, &["--database-url", &pg.url()]);
+    let client = reqwest::Client::new();
+    assert_eq!(
+        client
+            .get(s.url("/probe/db"))
+            .send()
+            .await
+            .expect("db")
+            .status(),
+        200
+    );
+
+    pg.stop();
+    let resp = client.get(s.url("/probe/db")).send().await.expect("db");
+    wasmgate_tests::expect_guest_problem(resp, 503, "backend-unavailable").await;
+    assert_unavailable_fast(&client, client.get(s.url("/probe/db"))).await;
+    assert_eq!(
+        client
+            .get(s.url("/hello"))
+            .send()
+            .await
+            .expect("hello")
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(s.url("/probe/cache/k"))
+            .send()
+            .await
+            .expect("cache")
+            .status(),
+        200
+    );
+    let (status, body) = readyz(&s).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["backends"]["db"]["ready"], false, "{body}");
+    assert_eq!(body["backends"]["cache"]["ready"], true, "{body}");
+
+    pg.resume();
+    until_ok(&client, &s.url("/probe/db"), reqwest::Method::GET).await;
+    assert_eq!(readyz(&s).await.0, 200);
+}
