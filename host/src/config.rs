@@ -90,6 +90,58 @@ pub struct FunctionConfig {
     pub capabilities: crate::capabilities::Grants,
     /// A folder of `NNNN_name.sql` files applied at start (needs the `db` capability).
     pub migrations: Option<PathBuf>,
+    /// Requests per second and burst; none by default.
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Concurrency cap and bounded queue; always on, so no function can take every instance.
+    #[serde(default)]
+    pub bulkhead: BulkheadConfig,
+}
+
+/// GCRA rate limit for one function (governor locally, a Lua script on Redis when shared).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second.
+    pub rps: u32,
+    /// Requests allowed at once after a quiet period; defaults to `rps`.
+    pub burst: Option<u32>,
+    /// Budget per client instead of per function: `"header:<name>"` or `"client-ip"`.
+    pub key: Option<String>,
+    /// Share the budget with every wasmgate process on the same Redis (needs a Redis URL).
+    #[serde(default)]
+    pub shared: bool,
+    /// When the shared budget's Redis is unreachable: refuse with 503 instead of falling back
+    /// to a local budget.
+    #[serde(default)]
+    pub fail_closed: bool,
+}
+
+/// At most 64 of one function's instances run at once by default: with the default 1,000-slot
+/// pool, a flooded function leaves room for every other one.
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 64;
+/// Requests that may wait for a slot; beyond this they are shed at once with 503.
+pub const DEFAULT_MAX_QUEUE: u32 = 64;
+/// How long a queued request waits for a slot before 503: short, because a client retrying
+/// elsewhere beats one waiting here.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BulkheadConfig {
+    pub max_concurrency: u32,
+    pub max_queue: u32,
+    #[serde(deserialize_with = "human_duration")]
+    pub max_wait: Duration,
+}
+
+impl Default for BulkheadConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrency: DEFAULT_MAX_CONCURRENCY,
+            max_queue: DEFAULT_MAX_QUEUE,
+            max_wait: DEFAULT_MAX_WAIT,
+        }
+    }
 }
 
 fn default_timeout() -> Duration {
@@ -194,6 +246,28 @@ impl Manifest {
                 problems.push(format!(
                     "[functions.{name}] has migrations but is not granted `db`; add \"db\" to its capabilities"
                 ));
+            }
+            if f.bulkhead.max_concurrency == 0 {
+                problems.push(format!(
+                    "[functions.{name}] bulkhead.max_concurrency is 0; set at least 1"
+                ));
+            }
+            if let Some(rl) = &f.rate_limit {
+                if rl.rps == 0 || rl.burst == Some(0) {
+                    problems.push(format!(
+                        "[functions.{name}] rate_limit needs rps and burst above 0"
+                    ));
+                }
+                if let Some(key) = &rl.key
+                    && key != "client-ip"
+                    && key
+                        .strip_prefix("header:")
+                        .is_none_or(|h| http::HeaderName::from_bytes(h.as_bytes()).is_err())
+                {
+                    problems.push(format!(
+                        "[functions.{name}] rate_limit.key `{key}` is not understood; use \"client-ip\" or \"header:<name>\""
+                    ));
+                }
             }
             if f.memory < 64 * 1024 {
                 problems.push(format!(

@@ -9,6 +9,7 @@
 //! - [`router`]: the route table (path + method -> version set).
 //! - [`capabilities`]: db, cache and lock: WIT bindings, backends, grants.
 //! - [`runtime`]: wasmtime engine, compiled cache, per-request instances and their limits.
+//! - [`policy`]: per-function tower layers: rate limit, bulkhead, invoke.
 //! - [`server`]: the axum listener and the request path.
 //! - [`body_limit`]: request bodies capped while streaming.
 //! - [`problem`]: RFC 9457 error responses.
@@ -21,6 +22,7 @@ pub mod body_limit;
 pub mod capabilities;
 pub mod config;
 pub mod loader;
+pub mod policy;
 pub mod problem;
 pub mod request_id;
 pub mod router;

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::Method;
@@ -14,7 +15,8 @@ use axum::http::Method;
 use crate::capabilities::db::migrations;
 use crate::capabilities::{Backends, BackendsConfig};
 use crate::config::{Manifest, ManifestError};
-use crate::router::{RouteTable, VersionSet};
+use crate::policy::PolicyState;
+use crate::router::{RouteTable, Version, VersionSet};
 use crate::runtime::{Function, Limits, Runtime, RuntimeOptions, Source};
 
 /// A loaded manifest: the runtime that owns the engine, the backends, and the routes.
@@ -24,6 +26,8 @@ pub struct Loaded {
     pub backends: Backends,
     pub routes: RouteTable<VersionSet>,
     pub functions: BTreeMap<String, Function>,
+    /// Per-function policy state, handed to the next reload so budgets and slots carry over.
+    pub policies: BTreeMap<String, Arc<PolicyState>>,
 }
 
 /// What the command line may override.
@@ -68,8 +72,12 @@ fn backends_config(manifest: &Manifest, base: &Path, o: &Overrides) -> BackendsC
     b
 }
 
-/// Loads `path`.
-pub async fn load(path: &Path, overrides: &Overrides) -> Result<Loaded, LoadError> {
+/// Loads `path`. `previous` is the policy state of the deployment being replaced, if any.
+pub async fn load(
+    path: &Path,
+    overrides: &Overrides,
+    previous: &BTreeMap<String, Arc<PolicyState>>,
+) -> Result<Loaded, LoadError> {
     let manifest = Manifest::read(path)?;
     let mut problems = manifest.validate();
     let base = path.parent().unwrap_or(Path::new("."));
@@ -88,10 +96,27 @@ pub async fn load(path: &Path, overrides: &Overrides) -> Result<Loaded, LoadErro
             .unwrap_or(crate::config::DEFAULT_MEMORY),
         cache_dir,
     })?;
-    let backends = Backends::connect(&backends_config(&manifest, base, overrides)).await?;
+    let backends_cfg = backends_config(&manifest, base, overrides);
+    let backends = Backends::connect(&backends_cfg).await?;
 
     let mut functions = BTreeMap::new();
+    let mut policies = BTreeMap::new();
     for (name, f) in &manifest.functions {
+        if f.rate_limit.as_ref().is_some_and(|r| r.shared) && backends_cfg.redis_url.is_none() {
+            problems.push(format!(
+                "[functions.{name}] rate_limit.shared needs Redis; set [backends] redis_url or pass --redis-url"
+            ));
+        }
+        policies.insert(
+            name.clone(),
+            Arc::new(PolicyState::new(
+                name,
+                f.rate_limit.as_ref(),
+                &f.bulkhead,
+                backends.redis.as_ref(),
+                previous.get(name).map(Arc::as_ref),
+            )),
+        );
         let limits = Limits {
             timeout: f.timeout,
             memory: f.memory,
@@ -130,7 +155,9 @@ pub async fn load(path: &Path, overrides: &Overrides) -> Result<Loaded, LoadErro
     for (i, r) in manifest.routes.iter().enumerate() {
         // Unknown functions were reported by validation; a function that failed to load was
         // reported above. Either way this route cannot be built.
-        let Some(function) = functions.get(&r.function) else {
+        let (Some(function), Some(policy)) =
+            (functions.get(&r.function), policies.get(&r.function))
+        else {
             continue;
         };
         let methods: Vec<Method> = r
@@ -141,7 +168,10 @@ pub async fn load(path: &Path, overrides: &Overrides) -> Result<Loaded, LoadErro
         if let Err(p) = routes.add(
             &r.path,
             &methods,
-            VersionSet::single(function.clone()),
+            VersionSet::single(Version {
+                function: function.clone(),
+                service: policy.stack(function.clone()),
+            }),
             &r.label(i),
         ) {
             problems.push(p);
@@ -161,6 +191,7 @@ pub async fn load(path: &Path, overrides: &Overrides) -> Result<Loaded, LoadErro
         backends,
         routes,
         functions,
+        policies,
     })
 }
 

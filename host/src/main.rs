@@ -103,7 +103,8 @@ fn real_main() -> anyhow::Result<()> {
                 manifest,
                 overrides,
             } => {
-                let loaded = loader::load(&manifest, &overrides.into()).await?;
+                let loaded =
+                    loader::load(&manifest, &overrides.into(), &Default::default()).await?;
                 println!(
                     "manifest `{}` is valid: {} function(s), {} route(s)",
                     manifest.display(),
@@ -121,22 +122,89 @@ async fn up(
     listen: Option<SocketAddr>,
     overrides: loader::Overrides,
 ) -> anyhow::Result<()> {
-    let loaded = loader::load(&manifest, &overrides).await?;
+    let metrics = install_metrics()?;
+    let loaded = loader::load(&manifest, &overrides, &Default::default()).await?;
     let addr = listen.unwrap_or(loaded.manifest.server.listen);
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("failed to listen on {addr}"))?;
     let local = listener.local_addr().context("listener has no address")?;
-    let state = server::AppState::new(loaded.routes, loaded.backends);
+    let state = server::AppState::new(
+        server::Deployment {
+            routes: loaded.routes,
+            backends: loaded.backends,
+        },
+        Some(metrics),
+    );
+    tokio::spawn(reload_on_sighup(
+        manifest,
+        overrides,
+        state.clone(),
+        loaded.runtime,
+        loaded.policies,
+    ));
     // Tests and scripts wait for this exact line.
     println!("wasmgate listening on http://{local}");
     tracing::info!(%local, functions = loaded.functions.len(), "serving");
     server::run(listener, state, shutdown_signal())
         .await
-        .context("server failed")?;
-    // The runtime (engine, epoch ticker) lives until the server has drained.
-    drop(loaded.runtime);
-    Ok(())
+        .context("server failed")
+}
+
+/// On SIGHUP, loads the manifest again and swaps the deployment in; requests in flight finish
+/// on the version they started on. A manifest with problems is refused and the current
+/// deployment keeps serving.
+async fn reload_on_sighup(
+    manifest: PathBuf,
+    overrides: loader::Overrides,
+    state: std::sync::Arc<server::AppState>,
+    mut runtime: wasmgate::runtime::Runtime,
+    mut policies: std::collections::BTreeMap<String, std::sync::Arc<wasmgate::policy::PolicyState>>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload needs a restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match loader::load(&manifest, &overrides, &policies).await {
+            Ok(loaded) => {
+                state.swap(server::Deployment {
+                    routes: loaded.routes,
+                    backends: loaded.backends,
+                });
+                // The old engine lives on in the old functions until their requests finish.
+                runtime = loaded.runtime;
+                policies = loaded.policies;
+                tracing::info!(functions = loaded.functions.len(), "reloaded manifest");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; still serving the previous manifest")
+            }
+        }
+    }
+    drop(runtime);
+}
+
+/// Installs the Prometheus recorder; latency buckets cover a cached hit to a slow guest.
+fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    const BUCKETS: &[f64] = &[
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(BUCKETS)
+        .context("invalid histogram buckets")?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).context("a metrics recorder is already installed")?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
 }
 
 async fn shutdown_signal() {

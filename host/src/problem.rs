@@ -20,8 +20,16 @@ pub enum Problem {
     GuestNoResponse,
     Timeout,
     Overloaded,
+    RateLimited { retry_after: std::time::Duration },
+    RateLimitUnavailable,
+    BulkheadFull,
     Internal,
 }
+
+/// Marks a response the host answered itself, with the problem's slug: `/metrics` counts
+/// outcomes by it.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome(pub &'static str);
 
 impl Problem {
     pub fn status(&self) -> StatusCode {
@@ -34,7 +42,10 @@ impl Problem {
             | Problem::GuestNoResponse
             | Problem::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Problem::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Problem::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::Overloaded | Problem::RateLimitUnavailable | Problem::BulkheadFull => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Problem::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -49,6 +60,9 @@ impl Problem {
             Problem::GuestNoResponse => "function-no-response",
             Problem::Timeout => "function-timeout",
             Problem::Overloaded => "overloaded",
+            Problem::RateLimited { .. } => "rate-limited",
+            Problem::RateLimitUnavailable => "rate-limit-unavailable",
+            Problem::BulkheadFull => "bulkhead-full",
             Problem::Internal => "internal",
         }
     }
@@ -63,6 +77,9 @@ impl Problem {
             Problem::GuestNoResponse => "The function returned no response",
             Problem::Timeout => "The function did not answer in time",
             Problem::Overloaded => "The platform is at capacity",
+            Problem::RateLimited { .. } => "Too many requests for this function",
+            Problem::RateLimitUnavailable => "The function's shared rate limit cannot be checked",
+            Problem::BulkheadFull => "The function is at its concurrency limit",
             Problem::Internal => "Internal error",
         }
     }
@@ -98,10 +115,19 @@ impl Problem {
         {
             headers.insert(header::ALLOW, v);
         }
-        if let Problem::Overloaded = self {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        match &self {
+            Problem::Overloaded | Problem::BulkheadFull | Problem::RateLimitUnavailable => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Problem::RateLimited { retry_after } => {
+                // Whole seconds, rounded up: a client that waits this long will be let in.
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            _ => {}
         }
         request_id.stamp(headers);
+        resp.extensions_mut().insert(Outcome(self.slug()));
         resp
     }
 }

@@ -8,24 +8,38 @@
 
 use axum::http::Method;
 
+use crate::policy::FunctionService;
 use crate::runtime::Function;
+
+/// One deployed version: the function and its policy stack, built once at load.
+#[derive(Clone)]
+pub struct Version {
+    pub function: Function,
+    pub service: FunctionService,
+}
+
+impl std::fmt::Debug for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.function.fmt(f)
+    }
+}
 
 /// What a route points at: the versions of one function and their traffic weights. Today a set
 /// holds one version; canary splits add more without changing the table.
 #[derive(Debug, Clone)]
 pub struct VersionSet {
-    versions: Vec<(u32, Function)>,
+    versions: Vec<(u32, Version)>,
 }
 
 impl VersionSet {
-    pub fn single(function: Function) -> Self {
+    pub fn single(version: Version) -> Self {
         Self {
-            versions: vec![(100, function)],
+            versions: vec![(100, version)],
         }
     }
 
     /// The version this request runs on.
-    pub fn pick(&self) -> &Function {
+    pub fn pick(&self) -> &Version {
         &self.versions[0].1
     }
 }

@@ -1,43 +1,57 @@
 //! The HTTP front: axum listener, the request path, and the host's own endpoints.
 //!
-//! Request path today: route match -> body limit -> fresh instance -> response. Policies (rate
-//! limit, bulkhead, caching, idempotency) slot in as tower layers between match and invoke.
+//! Request path: route match -> body limit -> the version's policy stack (rate limit ->
+//! bulkhead -> invoke) -> response. The current deployment (routes and backends) is swapped
+//! whole on reload; a request keeps the deployment it started with.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 
 use crate::body_limit::LimitedBody;
 use crate::capabilities::Backends;
-use crate::problem::Problem;
+use crate::problem::{Outcome, Problem};
 use crate::request_id::RequestId;
 use crate::router::{Match, RouteTable, VersionSet};
-use crate::runtime::Failure;
 
 /// Header prefix the host uses to tell the guest about the matched route. Client-sent headers
 /// with this prefix are removed so a guest can trust them.
 pub const ROUTE_HEADER_PREFIX: &str = "wasmgate-";
 
-/// Shared by every request; the route table is swapped whole on reload.
+/// What serves requests: swapped whole on reload.
+pub struct Deployment {
+    pub routes: RouteTable<VersionSet>,
+    pub backends: Backends,
+}
+
+/// Shared by every request.
 pub struct AppState {
-    routes: ArcSwap<RouteTable<VersionSet>>,
-    backends: Backends,
+    current: ArcSwap<Deployment>,
+    metrics: Option<PrometheusHandle>,
 }
 
 impl AppState {
-    pub fn new(routes: RouteTable<VersionSet>, backends: Backends) -> Arc<Self> {
+    pub fn new(deployment: Deployment, metrics: Option<PrometheusHandle>) -> Arc<Self> {
         Arc::new(Self {
-            routes: ArcSwap::from_pointee(routes),
-            backends,
+            current: ArcSwap::from_pointee(deployment),
+            metrics,
         })
+    }
+
+    /// Replaces the deployment; requests already running finish on the old one.
+    pub fn swap(&self, deployment: Deployment) {
+        self.current.store(Arc::new(deployment));
     }
 }
 
@@ -45,6 +59,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(dispatch)
         .with_state(state)
 }
@@ -55,9 +70,12 @@ pub async fn run(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -68,7 +86,7 @@ async fn healthz() -> impl IntoResponse {
 /// backend that is down is named, so an operator sees which one; `/healthz` stays 200 meanwhile
 /// because the process itself is fine and restarting it would not help.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let backends = state.backends.readiness().await;
+    let backends = state.current.load().backends.readiness().await;
     let ready = backends.iter().all(|b| b.ready);
     let body = serde_json::json!({
         "status": if ready { "ready" } else { "unavailable" },
@@ -85,10 +103,23 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => axum::http::StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
+    let started = Instant::now();
     let id = RequestId::new();
-    let routes = state.routes.load();
-    let (function, pattern, params) = match routes.lookup(req.method(), req.uri().path()) {
+    let deployment = state.current.load_full();
+    let (version, pattern, params) = match deployment.routes.lookup(req.method(), req.uri().path())
+    {
         Match::NotFound => return Problem::RouteNotFound.into_response_with(&id),
         Match::MethodNotAllowed { allow } => {
             return Problem::MethodNotAllowed { allow }.into_response_with(&id);
@@ -99,40 +130,34 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response 
             params,
         } => (target.pick().clone(), pattern.to_string(), params),
     };
-    drop(routes);
+    let function = version.function.name().to_string();
+    let version_label = version.function.sha256()[..12].to_string();
 
-    let limit = function.limits().max_body;
-    if declared_length(&req).is_some_and(|n| n > limit) {
-        return Problem::BodyTooLarge { limit }.into_response_with(&id);
-    }
-    let (mut parts, body) = req.into_parts();
-    tell_guest_about_route(&mut parts.headers, &pattern, &params);
-    let (body, exceeded) = LimitedBody::new(body, limit);
-    let req = hyper::Request::from_parts(parts, body);
-
-    let result = function.handle(req, &id).await;
-    if exceeded.get() {
-        return Problem::BodyTooLarge { limit }.into_response_with(&id);
-    }
-    match result {
-        Ok(resp) => {
-            let mut resp = resp.map(Body::new);
-            id.stamp(resp.headers_mut());
+    let limit = version.function.limits().max_body;
+    let resp = if declared_length(&req).is_some_and(|n| n > limit) {
+        Problem::BodyTooLarge { limit }.into_response_with(&id)
+    } else {
+        req.extensions_mut().insert(id.clone());
+        let (mut parts, body) = req.into_parts();
+        tell_guest_about_route(&mut parts.headers, &pattern, &params);
+        let (body, exceeded) = LimitedBody::new(body, limit);
+        let req = http::Request::from_parts(parts, body);
+        let resp = match version.service.oneshot(req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        };
+        if exceeded.get() {
+            Problem::BodyTooLarge { limit }.into_response_with(&id)
+        } else {
             resp
         }
-        Err(failure) => problem_for(failure).into_response_with(&id),
-    }
-}
+    };
 
-fn problem_for(failure: Failure) -> Problem {
-    match failure {
-        Failure::Trap => Problem::GuestTrap,
-        Failure::MemoryExceeded => Problem::GuestMemoryExceeded,
-        Failure::Timeout => Problem::Timeout,
-        Failure::NoResponse => Problem::GuestNoResponse,
-        Failure::Overloaded => Problem::Overloaded,
-        Failure::Internal => Problem::Internal,
-    }
+    let outcome = resp.extensions().get::<Outcome>().map_or("ok", |o| o.0);
+    metrics::counter!("wasmgate_requests_total", "function" => function.clone(), "version" => version_label.clone(), "outcome" => outcome).increment(1);
+    metrics::histogram!("wasmgate_request_duration_seconds", "function" => function, "version" => version_label)
+        .record(started.elapsed().as_secs_f64());
+    resp
 }
 
 fn declared_length(req: &Request) -> Option<u64> {

@@ -261,3 +261,22 @@ fn valid_manifest_passes_check() {
     ));
     assert!(ok, "{stderr}");
 }
+
+#[test]
+fn the_example_manifest_is_valid() {
+    wasm("hello");
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = format!("sqlite://{}", dir.path().join("example.db").display());
+    let out = Command::new(binary())
+        .args(["check", "--manifest"])
+        .arg(wasmgate_tests::repo().join("wasmgate.toml"))
+        .args(["--database-url", &db, "--cache-dir"])
+        .arg(wasmgate_tests::shared_cache_dir())
+        .output()
+        .expect("running wasmgate check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

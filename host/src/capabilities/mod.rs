@@ -118,6 +118,8 @@ pub struct Backends {
     pub db: db::Db,
     pub cache: cache::Cache,
     pub lock: lock::Lock,
+    /// For host features that share state across processes (shared rate limits).
+    pub redis: Option<redis::aio::ConnectionManager>,
 }
 
 /// One backend's state for `/readyz`.
@@ -134,6 +136,11 @@ impl Backends {
             db: db::Db::connect(&config.database_url).await?,
             cache: cache::Cache::connect(config.redis_url.as_deref())?,
             lock: lock::Lock::connect(config.redis_url.as_deref())?,
+            redis: config
+                .redis_url
+                .as_deref()
+                .map(cache::redis_manager)
+                .transpose()?,
         })
     }
 

@@ -34,7 +34,6 @@ pub use state::GuestState;
 
 use crate::capabilities::{self, FunctionCaps, Grants};
 use compile_cache::CompileCache;
-use epoch::EpochTicker;
 
 /// How often the epoch advances. A spinning guest yields to tokio this often and overshoots its
 /// deadline by at most about this much; 10 ms keeps that margin small at no measurable cost.
@@ -67,7 +66,6 @@ pub struct Runtime {
     /// One linker per grant set: a function's linker holds only what it was granted.
     linkers: Mutex<BTreeMap<Grants, Linker<GuestState>>>,
     cache: CompileCache,
-    _ticker: EpochTicker,
 }
 
 /// Why a component could not be loaded; each message names the file and the fix.
@@ -123,12 +121,11 @@ impl Runtime {
                 opts.cache_dir.display()
             ))
         })?;
-        let ticker = EpochTicker::start(engine.clone(), EPOCH_TICK);
+        epoch::start(&engine, EPOCH_TICK);
         Ok(Self {
             engine,
             linkers: Mutex::default(),
             cache,
-            _ticker: ticker,
         })
     }
 

@@ -1,0 +1,65 @@
+//! The innermost service: runs the request through the function and turns a failure into its
+//! problem response.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::response::Response;
+use futures::future::BoxFuture;
+
+use super::GuestRequest;
+use crate::problem::Problem;
+use crate::request_id::RequestId;
+use crate::runtime::{Failure, Function};
+
+#[derive(Clone)]
+pub struct Invoke {
+    function: Function,
+}
+
+impl Invoke {
+    pub fn new(function: Function) -> Self {
+        Self { function }
+    }
+}
+
+impl tower::Service<GuestRequest> for Invoke {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: GuestRequest) -> Self::Future {
+        let function = self.function.clone();
+        Box::pin(async move {
+            let id = req
+                .extensions()
+                .get::<RequestId>()
+                .cloned()
+                .unwrap_or_default();
+            Ok(match function.handle(req, &id).await {
+                Ok(resp) => {
+                    let mut resp = resp.map(Body::new);
+                    id.stamp(resp.headers_mut());
+                    resp
+                }
+                Err(failure) => problem_for(failure).into_response_with(&id),
+            })
+        })
+    }
+}
+
+fn problem_for(failure: Failure) -> Problem {
+    match failure {
+        Failure::Trap => Problem::GuestTrap,
+        Failure::MemoryExceeded => Problem::GuestMemoryExceeded,
+        Failure::Timeout => Problem::Timeout,
+        Failure::NoResponse => Problem::GuestNoResponse,
+        Failure::Overloaded => Problem::Overloaded,
+        Failure::Internal => Problem::Internal,
+    }
+}

@@ -1,0 +1,93 @@
+//! Per-function policies, each a tower layer in the request path, applied before the guest is
+//! instantiated. A layer that rejects answers at once with its own problem and never reaches
+//! the guest.
+//!
+//! Layout:
+//! - `rate_limit`: GCRA requests per second and burst, per function or per client key; local
+//!   (governor) or shared through Redis.
+//! - `bulkhead`: max concurrent executions plus a bounded queue with a max wait.
+//! - `invoke`: the innermost service: one request through the function.
+//!
+//! The deadline is not a layer here: the guest runs in its own task (it may stream its body
+//! after answering), so the deadline lives with the store, in `runtime::invoke`, where it can
+//! both trap a spinning guest (epoch) and bound host calls (tokio timeout).
+//!
+//! State that must outlive a reload (the bulkhead's semaphore, the rate limiter's budget) is kept
+//! in [`PolicyState`], shared by all stacks built for the same function and the same settings.
+
+pub mod bulkhead;
+mod invoke;
+pub mod rate_limit;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::response::Response;
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
+
+use crate::body_limit::LimitedBody;
+use crate::config::{BulkheadConfig, RateLimitConfig};
+use crate::runtime::Function;
+
+pub use bulkhead::Bulkhead;
+pub use rate_limit::RateLimiter;
+
+/// A request on its way to a function: body already capped, request id in the extensions.
+pub type GuestRequest = http::Request<LimitedBody>;
+
+/// One function version's whole stack.
+pub type FunctionService = BoxCloneSyncService<GuestRequest, Response, Infallible>;
+
+/// The stateful parts of a function's policies.
+pub struct PolicyState {
+    pub rate_limit: Option<(RateLimitConfig, Arc<RateLimiter>)>,
+    pub bulkhead: (BulkheadConfig, Arc<Bulkhead>),
+}
+
+impl PolicyState {
+    /// Keeps `previous`'s state where the settings did not change, so a reload neither resets a
+    /// budget nor lets a second set of requests past a full bulkhead.
+    pub fn new(
+        function: &str,
+        rate_limit: Option<&RateLimitConfig>,
+        bulkhead: &BulkheadConfig,
+        redis: Option<&redis::aio::ConnectionManager>,
+        previous: Option<&PolicyState>,
+    ) -> Self {
+        let rate_limit = rate_limit.map(|cfg| {
+            match previous
+                .and_then(|p| p.rate_limit.as_ref())
+                .filter(|(c, _)| c == cfg)
+            {
+                Some((_, limiter)) => (cfg.clone(), limiter.clone()),
+                None => (
+                    cfg.clone(),
+                    Arc::new(RateLimiter::new(function, cfg, redis.cloned())),
+                ),
+            }
+        });
+        let bulkhead = match previous.map(|p| &p.bulkhead).filter(|(c, _)| c == bulkhead) {
+            Some((_, b)) => (bulkhead.clone(), b.clone()),
+            None => (bulkhead.clone(), Arc::new(Bulkhead::new(bulkhead))),
+        };
+        Self {
+            rate_limit,
+            bulkhead,
+        }
+    }
+
+    /// Builds the stack for one version of the function. Order, outermost first: rate limit,
+    /// bulkhead, invoke.
+    pub fn stack(&self, function: Function) -> FunctionService {
+        let rate_limit = self
+            .rate_limit
+            .as_ref()
+            .map(|(_, l)| rate_limit::RateLimitLayer::new(l.clone()));
+        let service = ServiceBuilder::new()
+            .option_layer(rate_limit)
+            .layer(bulkhead::BulkheadLayer::new(self.bulkhead.1.clone()))
+            .service(invoke::Invoke::new(function));
+        BoxCloneSyncService::new(service)
+    }
+}
