@@ -96,7 +96,7 @@ pub struct Server {
     pub base: String,
     pub pid: u32,
     log: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Server {
@@ -154,8 +154,24 @@ impl Server {
             child,
             base,
             log,
-            _dir: dir,
+            dir,
         }
+    }
+
+    /// Replaces the manifest this server was started with (for reload tests).
+    pub fn rewrite_manifest(&self, manifest: &str) {
+        write_manifest(self.dir.path(), manifest);
+    }
+
+    /// Sends a signal (e.g. "HUP") to the server.
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid.to_string())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{name} {} failed", self.pid);
     }
 
     pub fn url(&self, path: &str) -> String {

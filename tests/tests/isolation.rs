@@ -1,0 +1,303 @@
+//! Per-function isolation against the real binary: rate limits, bulkheads, noisy neighbours,
+//! fresh instances, metrics, and reload.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wasmgate_tests::{Server, expect_problem, redis_url, unique_suffix};
+
+async fn status(client: &reqwest::Client, url: &str) -> u16 {
+    client.get(url).send().await.expect("request").status().as_u16()
+}
+
+#[tokio::test]
+async fn rate_limit_answers_429_with_retry_after_and_spares_other_functions() {
+    let s = Server::start(
+        r#"
+        [functions.limited]
+        wasm = "{wasm:hello}"
+        rate_limit = { rps = 1, burst = 2 }
+        [functions.free]
+        wasm = "{wasm:hello}"
+        [[routes]]
+        path = "/limited"
+        function = "limited"
+        [[routes]]
+        path = "/free"
+        function = "free"
+        "#,
+    );
+    let client = reqwest::Client::new();
+    assert_eq!(status(&client, &s.url("/limited")).await, 200);
+    assert_eq!(status(&client, &s.url("/limited")).await, 200);
+    let resp = client.get(s.url("/limited")).send().await.expect("request");
+    assert_eq!(resp.headers()["retry-after"], "1");
+    expect_problem(resp, 429, "rate-limited").await;
+    for _ in 0..5 {
+        assert_eq!(status(&client, &s.url("/free")).await, 200);
+    }
+}
+
+#[tokio::test]
+async fn keyed_rate_limit_gives_each_client_its_own_budget() {
+    let s = Server::start(
+        r#"
+        [functions.hello]
+        wasm = "{wasm:hello}"
+        rate_limit = { rps = 1, burst = 1, key = "header:x-api-key" }
+        [[routes]]
+        path = "/hello"
+        function = "hello"
+        "#,
+    );
+    let client = reqwest::Client::new();
+    let get = |key: &'static str| client.get(s.url("/hello")).header("x-api-key", key).send();
+    assert_eq!(get("alice").await.expect("req").status(), 200);
+    assert_eq!(get("alice").await.expect("req").status(), 429);
+    assert_eq!(get("bob").await.expect("req").status(), 200);
+}
+
+const SLOW: &str = r#"
+[functions.slow]
+wasm = "{wasm:capprobe}"
+capabilities = ["db", "cache", "lock"]
+bulkhead = { max_concurrency = 1, max_queue = 1, max_wait = "200ms" }
+[[routes]]
+path = "/probe/lock/{name}"
+function = "slow"
+"#;
+
+#[tokio::test]
+async fn bulkhead_queues_briefly_then_sheds_with_503() {
+    let s = Server::start(SLOW);
+    let client = reqwest::Client::new();
+    // One holds the only slot for a second (waiting in a host call: a wasi clock sleep).
+    let holder = {
+        let (client, url) = (client.clone(), s.url("/probe/lock/a?hold_ms=1000"));
+        tokio::spawn(async move { client.post(url).send().await.expect("holder").status() })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // One waits in the queue, gives up after max_wait; one more finds the queue full at once.
+    let queued = {
+        let (client, url) = (client.clone(), s.url("/probe/lock/b"));
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let resp = client.post(url).send().await.expect("queued");
+            (resp, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let shed = client.post(s.url("/probe/lock/c")).send().await.expect("shed");
+    assert!(started.elapsed() < Duration::from_millis(150), "shed at once");
+    assert_eq!(shed.headers()["retry-after"], "1");
+    expect_problem(shed, 503, "bulkhead-full").await;
+    let (resp, waited) = queued.await.expect("task");
+    assert!(waited >= Duration::from_millis(200), "waited {waited:?}");
+    expect_problem(resp, 503, "bulkhead-full").await;
+    assert_eq!(holder.await.expect("task"), 200);
+}
+
+#[tokio::test]
+async fn a_saturated_function_does_not_take_down_its_neighbour() {
+    let s = Server::start(
+        r#"
+        [functions.spin]
+        wasm = "{wasm:spin}"
+        timeout = "1s"
+        bulkhead = { max_concurrency = 8, max_queue = 8, max_wait = "100ms" }
+        [functions.slow]
+        wasm = "{wasm:capprobe}"
+        capabilities = ["db", "cache", "lock"]
+        timeout = "2s"
+        bulkhead = { max_concurrency = 8, max_queue = 8, max_wait = "100ms" }
+        [functions.hello]
+        wasm = "{wasm:hello}"
+        [[routes]]
+        path = "/spin"
+        function = "spin"
+        [[routes]]
+        path = "/probe/lock/{name}"
+        function = "slow"
+        [[routes]]
+        path = "/hello"
+        function = "hello"
+        "#,
+    );
+    let client = reqwest::Client::new();
+    let stop = Instant::now() + Duration::from_secs(3);
+    let mut flood = Vec::new();
+    for i in 0..24 {
+        let client = client.clone();
+        let url = if i % 2 == 0 {
+            s.url("/spin")
+        } else {
+            s.url(&format!("/probe/lock/l{i}?hold_ms=1500"))
+        };
+        flood.push(tokio::spawn(async move {
+            while Instant::now() < stop {
+                let _ = client.request(if url.contains("lock") { reqwest::Method::POST } else { reqwest::Method::GET }, &url).send().await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut answered = 0;
+    while Instant::now() < stop {
+        assert_eq!(status(&client, &s.url("/hello")).await, 200, "the neighbour failed");
+        answered += 1;
+    }
+    for f in flood {
+        f.await.expect("flood task");
+    }
+    assert!(answered >= 5, "only {answered} neighbour requests completed");
+    let metrics = client.get(s.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains(r#"outcome="function-timeout""#), "spin timed out: {metrics}");
+}
+
+#[tokio::test]
+async fn every_request_gets_a_fresh_instance() {
+    let s = Server::start(
+        r#"
+        [functions.stateful]
+        wasm = "{wasm:stateful}"
+        [[routes]]
+        path = "/count"
+        function = "stateful"
+        "#,
+    );
+    let client = reqwest::Client::new();
+    for _ in 0..5 {
+        let body: Value = client.get(s.url("/count")).send().await.expect("req").json().await.expect("json");
+        assert_eq!(body["seen"], 1, "state leaked between requests");
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_outcomes_per_function() {
+    let s = Server::start(
+        r#"
+        [functions.hello]
+        wasm = "{wasm:hello}"
+        rate_limit = { rps = 1, burst = 1 }
+        [functions.trap]
+        wasm = "{wasm:trap}"
+        [[routes]]
+        path = "/hello"
+        function = "hello"
+        [[routes]]
+        path = "/trap"
+        function = "trap"
+        "#,
+    );
+    let client = reqwest::Client::new();
+    status(&client, &s.url("/hello")).await;
+    status(&client, &s.url("/hello")).await;
+    status(&client, &s.url("/trap")).await;
+    let resp = client.get(s.url("/metrics")).send().await.expect("metrics");
+    assert!(resp.headers()["content-type"].to_str().expect("ascii").starts_with("text/plain"));
+    let text = resp.text().await.expect("text");
+    for needle in [
+        r#"wasmgate_requests_total{function="hello""#,
+        r#"outcome="ok"} 1"#,
+        r#"outcome="rate-limited"} 1"#,
+        r#"outcome="function-failed"} 1"#,
+        r#"wasmgate_request_duration_seconds_bucket{function="hello""#,
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn a_shared_rate_limit_holds_across_two_processes() {
+    let function = format!("shared-{}", unique_suffix());
+    let (rps, burst) = (20.0, 5.0);
+    let manifest = format!(
+        r#"
+        [functions.{function}]
+        wasm = "{{wasm:hello}}"
+        rate_limit = {{ rps = {rps}, burst = {burst}, shared = true }}
+        [[routes]]
+        path = "/hello"
+        function = "{function}"
+        "#
+    );
+    let redis = redis_url();
+    let a = Server::start_with_args(&manifest, &["--redis-url", &redis]);
+    let b = Server::start_with_args(&manifest, &["--redis-url", &redis]);
+    let accepted = Arc::new(AtomicU32::new(0));
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let duration = Duration::from_secs(4);
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let url = if i % 2 == 0 { a.url("/hello") } else { b.url("/hello") };
+        let (client, accepted) = (client.clone(), accepted.clone());
+        tasks.push(tokio::spawn(async move {
+            while started.elapsed() < duration {
+                if client.get(&url).send().await.expect("req").status() == 200 {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let expected = rps * elapsed + burst;
+    let got = f64::from(accepted.load(Ordering::Relaxed));
+    println!("accepted {got} in {elapsed:.2}s across two processes; configured allows {expected:.1}");
+    assert!((got - expected).abs() <= expected * 0.10, "accepted {got}, expected {expected:.1} ±10%");
+}
+
+#[tokio::test]
+async fn sighup_applies_new_limits_without_losing_in_flight_requests() {
+    let base = r#"
+        [functions.slow]
+        wasm = "{wasm:capprobe}"
+        capabilities = ["db", "cache", "lock"]
+        [functions.hello]
+        wasm = "{wasm:hello}"
+        [[routes]]
+        path = "/probe/lock/{name}"
+        function = "slow"
+        [[routes]]
+        path = "/hello"
+        function = "hello"
+        "#;
+    let s = Server::start(base);
+    let client = reqwest::Client::new();
+    let in_flight = {
+        let (client, url) = (client.clone(), s.url("/probe/lock/x?hold_ms=1500"));
+        tokio::spawn(async move { client.post(url).send().await.expect("in flight").status() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let limited = base.replace(
+        "[functions.hello]\n        wasm = \"{wasm:hello}\"",
+        "[functions.hello]\n        wasm = \"{wasm:hello}\"\n        rate_limit = { rps = 1, burst = 1 }",
+    );
+    assert_ne!(limited, base);
+    s.rewrite_manifest(&limited);
+    s.signal("HUP");
+    let started = Instant::now();
+    while !s.log().contains("reloaded manifest") {
+        assert!(started.elapsed() < Duration::from_secs(30), "no reload:\n{}", s.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status(&client, &s.url("/hello")).await, 200);
+    assert_eq!(status(&client, &s.url("/hello")).await, 429, "the new limit applies");
+    assert_eq!(in_flight.await.expect("task"), 200, "the in-flight request finished");
+
+    // A broken manifest is refused and the current one keeps serving.
+    s.rewrite_manifest("this is not toml [");
+    s.signal("HUP");
+    let started = Instant::now();
+    while !s.log().contains("reload refused") {
+        assert!(started.elapsed() < Duration::from_secs(30), "no refusal:\n{}", s.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(status(&client, &s.url("/hello")).await, 200);
+}
