@@ -90,6 +90,9 @@ pub struct FunctionConfig {
     pub capabilities: crate::capabilities::Grants,
     /// A folder of `NNNN_name.sql` files applied at start (needs the `db` capability).
     pub migrations: Option<PathBuf>,
+    /// Sequential requests one instance may serve (0, the default: a fresh instance each).
+    #[serde(default)]
+    pub instance_reuse: u32,
     /// Requests per second and burst; none by default.
     pub rate_limit: Option<RateLimitConfig>,
     /// Concurrency cap and bounded queue; always on, so no function can take every instance.

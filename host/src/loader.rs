@@ -121,6 +121,7 @@ pub async fn load(
             timeout: f.timeout,
             memory: f.memory,
             max_body: f.max_body,
+            instance_reuse: f.instance_reuse,
         };
         let caps = backends.configure(name);
         match runtime.load(name, &base.join(&f.wasm), limits, &f.capabilities, caps) {

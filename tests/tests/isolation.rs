@@ -9,7 +9,13 @@ use serde_json::Value;
 use wasmgate_tests::{Server, expect_problem, redis_url, unique_suffix};
 
 async fn status(client: &reqwest::Client, url: &str) -> u16 {
-    client.get(url).send().await.expect("request").status().as_u16()
+    client
+        .get(url)
+        .send()
+        .await
+        .expect("request")
+        .status()
+        .as_u16()
 }
 
 #[tokio::test]
@@ -90,8 +96,15 @@ async fn bulkhead_queues_briefly_then_sheds_with_503() {
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     let started = Instant::now();
-    let shed = client.post(s.url("/probe/lock/c")).send().await.expect("shed");
-    assert!(started.elapsed() < Duration::from_millis(150), "shed at once");
+    let shed = client
+        .post(s.url("/probe/lock/c"))
+        .send()
+        .await
+        .expect("shed");
+    assert!(
+        started.elapsed() < Duration::from_millis(150),
+        "shed at once"
+    );
     assert_eq!(shed.headers()["retry-after"], "1");
     expect_problem(shed, 503, "bulkhead-full").await;
     let (resp, waited) = queued.await.expect("task");
@@ -138,22 +151,49 @@ async fn a_saturated_function_does_not_take_down_its_neighbour() {
         };
         flood.push(tokio::spawn(async move {
             while Instant::now() < stop {
-                let _ = client.request(if url.contains("lock") { reqwest::Method::POST } else { reqwest::Method::GET }, &url).send().await;
+                let _ = client
+                    .request(
+                        if url.contains("lock") {
+                            reqwest::Method::POST
+                        } else {
+                            reqwest::Method::GET
+                        },
+                        &url,
+                    )
+                    .send()
+                    .await;
             }
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut answered = 0;
     while Instant::now() < stop {
-        assert_eq!(status(&client, &s.url("/hello")).await, 200, "the neighbour failed");
+        assert_eq!(
+            status(&client, &s.url("/hello")).await,
+            200,
+            "the neighbour failed"
+        );
         answered += 1;
     }
     for f in flood {
         f.await.expect("flood task");
     }
-    assert!(answered >= 5, "only {answered} neighbour requests completed");
-    let metrics = client.get(s.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
-    assert!(metrics.contains(r#"outcome="function-timeout""#), "spin timed out: {metrics}");
+    assert!(
+        answered >= 5,
+        "only {answered} neighbour requests completed"
+    );
+    let metrics = client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"outcome="function-timeout""#),
+        "spin timed out: {metrics}"
+    );
 }
 
 #[tokio::test]
@@ -169,9 +209,50 @@ async fn every_request_gets_a_fresh_instance() {
     );
     let client = reqwest::Client::new();
     for _ in 0..5 {
-        let body: Value = client.get(s.url("/count")).send().await.expect("req").json().await.expect("json");
+        let body: Value = client
+            .get(s.url("/count"))
+            .send()
+            .await
+            .expect("req")
+            .json()
+            .await
+            .expect("json");
         assert_eq!(body["seen"], 1, "state leaked between requests");
     }
+}
+
+#[tokio::test]
+async fn opted_in_reuse_serves_sequential_requests_and_a_trap_discards_the_instance() {
+    let s = Server::start(
+        r#"
+        [functions.stateful]
+        wasm = "{wasm:stateful}"
+        instance_reuse = 3
+        [[routes]]
+        path = "/count"
+        function = "stateful"
+        "#,
+    );
+    let client = reqwest::Client::new();
+    let seen = |q: &'static str| {
+        let client = client.clone();
+        let url = s.url(&format!("/count{q}"));
+        async move {
+            let resp = client.get(url).send().await.expect("req");
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.expect("json");
+            (status, body["seen"].as_u64())
+        }
+    };
+    // One instance serves three requests, then a fresh one takes over.
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(seen("").await.1);
+    }
+    assert_eq!(got, [Some(1), Some(2), Some(3), Some(1)]);
+    // A trap discards the instance: the next request starts from a fresh one.
+    assert_eq!(seen("?trap").await.0, 500);
+    assert_eq!(seen("").await.1, Some(1));
 }
 
 #[tokio::test]
@@ -196,7 +277,12 @@ async fn metrics_count_outcomes_per_function() {
     status(&client, &s.url("/hello")).await;
     status(&client, &s.url("/trap")).await;
     let resp = client.get(s.url("/metrics")).send().await.expect("metrics");
-    assert!(resp.headers()["content-type"].to_str().expect("ascii").starts_with("text/plain"));
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/plain")
+    );
     let text = resp.text().await.expect("text");
     for needle in [
         r#"wasmgate_requests_total{function="hello""#,
@@ -232,7 +318,11 @@ async fn a_shared_rate_limit_holds_across_two_processes() {
     let duration = Duration::from_secs(4);
     let mut tasks = Vec::new();
     for i in 0..8 {
-        let url = if i % 2 == 0 { a.url("/hello") } else { b.url("/hello") };
+        let url = if i % 2 == 0 {
+            a.url("/hello")
+        } else {
+            b.url("/hello")
+        };
         let (client, accepted) = (client.clone(), accepted.clone());
         tasks.push(tokio::spawn(async move {
             while started.elapsed() < duration {
@@ -248,8 +338,13 @@ async fn a_shared_rate_limit_holds_across_two_processes() {
     let elapsed = started.elapsed().as_secs_f64();
     let expected = rps * elapsed + burst;
     let got = f64::from(accepted.load(Ordering::Relaxed));
-    println!("accepted {got} in {elapsed:.2}s across two processes; configured allows {expected:.1}");
-    assert!((got - expected).abs() <= expected * 0.10, "accepted {got}, expected {expected:.1} ±10%");
+    println!(
+        "accepted {got} in {elapsed:.2}s across two processes; configured allows {expected:.1}"
+    );
+    assert!(
+        (got - expected).abs() <= expected * 0.10,
+        "accepted {got}, expected {expected:.1} ±10%"
+    );
 }
 
 #[tokio::test]
@@ -283,19 +378,35 @@ async fn sighup_applies_new_limits_without_losing_in_flight_requests() {
     s.signal("HUP");
     let started = Instant::now();
     while !s.log().contains("reloaded manifest") {
-        assert!(started.elapsed() < Duration::from_secs(30), "no reload:\n{}", s.log());
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no reload:\n{}",
+            s.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(status(&client, &s.url("/hello")).await, 200);
-    assert_eq!(status(&client, &s.url("/hello")).await, 429, "the new limit applies");
-    assert_eq!(in_flight.await.expect("task"), 200, "the in-flight request finished");
+    assert_eq!(
+        status(&client, &s.url("/hello")).await,
+        429,
+        "the new limit applies"
+    );
+    assert_eq!(
+        in_flight.await.expect("task"),
+        200,
+        "the in-flight request finished"
+    );
 
     // A broken manifest is refused and the current one keeps serving.
     s.rewrite_manifest("this is not toml [");
     s.signal("HUP");
     let started = Instant::now();
     while !s.log().contains("reload refused") {
-        assert!(started.elapsed() < Duration::from_secs(30), "no refusal:\n{}", s.log());
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no refusal:\n{}",
+            s.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(1100)).await;

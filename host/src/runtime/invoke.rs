@@ -12,6 +12,7 @@ use http_body::Body;
 use tokio::sync::oneshot;
 use wasmtime::{PoolConcurrencyLimitError, Store, UpdateDeadline};
 use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::Proxy;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
@@ -41,9 +42,66 @@ enum Stage {
     Call(wasmtime::Error),
 }
 
+/// An instance kept for reuse, with the store it lives in.
+pub(super) struct Warm {
+    store: Store<GuestState>,
+    proxy: Proxy,
+    /// Requests it has served.
+    uses: u32,
+}
+
 impl Function {
-    /// Runs `req` through a fresh instance of this function and returns its response, whose body
-    /// the guest may still be writing.
+    fn new_store(&self, deadline: Instant) -> Store<GuestState> {
+        let f = &self.inner;
+        let memory_cap = usize::try_from(f.limits.memory).unwrap_or(usize::MAX);
+        let mut store = Store::new(
+            f.pre.engine(),
+            GuestState::new(memory_cap, deadline, f.caps.instance()),
+        );
+        store.limiter(|s| s);
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            if Instant::now() >= state.deadline {
+                state.deadline_hit = true;
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                // Let other requests run on this worker, then check again next tick.
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        store
+    }
+
+    /// An idle instance, when this function opted in to reuse.
+    fn take_warm(&self) -> Option<Warm> {
+        if self.inner.limits.instance_reuse == 0 {
+            return None;
+        }
+        self.inner
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+    }
+
+    /// Keeps an instance for the next request unless it has served its share or enough are
+    /// idle already (each idle instance holds a pool slot).
+    fn put_warm(&self, warm: Warm) {
+        let f = &self.inner;
+        if warm.uses >= f.limits.instance_reuse {
+            return;
+        }
+        let mut idle = f
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if idle.len() < super::MAX_IDLE_INSTANCES {
+            idle.push(warm);
+        }
+    }
+
+    /// Runs `req` through an instance of this function (fresh, unless the function opted in to
+    /// reuse) and returns its response, whose body the guest may still be writing.
     pub async fn handle<B>(
         &self,
         req: hyper::Request<B>,
@@ -55,23 +113,15 @@ impl Function {
     {
         let f = &self.inner;
         let deadline = Instant::now() + f.limits.timeout;
-        let memory_cap = usize::try_from(f.limits.memory).unwrap_or(usize::MAX);
-        let mut store = Store::new(
-            f.pre.engine(),
-            GuestState::new(memory_cap, deadline, f.caps.instance()),
-        );
-        store.limiter(|s| s);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|mut ctx| {
-            let state = ctx.data_mut();
-            if Instant::now() >= state.deadline {
-                state.deadline_hit = true;
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                // Let other requests run on this worker, then check again next tick.
-                Ok(UpdateDeadline::Yield(1))
+        let (mut store, warm) = match self.take_warm() {
+            Some(w) => {
+                let mut store = w.store;
+                store.data_mut().reset(deadline, f.caps.instance());
+                (store, Some((w.proxy, w.uses)))
             }
-        });
+            None => (self.new_store(deadline), None),
+        };
+        store.set_epoch_deadline(1);
 
         let (tx, rx) = oneshot::channel();
         let (req, out) = {
@@ -92,19 +142,33 @@ impl Function {
         let this = self.clone();
         let id = request_id.clone();
         let task = tokio::spawn(async move {
+            let mut proxy = None;
+            let uses = warm.as_ref().map_or(0, |(_, n)| *n);
             let run = async {
-                let proxy = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(Stage::Instantiate)?;
-                proxy
-                    .wasi_http_incoming_handler()
+                let p = match warm {
+                    Some((p, _)) => p,
+                    None => pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(Stage::Instantiate)?,
+                };
+                let p = proxy.insert(p);
+                p.wasi_http_incoming_handler()
                     .call_handle(&mut store, req, out)
                     .await
                     .map_err(Stage::Call)
             };
             let result = tokio::time::timeout(timeout, run).await;
-            this.classify(result, store.data(), &id)
+            let outcome = this.classify(result, store.data(), &id);
+            // Only an instance that finished cleanly may serve again.
+            if let (Ok(()), Some(proxy)) = (&outcome, proxy) {
+                this.put_warm(Warm {
+                    store,
+                    proxy,
+                    uses: uses + 1,
+                });
+            }
+            outcome
         });
 
         match rx.await {

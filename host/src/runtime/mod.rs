@@ -58,7 +58,13 @@ pub struct Limits {
     pub timeout: Duration,
     pub memory: u64,
     pub max_body: u64,
+    /// 0: a fresh instance per request. N: an instance may serve up to N sequential requests
+    /// (faster, but state survives between them); a trap or timeout always discards it.
+    pub instance_reuse: u32,
 }
+
+/// Idle instances kept per function for reuse; each holds a pooling-allocator slot.
+const MAX_IDLE_INSTANCES: usize = 64;
 
 /// The engine, the linker every component is checked against, and the compiled-module cache.
 pub struct Runtime {
@@ -202,6 +208,7 @@ impl Runtime {
                 caps,
                 source,
                 load_time: started.elapsed(),
+                idle: Mutex::default(),
             }),
         })
     }
@@ -221,6 +228,7 @@ struct FunctionInner {
     caps: FunctionCaps,
     source: Source,
     load_time: Duration,
+    idle: Mutex<Vec<invoke::Warm>>,
 }
 
 impl Function {

@@ -59,6 +59,19 @@ impl GuestState {
     }
 }
 
+impl GuestState {
+    /// Readies a reused instance's state for its next request: new deadline, flags, stderr
+    /// and capability handles; the instance's own memory is what carries over.
+    pub fn reset(&mut self, deadline: Instant, caps: RequestCaps) {
+        self.stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
+        self.wasi = WasiCtx::builder().stderr(self.stderr.clone()).build();
+        self.caps = caps;
+        self.deadline = deadline;
+        self.deadline_hit = false;
+        self.memory_exceeded = false;
+    }
+}
+
 impl WasiView for GuestState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
