@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""wasmgate benchmark harness: every server on 127.0.0.1, driven by wrk, measured in one run.
+
+Prints one table (requests/s, p50, p99, errors, server RSS, ratios between rows) and writes
+bench/results/latest.json. `--quick` only proves the harness runs (short runs, few connections)
+and judges no numbers. Rows whose baseline binary is missing (wasmtime serve) or whose feature is
+not built yet are listed as skipped, with the reason.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/wasmgate/target"))
+TOOLS = Path.home() / ".cache/wasmgate/tools/bin"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ok(url, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except Exception:
+            time.sleep(0.002)
+    return False
+
+
+def rss_kib(pid):
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class Proc:
+    def __init__(self, args, env=None, log=None):
+        self.p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL, env=env)
+
+    def stop(self):
+        self.p.terminate()
+        try:
+            self.p.wait(5)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+def to_ms(value, unit):
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url, seconds, connections, script=None):
+    args = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    if script:
+        args[1:1] = ["-s", script]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
+    def parse(v):
+        m = re.match(r"([\d.]+)(us|ms|s)", v)
+        return to_ms(*m.groups())
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
+    return {"rps": rps, "p50_ms": parse(lat["50"]), "p99_ms": parse(lat["99"]), "errors": errors}
+
+
+def wasmtime_bin():
+    for candidate in [TOOLS / "wasmtime", shutil.which("wasmtime")]:
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="prove the harness runs; judge nothing")
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=64)
+    args = ap.parse_args()
+    seconds, conns = (2, 16) if args.quick else (args.seconds, args.connections)
+
+    subprocess.run([ROOT / "scripts/build-functions"], check=True)
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "wasmgate", "-p", "wasmgate-bench",
+                    "--bin", "wasmgate", "--bin", "axum-hello"], check=True, cwd=ROOT)
+    wasmgate = TARGET / "release/wasmgate"
+    hello = ROOT / "functions/dist/hello.wasm"
+    spin = ROOT / "functions/dist/spin.wasm"
+
+    work = Path(tempfile.mkdtemp(prefix="wasmgate-bench-"))
+    manifest = work / "wasmgate.toml"
+    manifest.write_text(f"""
+[server]
+max_instances = 1000
+[functions.hello]
+wasm = "{hello}"
+bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
+[functions.hello-reuse]
+wasm = "{hello}"
+instance_reuse = 100000
+bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
+[functions.spin]
+wasm = "{spin}"
+timeout = "100ms"
+bulkhead = {{ max_concurrency = 4, max_queue = 0 }}
+[[routes]]
+path = "/hello"
+function = "hello"
+[[routes]]
+path = "/reuse/hello"
+function = "hello-reuse"
+[[routes]]
+path = "/spin"
+function = "spin"
+""")
+    rows, skipped, startup = [], [], {}
+
+    def measure(name, url, pid, note=""):
+        r = wrk(url, seconds, conns)
+        r.update(name=name, rss_kib=rss_kib(pid), note=note)
+        rows.append(r)
+        print(f"  {name}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms", file=sys.stderr)
+        return r
+
+    # --- start-up: wasmgate up -> first 200, cold compile and warm cache ---
+    cache = work / "cache"
+    for label in ("cold", "cached"):
+        port = free_port()
+        log = open(work / f"startup-{label}.log", "w")
+        t0 = time.monotonic()
+        p = Proc([wasmgate, "up", "--manifest", manifest, "--listen", f"127.0.0.1:{port}",
+                  "--cache-dir", cache, "--database-url", f"sqlite://{work}/db.sqlite"], log=log)
+        ok = wait_ok(f"http://127.0.0.1:{port}/hello")
+        startup[f"wasmgate_up_to_first_200_ms_{label}"] = round((time.monotonic() - t0) * 1000, 1) if ok else None
+        p.stop()
+        loads = [float(x) for x in re.findall(r"function=hello .*?load_ms=([\d.]+)",
+                                              (work / f"startup-{label}.log").read_text())]
+        startup[f"component_load_ms_{label}"] = loads[0] if loads else None
+
+    wt = wasmtime_bin()
+    if wt:
+        port = free_port()
+        t0 = time.monotonic()
+        p = Proc([wt, "serve", "-Scli", "--addr", f"127.0.0.1:{port}", hello])
+        ok = wait_ok(f"http://127.0.0.1:{port}/")
+        p.stop()
+        port = free_port()
+        t0 = time.monotonic()
+        p = Proc([wt, "serve", "-Scli", "--addr", f"127.0.0.1:{port}", hello])
+        ok = wait_ok(f"http://127.0.0.1:{port}/")
+        startup["wasmtime_serve_to_first_200_ms_cached"] = round((time.monotonic() - t0) * 1000, 1) if ok else None
+        p.stop()
+
+    # --- throughput scenarios ---
+    print("measuring:", file=sys.stderr)
+    port = free_port()
+    gate = Proc([wasmgate, "up", "--manifest", manifest, "--listen", f"127.0.0.1:{port}",
+                 "--cache-dir", cache, "--database-url", f"sqlite://{work}/db.sqlite"])
+    assert wait_ok(f"http://127.0.0.1:{port}/hello"), "wasmgate did not start"
+    base = f"http://127.0.0.1:{port}"
+    fresh = measure("wasmgate hello (fresh instance)", f"{base}/hello", gate.p.pid)
+    reuse = measure("wasmgate hello (instance reuse)", f"{base}/reuse/hello", gate.p.pid)
+
+    # noisy neighbour: hello's p99 while a looping function is saturated
+    noise = subprocess.Popen(["wrk", "-t1", "-c8", f"-d{seconds + 2}s", f"{base}/spin"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    noisy = measure("wasmgate hello, spin saturated", f"{base}/hello", gate.p.pid)
+    noise.wait()
+    gate.stop()
+
+    aport = free_port()
+    axum = Proc([TARGET / "release/axum-hello", f"127.0.0.1:{aport}"])
+    assert wait_ok(f"http://127.0.0.1:{aport}/hello"), "axum-hello did not start"
+    native = measure("bare axum hello (native ceiling)", f"http://127.0.0.1:{aport}/hello", axum.p.pid)
+    axum.stop()
+
+    serve = serve_reuse = None
+    if wt:
+        for label, extra in (("default flags", []), ("--max-instance-reuse-count", ["--max-instance-reuse-count", "100000"])):
+            wport = free_port()
+            p = Proc([wt, "serve", "-Scli", *extra, "--addr", f"127.0.0.1:{wport}", hello])
+            if wait_ok(f"http://127.0.0.1:{wport}/"):
+                r = measure(f"wasmtime serve ({label})", f"http://127.0.0.1:{wport}/", p.p.pid)
+                if extra:
+                    serve_reuse = r
+                else:
+                    serve = r
+            else:
+                skipped.append(f"wasmtime serve ({label}): did not start (flag unsupported?)")
+            p.stop()
+    else:
+        skipped.append("wasmtime serve: not installed (cargo install wasmtime-cli --version 48.0.8 "
+                       "--root ~/.cache/wasmgate/tools)")
+    skipped.append("cached read: the response cache is not built yet (issue: caching and idempotency)")
+    skipped.append("user-management mix: the user functions are not built yet (issue: user management)")
+
+    ratio = lambda a, b: round(a / b, 2) if a and b else None
+    ratios = {
+        "fresh_vs_wasmtime_serve": ratio(fresh["rps"], serve and serve["rps"]),
+        "reuse_vs_wasmtime_serve_reuse": ratio(reuse["rps"], serve_reuse and serve_reuse["rps"]),
+        "fresh_vs_bare_axum": ratio(fresh["rps"], native["rps"]),
+        "reuse_vs_bare_axum": ratio(reuse["rps"], native["rps"]),
+        "noisy_p99_vs_alone": ratio(noisy["p99_ms"], fresh["p99_ms"]),
+        "startup_vs_wasmtime_serve": ratio(startup.get("wasmgate_up_to_first_200_ms_cached"),
+                                           startup.get("wasmtime_serve_to_first_200_ms_cached")),
+    }
+    result = {"quick": args.quick, "seconds": seconds, "connections": conns, "rows": rows,
+              "ratios": ratios, "startup": startup, "skipped": skipped,
+              "machine": {"cpus": os.cpu_count()}}
+    out = ROOT / "bench/results"
+    out.mkdir(exist_ok=True)
+    (out / ("quick.json" if args.quick else "latest.json")).write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\n{'scenario':40} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'RSS MiB':>8}")
+    for r in rows:
+        rss = f"{r['rss_kib'] / 1024:.0f}" if r["rss_kib"] else "-"
+        print(f"{r['name']:40} {r['rps']:>10.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>7} {rss:>8}")
+    print("\nratios:")
+    for k, v in ratios.items():
+        print(f"  {k:32} {v if v is not None else '- (baseline missing)'}")
+    print("start-up:")
+    for k, v in startup.items():
+        print(f"  {k:40} {v}")
+    for s in skipped:
+        print(f"skipped: {s}")
+    if args.quick:
+        print("\n--quick: the harness ran; numbers from a quick run are not judged.")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
