@@ -45,6 +45,14 @@ pub(crate) mod bindings {
 /// this long before it sees `unavailable`/`timeout`, never a hang.
 pub const BACKEND_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Whether a backend answers its ping within [`BACKEND_TIMEOUT`].
+async fn answers<E>(ping: impl Future<Output = Result<(), E>>) -> bool {
+    matches!(
+        tokio::time::timeout(BACKEND_TIMEOUT, ping).await,
+        Ok(Ok(()))
+    )
+}
+
 /// The WIT package prefix of capability imports.
 const PACKAGE: &str = "wasmgate:platform/";
 
