@@ -5,7 +5,6 @@
 //! The semaphore is the function's, shared by all its versions' stacks (tower's
 //! `ConcurrencyLimitLayer` would make a new one per stack).
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,11 +14,10 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use http_body::Frame;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::GuestRequest;
+use super::gate::Gate;
 use crate::config::BulkheadConfig;
 use crate::problem::Problem;
 use crate::request_id::RequestId;
@@ -67,75 +65,23 @@ impl Bulkhead {
     }
 }
 
-#[derive(Clone)]
-pub struct BulkheadLayer {
-    bulkhead: Arc<Bulkhead>,
-}
+impl Gate for Bulkhead {
+    type Pass = OwnedSemaphorePermit;
 
-impl BulkheadLayer {
-    pub fn new(bulkhead: Arc<Bulkhead>) -> Self {
-        Self { bulkhead }
-    }
-}
-
-impl<S> tower::Layer<S> for BulkheadLayer {
-    type Service = BulkheadService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        BulkheadService {
-            inner,
-            bulkhead: self.bulkhead.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct BulkheadService<S> {
-    inner: S,
-    bulkhead: Arc<Bulkhead>,
-}
-
-impl<S> tower::Service<GuestRequest> for BulkheadService<S>
-where
-    S: tower::Service<GuestRequest, Response = Response, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
+    async fn admit(&self, head: &http::request::Parts) -> Result<OwnedSemaphorePermit, Problem> {
+        self.enter().await.map_err(|shed| {
+            tracing::debug!(request_id = ?head.extensions.get::<RequestId>(), ?shed, "bulkhead shed a request");
+            Problem::BulkheadFull
+        })
     }
 
-    fn call(&mut self, req: GuestRequest) -> Self::Future {
-        let bulkhead = self.bulkhead.clone();
-        // The clone that was made ready is the one we call (tower's usual swap).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let permit = match bulkhead.enter().await {
-                Ok(p) => p,
-                Err(shed) => {
-                    let id = req
-                        .extensions()
-                        .get::<RequestId>()
-                        .cloned()
-                        .unwrap_or_default();
-                    tracing::debug!(%id, ?shed, "bulkhead shed a request");
-                    return Ok(Problem::BulkheadFull.into_response_with(&id));
-                }
-            };
-            let resp = inner.call(req).await?;
-            // The slot stays taken while the guest streams its body.
-            Ok(resp.map(|body| {
-                Body::new(Guarded {
-                    body,
-                    _permit: permit,
-                })
-            }))
+    /// The slot stays taken while the guest streams its body.
+    fn hold(permit: OwnedSemaphorePermit, resp: Response) -> Response {
+        resp.map(|body| {
+            Body::new(Guarded {
+                body,
+                _permit: permit,
+            })
         })
     }
 }

@@ -6,6 +6,7 @@
 //! - `rate_limit`: GCRA requests per second and burst, per function or per client key; local
 //!   (governor) or shared through Redis.
 //! - `bulkhead`: max concurrent executions plus a bounded queue with a max wait.
+//! - `gate`: the one tower layer both share: admit, or answer the policy's problem at once.
 //! - `invoke`: the innermost service: one request through the function.
 //!
 //! The deadline is not a layer here: the guest runs in its own task (it may stream its body
@@ -16,6 +17,7 @@
 //! in [`PolicyState`], shared by all stacks built for the same function and the same settings.
 
 pub mod bulkhead;
+mod gate;
 mod invoke;
 pub mod rate_limit;
 
@@ -83,10 +85,10 @@ impl PolicyState {
         let rate_limit = self
             .rate_limit
             .as_ref()
-            .map(|(_, l)| rate_limit::RateLimitLayer::new(l.clone()));
+            .map(|(_, l)| gate::GateLayer::new(l.clone()));
         let service = ServiceBuilder::new()
             .option_layer(rate_limit)
-            .layer(bulkhead::BulkheadLayer::new(self.bulkhead.1.clone()))
+            .layer(gate::GateLayer::new(self.bulkhead.1.clone()))
             .service(invoke::Invoke::new(function));
         BoxCloneSyncService::new(service)
     }

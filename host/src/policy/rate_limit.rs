@@ -5,25 +5,19 @@
 //! reached the limiter falls back to its local budget (logged once, counted in
 //! `wasmgate_rate_limit_fallback_total`), or refuses with 503 when configured to fail closed.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
-use axum::response::Response;
-use futures::future::BoxFuture;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use http::HeaderName;
 
-use super::GuestRequest;
+use super::gate::Gate;
 use crate::config::RateLimitConfig;
 use crate::problem::Problem;
-use crate::request_id::RequestId;
 
 /// Keyed budgets not touched for a while are dropped once there are this many, so a client
 /// cycling through keys cannot grow the host's memory without bound.
@@ -124,16 +118,16 @@ impl RateLimiter {
         }
     }
 
-    fn key_of(&self, req: &GuestRequest) -> Option<String> {
+    fn key_of(&self, head: &http::request::Parts) -> Option<String> {
         Some(match self.key.as_ref()? {
-            KeySource::Header(h) => req
-                .headers()
+            KeySource::Header(h) => head
+                .headers
                 .get(h)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string(),
-            KeySource::ClientIp => req
-                .extensions()
+            KeySource::ClientIp => head
+                .extensions
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|c| c.0.ip().to_string())
                 .unwrap_or_default(),
@@ -202,67 +196,15 @@ impl RateLimiter {
     }
 }
 
-#[derive(Clone)]
-pub struct RateLimitLayer {
-    limiter: Arc<RateLimiter>,
-}
+impl Gate for RateLimiter {
+    type Pass = ();
 
-impl RateLimitLayer {
-    pub fn new(limiter: Arc<RateLimiter>) -> Self {
-        Self { limiter }
-    }
-}
-
-impl<S> tower::Layer<S> for RateLimitLayer {
-    type Service = RateLimitService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        RateLimitService {
-            inner,
-            limiter: self.limiter.clone(),
+    async fn admit(&self, head: &http::request::Parts) -> Result<(), Problem> {
+        match self.check(self.key_of(head).as_deref()).await {
+            Verdict::Allow => Ok(()),
+            Verdict::Deny { retry_after } => Err(Problem::RateLimited { retry_after }),
+            Verdict::Unavailable => Err(Problem::RateLimitUnavailable),
         }
-    }
-}
-
-#[derive(Clone)]
-pub struct RateLimitService<S> {
-    inner: S,
-    limiter: Arc<RateLimiter>,
-}
-
-impl<S> tower::Service<GuestRequest> for RateLimitService<S>
-where
-    S: tower::Service<GuestRequest, Response = Response, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: GuestRequest) -> Self::Future {
-        let limiter = self.limiter.clone();
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let key = limiter.key_of(&req);
-            let problem = match limiter.check(key.as_deref()).await {
-                Verdict::Allow => return inner.call(req).await,
-                Verdict::Deny { retry_after } => Problem::RateLimited { retry_after },
-                Verdict::Unavailable => Problem::RateLimitUnavailable,
-            };
-            let id = req
-                .extensions()
-                .get::<RequestId>()
-                .cloned()
-                .unwrap_or_default();
-            Ok(problem.into_response_with(&id))
-        })
     }
 }
 
