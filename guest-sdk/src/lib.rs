@@ -39,7 +39,7 @@ pub type Result<T = Response<Body>, E = Problem> = std::result::Result<T, E>;
 /// An RFC 9457 problem a handler returns instead of a response.
 #[derive(Debug, Clone, Serialize)]
 pub struct Problem {
-    #[serde(skip)]
+    #[serde(serialize_with = "status_code")]
     status: StatusCode,
     r#type: String,
     title: String,
@@ -111,6 +111,13 @@ impl Problem {
         }
         resp
     }
+}
+
+fn status_code<S: serde::Serializer>(
+    s: &StatusCode,
+    ser: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    ser.serialize_u16(s.as_u16())
 }
 
 /// A JSON response.

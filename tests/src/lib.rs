@@ -322,3 +322,30 @@ pub async fn expect_guest_problem(
     );
     body
 }
+
+/// The user-management function with every v1 and v2 route, as the example manifest has it.
+pub fn users_manifest() -> String {
+    let mut m = format!(
+        r#"
+        [functions.users]
+        wasm = "{{wasm:users}}"
+        capabilities = ["db", "cache"]
+        migrations = "{}"
+        max_body = "64KiB"
+        "#,
+        repo().join("functions/users/migrations").display()
+    );
+    for (path, methods) in [
+        ("/v1/users", r#"["GET", "POST"]"#),
+        ("/v1/users/{id}", r#"["GET", "PATCH", "DELETE"]"#),
+        ("/v1/login", r#"["POST"]"#),
+        ("/v1/me", r#"["GET"]"#),
+        ("/v2/users", r#"["POST"]"#),
+        ("/v2/users/{id}", r#"["GET", "PATCH", "DELETE"]"#),
+    ] {
+        m.push_str(&format!(
+            "[[routes]]\npath = \"{path}\"\nmethods = {methods}\nfunction = \"users\"\n"
+        ));
+    }
+    m
+}

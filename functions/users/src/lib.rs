@@ -1,0 +1,37 @@
+//! User management: the workload wasmgate exists for.
+//!
+//! One function serves `/v1/...` (frozen contract, see tests/tests/users_v1.rs) and `/v2/...`
+//! (the evolving one: display name, updated_at, versions with ETag/If-Match). Storage goes
+//! through the `db` capability (SQL portable across SQLite and PostgreSQL), sessions through
+//! `cache`.
+//!
+//! Layout: `store` (the users table), `auth` (passwords and sessions), `v1` (the v1 routes and
+//! their exact shapes), `v2`.
+
+mod auth;
+mod store;
+mod v1;
+mod v2;
+
+use wasmgate_sdk::{Body, Problem, Request, Result, StatusCode};
+
+async fn handle(req: Request<Body>) -> Result {
+    let route = req
+        .headers()
+        .get("wasmgate-route")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    match route.as_str() {
+        r if r.starts_with("/v1/") => v1::handle(req, r).await,
+        r if r.starts_with("/v2/") => v2::handle(req, r).await,
+        _ => Err(Problem::not_found()),
+    }
+}
+
+/// A 400 naming what is wrong with the input.
+pub(crate) fn invalid(detail: impl Into<String>) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, "validation", "Invalid request").with_detail(detail)
+}
+
+wasmgate_sdk::export_http_function!(handle);

@@ -1,0 +1,167 @@
+//! `/v2`: the evolving contract over the same rows as v1: adds `display_name`, `updated_at` and
+//! a `version` (also the `ETag`); `PATCH` with `If-Match` refuses a stale version with 412, so
+//! two concurrent updates never silently overwrite each other.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use wasmgate_sdk::{
+    Body, HeaderValue, Method, Problem, Request, Response, Result, StatusCode, json, param,
+    read_json,
+};
+
+use crate::store::{self, User};
+use crate::v1::{check_email, check_name, check_password, not_found, rfc3339};
+use crate::{auth, invalid};
+
+#[derive(Serialize)]
+struct UserV2<'a> {
+    id: &'a str,
+    email: &'a str,
+    name: &'a str,
+    display_name: Option<&'a str>,
+    created_at: String,
+    updated_at: String,
+    version: i64,
+}
+
+fn shape(u: &User) -> UserV2<'_> {
+    UserV2 {
+        id: &u.id,
+        email: &u.email,
+        name: &u.name,
+        display_name: u.display_name.as_deref(),
+        created_at: rfc3339(u.created_at),
+        updated_at: rfc3339(u.updated_at),
+        version: u.version,
+    }
+}
+
+/// The user with its version as a strong ETag.
+fn respond(status: StatusCode, u: &User) -> Response<Body> {
+    let mut resp = json(status, &shape(u));
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", u.version)) {
+        resp.headers_mut().insert("etag", etag);
+    }
+    resp
+}
+
+/// `Some(Some(v))` for a value, `Some(None)` for an explicit null, `None` when absent.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> std::result::Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    email: String,
+    name: String,
+    password: String,
+    display_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchUser {
+    name: Option<String>,
+    email: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    display_name: Option<Option<String>>,
+}
+
+fn precondition_failed() -> Problem {
+    Problem::new(
+        StatusCode::PRECONDITION_FAILED,
+        "stale-version",
+        "The user changed since you read it",
+    )
+    .with_detail("GET it again and retry with its ETag in If-Match")
+}
+
+/// The version `If-Match` names: `None` without the header or for `*`.
+fn if_match(req: &Request<Body>) -> std::result::Result<Option<i64>, Problem> {
+    let Some(v) = req.headers().get("if-match") else {
+        return Ok(None);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| invalid("If-Match is not text"))?
+        .trim();
+    if v == "*" {
+        return Ok(None);
+    }
+    v.trim_start_matches("W/")
+        .trim_matches('"')
+        .parse()
+        .map(Some)
+        .map_err(|_| precondition_failed())
+}
+
+pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
+    let id = param(&req, "id").map(str::to_string);
+    match (req.method().clone(), route, id) {
+        (Method::POST, "/v2/users", _) => {
+            let new: NewUser = read_json(&mut req).await?;
+            check_email(&new.email)?;
+            check_name("name", &new.name)?;
+            check_password(&new.password)?;
+            if let Some(d) = &new.display_name {
+                check_name("display_name", d)?;
+            }
+            let hash = auth::hash_password(&new.password)?;
+            let user = store::insert(&new.email, &new.name, new.display_name.as_deref(), &hash)?;
+            let mut resp = respond(StatusCode::CREATED, &user);
+            if let Ok(v) = HeaderValue::from_str(&format!("/v2/users/{}", user.id)) {
+                resp.headers_mut().insert("location", v);
+            }
+            Ok(resp)
+        }
+        (Method::GET, "/v2/users/{id}", Some(id)) => {
+            let user = store::by_id(&id)?.ok_or_else(not_found)?;
+            Ok(respond(StatusCode::OK, &user))
+        }
+        (Method::PATCH, "/v2/users/{id}", Some(id)) => {
+            let expected = if_match(&req)?;
+            let patch: PatchUser = read_json(&mut req).await?;
+            if patch.name.is_none() && patch.email.is_none() && patch.display_name.is_none() {
+                return Err(invalid("give name, email and/or display_name"));
+            }
+            if let Some(e) = &patch.email {
+                check_email(e)?;
+            }
+            if let Some(n) = &patch.name {
+                check_name("name", n)?;
+            }
+            if let Some(Some(d)) = &patch.display_name {
+                check_name("display_name", d)?;
+            }
+            let display = patch.display_name.as_ref().map(Option::as_deref);
+            let changed = store::update(
+                &id,
+                patch.email.as_deref(),
+                patch.name.as_deref(),
+                display,
+                expected,
+            )?;
+            if changed == 0 {
+                // Absent, or present at another version than If-Match named.
+                return Err(if store::by_id(&id)?.is_some() {
+                    precondition_failed()
+                } else {
+                    not_found()
+                });
+            }
+            let user = store::by_id(&id)?.ok_or_else(not_found)?;
+            Ok(respond(StatusCode::OK, &user))
+        }
+        (Method::DELETE, "/v2/users/{id}", Some(id)) => {
+            if !store::delete(&id)? {
+                return Err(not_found());
+            }
+            let mut resp = Response::new(Body::empty());
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            Ok(resp)
+        }
+        _ => Err(Problem::not_found()),
+    }
+}
