@@ -69,11 +69,13 @@ def to_ms(value, unit):
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(url, seconds, connections, script=None):
+def wrk(url, seconds, connections):
     args = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url]
-    if script:
-        args[1:1] = ["-s", script]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return parse_wrk(out)
+
+
+def parse_wrk(out):
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
     def parse(v):
@@ -90,6 +92,60 @@ def wasmtime_bin():
         if candidate and Path(candidate).exists():
             return str(candidate)
     return None
+
+
+DUMMY_HASH = "$argon2id$v=19$m=19456,t=2,p=1$d2FzbWdhdGUtZHVtbXktc2FsdA$m8rcN9LEI3UXJ7P4MZKvRnFHznpmwP+nuCS4EIB5RB4"
+
+
+def users_mix(work, wasmgate, cache, seconds, conns, rows, skipped, n_users=10_000):
+    """90% GET / 8% PATCH / 2% POST over 10,000 seeded users, on PostgreSQL + Redis."""
+    base_url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
+    redis = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
+    name = f"wgbench_{os.getpid()}_{int(time.time())}"
+    if subprocess.run(["psql", base_url, "-qc", f"CREATE DATABASE {name}"], capture_output=True).returncode:
+        skipped.append(f"user-management mix: cannot create a database at {base_url}")
+        return
+    db = base_url.rsplit("/", 1)[0] + "/" + name
+    users = ROOT / "functions/dist/users.wasm"
+    manifest = work / "users.toml"
+    manifest.write_text(f"""
+[functions.users]
+wasm = "{users}"
+capabilities = ["db", "cache"]
+migrations = "{ROOT / 'functions/users/migrations'}"
+bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
+[[routes]]
+path = "/v1/users"
+methods = ["GET", "POST"]
+function = "users"
+[[routes]]
+path = "/v1/users/{{id}}"
+methods = ["GET", "PATCH", "DELETE"]
+function = "users"
+""")
+    port = free_port()
+    gate = Proc([wasmgate, "up", "--manifest", manifest, "--listen", f"127.0.0.1:{port}",
+                 "--cache-dir", cache, "--database-url", db, "--redis-url", redis])
+    try:
+        if not wait_ok(f"http://127.0.0.1:{port}/v1/users?limit=1"):
+            skipped.append("user-management mix: wasmgate did not start")
+            return
+        seed = (f"INSERT INTO users (id, email, email_lower, name, password_hash, version, created_at, updated_at) "
+                f"SELECT lpad(to_hex(g), 24, '0'), 'seed' || g || '@example.com', 'seed' || g || '@example.com', "
+                f"'Seed ' || g, '{DUMMY_HASH}', 1, now(), now() FROM generate_series(1, {n_users}) g")
+        subprocess.run(["psql", db, "-qc", seed], check=True, capture_output=True)
+        ids = work / "ids.txt"
+        ids.write_text("".join(f"{g:024x}\n" for g in range(1, n_users + 1)))
+        args = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", ROOT / "bench/users-mix.lua",
+                f"http://127.0.0.1:{port}", "--", ids]
+        out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+        r = parse_wrk(out)
+        r.update(name="user-management mix (PostgreSQL + Redis)", rss_kib=rss_kib(gate.p.pid), note="")
+        rows.append(r)
+        print(f"  {r['name']}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']}", file=sys.stderr)
+    finally:
+        gate.stop()
+        subprocess.run(["psql", base_url, "-qc", f"DROP DATABASE IF EXISTS {name}"], capture_output=True)
 
 
 def main():
@@ -213,7 +269,7 @@ function = "spin"
         skipped.append("wasmtime serve: not installed (cargo install wasmtime-cli --version 48.0.8 "
                        "--root ~/.cache/wasmgate/tools)")
     skipped.append("cached read: the response cache is not built yet (issue: caching and idempotency)")
-    skipped.append("user-management mix: the user functions are not built yet (issue: user management)")
+    users_mix(work, wasmgate, cache, seconds, conns, rows, skipped)
 
     ratio = lambda a, b: round(a / b, 2) if a and b else None
     ratios = {
@@ -222,6 +278,7 @@ function = "spin"
         "fresh_vs_bare_axum": ratio(fresh["rps"], native["rps"]),
         "reuse_vs_bare_axum": ratio(reuse["rps"], native["rps"]),
         "noisy_p99_vs_alone": ratio(noisy["p99_ms"], fresh["p99_ms"]),
+        "users_mix_rps_vs_10000_target": ratio(next((r["rps"] for r in rows if r["name"].startswith("user-management")), None), 10_000),
         "startup_vs_wasmtime_serve": ratio(startup.get("wasmgate_up_to_first_200_ms_cached"),
                                            startup.get("wasmtime_serve_to_first_200_ms_cached")),
     }
