@@ -65,6 +65,12 @@ pub struct Limits {
     pub instance_reuse: u32,
 }
 
+/// Freed instance slots are decommitted (madvise) in batches of this many. Decommitting one
+/// slot per request made TLB-shootdown IPIs the top of a `perf` profile of the fresh-instance
+/// path; batching them measured 4,100-4,500 -> 5,400-6,500 hello requests/s (wrk -c64, 2 cores).
+/// The cost is that up to this many freed slots stay committed a little longer.
+const DECOMMIT_BATCH: usize = 16;
+
 /// Idle instances kept per function for reuse; each holds a pooling-allocator slot.
 const MAX_IDLE_INSTANCES: usize = 64;
 
@@ -115,7 +121,8 @@ impl Runtime {
             .total_memories(opts.max_instances)
             .total_tables(opts.max_instances * 2)
             .total_stacks(opts.max_instances)
-            .max_memory_size(usize::try_from(opts.max_memory).unwrap_or(usize::MAX));
+            .max_memory_size(usize::try_from(opts.max_memory).unwrap_or(usize::MAX))
+            .decommit_batch_size(DECOMMIT_BATCH);
         let mut config = Config::new();
         config
             .wasm_component_model(true)
