@@ -169,10 +169,10 @@ pub async fn load(
         if let Err(p) = routes.add(
             &r.path,
             &methods,
-            VersionSet::single(Version {
-                function: function.clone(),
-                service: policy.stack(function.clone()),
-            }),
+            VersionSet::single(Version::new(
+                function.clone(),
+                policy.stack(function.clone()),
+            )),
             &r.label(i),
         ) {
             problems.push(p);

@@ -11,11 +11,40 @@ use axum::http::Method;
 use crate::policy::FunctionService;
 use crate::runtime::Function;
 
-/// One deployed version: the function and its policy stack, built once at load.
+/// One deployed version: the function, its policy stack and its metric handles, built once at
+/// load so the request path neither formats labels nor looks metrics up.
 #[derive(Clone)]
 pub struct Version {
     pub function: Function,
     pub service: FunctionService,
+    pub metrics: VersionMetrics,
+}
+
+#[derive(Clone)]
+pub struct VersionMetrics {
+    /// `function` and `version` label values (the version is the sha256's first 12 digits).
+    pub function: std::sync::Arc<str>,
+    pub version: std::sync::Arc<str>,
+    pub ok: metrics::Counter,
+    pub duration: metrics::Histogram,
+}
+
+impl Version {
+    pub fn new(function: Function, service: FunctionService) -> Self {
+        let name: std::sync::Arc<str> = function.name().into();
+        let version: std::sync::Arc<str> = function.sha256()[..12].into();
+        let metrics = VersionMetrics {
+            ok: metrics::counter!("wasmgate_requests_total", "function" => name.clone(), "version" => version.clone(), "outcome" => "ok"),
+            duration: metrics::histogram!("wasmgate_request_duration_seconds", "function" => name.clone(), "version" => version.clone()),
+            function: name,
+            version,
+        };
+        Self {
+            function,
+            service,
+            metrics,
+        }
+    }
 }
 
 impl std::fmt::Debug for Version {

@@ -130,10 +130,8 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
             params,
         } => (target.pick().clone(), pattern.to_string(), params),
     };
-    let function = version.function.name().to_string();
-    let version_label = version.function.sha256()[..12].to_string();
-
     let limit = version.function.limits().max_body;
+    let metrics = version.metrics;
     let resp = if declared_length(&req).is_some_and(|n| n > limit) {
         Problem::BodyTooLarge { limit }.into_response_with(&id)
     } else {
@@ -153,10 +151,14 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
         }
     };
 
-    let outcome = resp.extensions().get::<Outcome>().map_or("ok", |o| o.0);
-    metrics::counter!("wasmgate_requests_total", "function" => function.clone(), "version" => version_label.clone(), "outcome" => outcome).increment(1);
-    metrics::histogram!("wasmgate_request_duration_seconds", "function" => function, "version" => version_label)
-        .record(started.elapsed().as_secs_f64());
+    match resp.extensions().get::<Outcome>() {
+        None => metrics.ok.increment(1),
+        // Rejections are the rare path: only they build labels per request.
+        Some(Outcome(outcome)) => metrics::counter!("wasmgate_requests_total",
+            "function" => metrics.function.clone(), "version" => metrics.version.clone(), "outcome" => *outcome)
+        .increment(1),
+    }
+    metrics.duration.record(started.elapsed().as_secs_f64());
     resp
 }
 
