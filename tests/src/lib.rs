@@ -340,7 +340,7 @@ pub fn users_manifest() -> String {
         ("/v1/users/{id}", r#"["GET", "PATCH", "DELETE"]"#),
         ("/v1/login", r#"["POST"]"#),
         ("/v1/me", r#"["GET"]"#),
-        ("/v2/users", r#"["POST"]"#),
+        ("/v2/users", r#"["GET", "POST"]"#),
         ("/v2/users/{id}", r#"["GET", "PATCH", "DELETE"]"#),
     ] {
         m.push_str(&format!(

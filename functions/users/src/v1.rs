@@ -142,6 +142,33 @@ fn decode_cursor(cursor: &str) -> Option<(i64, String)> {
     Some((ts.parse().ok()?, id.to_string())).filter(|_| id_ok)
 }
 
+/// One page of users for `?limit=N&cursor=C` (shared by v1 and v2, which differ only in
+/// shape), and the cursor of the next page if there is one.
+pub fn page(req: &Request<Body>) -> std::result::Result<(Vec<User>, Option<String>), Problem> {
+    let limit = match query(req, "limit") {
+        None => DEFAULT_LIMIT,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| invalid("limit must be a positive integer"))?
+            .min(MAX_LIMIT),
+    };
+    let after = match query(req, "cursor") {
+        None => None,
+        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
+            Problem::new(StatusCode::BAD_REQUEST, "bad-cursor", "Invalid cursor")
+                .with_detail("use the next_cursor of a previous page")
+        })?),
+    };
+    // One more than asked tells whether another page follows.
+    let mut users = store::page(after, limit + 1)?;
+    let more = users.len() as i64 > limit;
+    users.truncate(limit as usize);
+    let next = more.then(|| users.last().map(encode_cursor)).flatten();
+    Ok((users, next))
+}
+
 pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
     let id = param(&req, "id").map(str::to_string);
     match (req.method().clone(), route, id) {
@@ -158,26 +185,7 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             ))
         }
         (Method::GET, "/v1/users", _) => {
-            let limit = match query(&req, "limit") {
-                None => DEFAULT_LIMIT,
-                Some(l) => l
-                    .parse::<i64>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| invalid("limit must be a positive integer"))?
-                    .min(MAX_LIMIT),
-            };
-            let after = match query(&req, "cursor") {
-                None => None,
-                Some(c) => Some(decode_cursor(c).ok_or_else(|| {
-                    Problem::new(StatusCode::BAD_REQUEST, "bad-cursor", "Invalid cursor")
-                        .with_detail("use the next_cursor of a previous page")
-                })?),
-            };
-            let mut users = store::page(after, limit + 1)?;
-            let more = users.len() as i64 > limit;
-            users.truncate(limit as usize);
-            let next = more.then(|| users.last().map(encode_cursor)).flatten();
+            let (users, next) = page(&req)?;
             let shaped: Vec<_> = users.iter().map(shape).collect();
             Ok(json(
                 StatusCode::OK,

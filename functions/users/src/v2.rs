@@ -9,7 +9,7 @@ use wasmgate_sdk::{
 };
 
 use crate::store::{self, User};
-use crate::v1::{check_email, check_name, check_password, not_found, rfc3339};
+use crate::v1::{check_email, check_name, check_password, not_found, page, rfc3339};
 use crate::{auth, invalid};
 
 #[derive(Serialize)]
@@ -115,6 +115,14 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
                 resp.headers_mut().insert("location", v);
             }
             Ok(resp)
+        }
+        (Method::GET, "/v2/users", _) => {
+            let (users, next) = page(&req)?;
+            let shaped: Vec<_> = users.iter().map(shape).collect();
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "users": shaped, "next_cursor": next }),
+            ))
         }
         (Method::GET, "/v2/users/{id}", Some(id)) => {
             let user = store::by_id(&id)?.ok_or_else(not_found)?;
