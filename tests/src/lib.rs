@@ -349,3 +349,30 @@ pub fn users_manifest() -> String {
     }
     m
 }
+
+/// GET `url` and its JSON body.
+pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    client
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("a JSON body")
+}
+
+/// GET `url` and its status code.
+pub async fn get_status(client: &reqwest::Client, url: &str) -> u16 {
+    client.get(url).send().await.expect("GET").status().as_u16()
+}
+
+/// Waits for every request task and returns their statuses, sorted.
+pub async fn sorted_statuses(tasks: Vec<tokio::task::JoinHandle<u16>>) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.expect("request task"));
+    }
+    statuses.sort_unstable();
+    statuses
+}

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use wasmgate_tests::{Server, check, fresh_postgres, redis_url};
+use wasmgate_tests::{Server, check, fresh_postgres, get_json, redis_url};
 
 fn notes_manifest(caps: &str) -> String {
     format!(
@@ -30,14 +30,7 @@ fn notes_manifest(caps: &str) -> String {
 
 async fn notes_roundtrip(s: &Server) {
     let client = reqwest::Client::new();
-    let before: Value = client
-        .get(s.url("/notes"))
-        .send()
-        .await
-        .expect("stats")
-        .json()
-        .await
-        .expect("json");
+    let before = get_json(&client, &s.url("/notes")).await;
     let mut fences = Vec::new();
     for text in ["first", "second; DROP TABLE notes; --"] {
         let resp = client
@@ -58,26 +51,12 @@ async fn notes_roundtrip(s: &Server) {
         );
         fences.push(created["fence"].as_i64().expect("fence"));
 
-        let got: Value = client
-            .get(s.url(&location))
-            .send()
-            .await
-            .expect("get")
-            .json()
-            .await
-            .expect("json");
+        let got = get_json(&client, &s.url(&location)).await;
         assert_eq!(got, created, "read back what was written");
         assert_eq!(got["text"], text);
     }
     assert!(fences[1] > fences[0], "fencing tokens increase: {fences:?}");
-    let after: Value = client
-        .get(s.url("/notes"))
-        .send()
-        .await
-        .expect("stats")
-        .json()
-        .await
-        .expect("json");
+    let after = get_json(&client, &s.url("/notes")).await;
     assert_eq!(
         after["created"].as_i64(),
         before["created"].as_i64().map(|n| n + 2)
@@ -212,23 +191,9 @@ async fn namespaces_are_private(s: &Server) {
         .await
         .expect("put");
     assert_eq!(put.status(), 200);
-    let a: Value = client
-        .get(s.url("/a/probe/cache/secret"))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let a = get_json(&client, &s.url("/a/probe/cache/secret")).await;
     assert_eq!(a["value"], "from-a");
-    let b: Value = client
-        .get(s.url("/b/probe/cache/secret"))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let b = get_json(&client, &s.url("/b/probe/cache/secret")).await;
     assert_eq!(b["value"], Value::Null, "b cannot read a's key");
 
     // a holds lock "L" for a while; b's "L" is a different lock, a's second request is busy.

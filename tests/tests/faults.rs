@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use wasmgate_tests::Server;
 use wasmgate_tests::servers::{PrivatePostgres, PrivateRedis};
+use wasmgate_tests::{Server, get_status};
 
 const MANIFEST: &str = r#"
 [functions.probe]
@@ -98,38 +98,14 @@ async fn redis_down_is_unavailable_and_recovers() {
     assert_unavailable_fast(&client, client.get(s.url("/probe/cache/k"))).await;
     assert_unavailable_fast(&client, client.post(s.url("/probe/lock/x?wait_ms=100"))).await;
     // Routes that do not need Redis keep serving.
-    assert_eq!(
-        client
-            .get(s.url("/hello"))
-            .send()
-            .await
-            .expect("hello")
-            .status(),
-        200
-    );
-    assert_eq!(
-        client
-            .get(s.url("/probe/db"))
-            .send()
-            .await
-            .expect("db")
-            .status(),
-        200
-    );
+    assert_eq!(get_status(&client, &s.url("/hello")).await, 200);
+    assert_eq!(get_status(&client, &s.url("/probe/db")).await, 200);
     let (status, body) = readyz(&s).await;
     assert_eq!(status, 503);
     assert_eq!(body["backends"]["cache"]["ready"], false, "{body}");
     assert_eq!(body["backends"]["lock"]["ready"], false, "{body}");
     assert_eq!(body["backends"]["db"]["ready"], true, "{body}");
-    assert_eq!(
-        client
-            .get(s.url("/healthz"))
-            .send()
-            .await
-            .expect("healthz")
-            .status(),
-        200
-    );
+    assert_eq!(get_status(&client, &s.url("/healthz")).await, 200);
 
     redis.resume();
     until_ok(&client, &s.url("/probe/cache/k"), reqwest::Method::GET).await;
@@ -147,38 +123,14 @@ async fn postgres_down_is_unavailable_and_recovers() {
     let pg = PrivatePostgres::start();
     let s = Server::start_with_args(MANIFEST, &["--database-url", &pg.url()]);
     let client = reqwest::Client::new();
-    assert_eq!(
-        client
-            .get(s.url("/probe/db"))
-            .send()
-            .await
-            .expect("db")
-            .status(),
-        200
-    );
+    assert_eq!(get_status(&client, &s.url("/probe/db")).await, 200);
 
     pg.stop();
     let resp = client.get(s.url("/probe/db")).send().await.expect("db");
     wasmgate_tests::expect_guest_problem(resp, 503, "backend-unavailable").await;
     assert_unavailable_fast(&client, client.get(s.url("/probe/db"))).await;
-    assert_eq!(
-        client
-            .get(s.url("/hello"))
-            .send()
-            .await
-            .expect("hello")
-            .status(),
-        200
-    );
-    assert_eq!(
-        client
-            .get(s.url("/probe/cache/k"))
-            .send()
-            .await
-            .expect("cache")
-            .status(),
-        200
-    );
+    assert_eq!(get_status(&client, &s.url("/hello")).await, 200);
+    assert_eq!(get_status(&client, &s.url("/probe/cache/k")).await, 200);
     let (status, body) = readyz(&s).await;
     assert_eq!(status, 503);
     assert_eq!(body["backends"]["db"]["ready"], false, "{body}");

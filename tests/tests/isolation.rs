@@ -6,17 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use wasmgate_tests::{Server, expect_problem, redis_url, unique_suffix};
-
-async fn status(client: &reqwest::Client, url: &str) -> u16 {
-    client
-        .get(url)
-        .send()
-        .await
-        .expect("request")
-        .status()
-        .as_u16()
-}
+use wasmgate_tests::{Server, expect_problem, get_json, get_status, redis_url, unique_suffix};
 
 #[tokio::test]
 async fn rate_limit_answers_429_with_retry_after_and_spares_other_functions() {
@@ -36,13 +26,13 @@ async fn rate_limit_answers_429_with_retry_after_and_spares_other_functions() {
         "#,
     );
     let client = reqwest::Client::new();
-    assert_eq!(status(&client, &s.url("/limited")).await, 200);
-    assert_eq!(status(&client, &s.url("/limited")).await, 200);
+    assert_eq!(get_status(&client, &s.url("/limited")).await, 200);
+    assert_eq!(get_status(&client, &s.url("/limited")).await, 200);
     let resp = client.get(s.url("/limited")).send().await.expect("request");
     assert_eq!(resp.headers()["retry-after"], "1");
     expect_problem(resp, 429, "rate-limited").await;
     for _ in 0..5 {
-        assert_eq!(status(&client, &s.url("/free")).await, 200);
+        assert_eq!(get_status(&client, &s.url("/free")).await, 200);
     }
 }
 
@@ -169,7 +159,7 @@ async fn a_saturated_function_does_not_take_down_its_neighbour() {
     let mut answered = 0;
     while Instant::now() < stop {
         assert_eq!(
-            status(&client, &s.url("/hello")).await,
+            get_status(&client, &s.url("/hello")).await,
             200,
             "the neighbour failed"
         );
@@ -209,14 +199,7 @@ async fn every_request_gets_a_fresh_instance() {
     );
     let client = reqwest::Client::new();
     for _ in 0..5 {
-        let body: Value = client
-            .get(s.url("/count"))
-            .send()
-            .await
-            .expect("req")
-            .json()
-            .await
-            .expect("json");
+        let body = get_json(&client, &s.url("/count")).await;
         assert_eq!(body["seen"], 1, "state leaked between requests");
     }
 }
@@ -273,9 +256,9 @@ async fn metrics_count_outcomes_per_function() {
         "#,
     );
     let client = reqwest::Client::new();
-    status(&client, &s.url("/hello")).await;
-    status(&client, &s.url("/hello")).await;
-    status(&client, &s.url("/trap")).await;
+    get_status(&client, &s.url("/hello")).await;
+    get_status(&client, &s.url("/hello")).await;
+    get_status(&client, &s.url("/trap")).await;
     let resp = client.get(s.url("/metrics")).send().await.expect("metrics");
     assert!(
         resp.headers()["content-type"]
@@ -326,7 +309,7 @@ async fn a_shared_rate_limit_holds_across_two_processes() {
         let (client, accepted) = (client.clone(), accepted.clone());
         tasks.push(tokio::spawn(async move {
             while started.elapsed() < duration {
-                if client.get(&url).send().await.expect("req").status() == 200 {
+                if get_status(&client, &url).await == 200 {
                     accepted.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -385,9 +368,9 @@ async fn sighup_applies_new_limits_without_losing_in_flight_requests() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(status(&client, &s.url("/hello")).await, 200);
+    assert_eq!(get_status(&client, &s.url("/hello")).await, 200);
     assert_eq!(
-        status(&client, &s.url("/hello")).await,
+        get_status(&client, &s.url("/hello")).await,
         429,
         "the new limit applies"
     );
@@ -410,5 +393,5 @@ async fn sighup_applies_new_limits_without_losing_in_flight_requests() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(status(&client, &s.url("/hello")).await, 200);
+    assert_eq!(get_status(&client, &s.url("/hello")).await, 200);
 }

@@ -2,7 +2,9 @@
 //! (ids and timestamps matched by shape). Runs on the embedded default and on PostgreSQL + Redis.
 
 use serde_json::{Value, json};
-use wasmgate_tests::{Server, fresh_postgres, redis_url, users_manifest};
+use wasmgate_tests::{
+    Server, fresh_postgres, get_json, redis_url, sorted_statuses, users_manifest,
+};
 
 fn embedded() -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tmp");
@@ -123,14 +125,7 @@ async fn contract(s: &Server) {
     assert_eq!(p["type"], "urn:wasmgate:problem:email-taken");
 
     // GET /v1/users/{id}
-    let got: Value = c
-        .get(url(&location))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let got = get_json(&c, &url(&location)).await;
     assert_eq!(got, body);
     problem(
         c.get(url("/v1/users/000000000000000000000000"))
@@ -186,14 +181,7 @@ async fn contract(s: &Server) {
             .await
             .expect("create");
     }
-    let page1: Value = c
-        .get(url("/v1/users?limit=2"))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let page1 = get_json(&c, &url("/v1/users?limit=2")).await;
     let mut keys: Vec<_> = page1.as_object().expect("object").keys().cloned().collect();
     keys.sort();
     assert_eq!(keys, ["next_cursor", "users"]);
@@ -201,14 +189,7 @@ async fn contract(s: &Server) {
     assert_eq!(page1["users"][0]["id"], id.as_str(), "oldest first");
     assert_eq!(page1["users"][1]["id"], other["id"]);
     let cursor = page1["next_cursor"].as_str().expect("a cursor");
-    let page2: Value = c
-        .get(url(&format!("/v1/users?limit=2&cursor={cursor}")))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let page2 = get_json(&c, &url(&format!("/v1/users?limit=2&cursor={cursor}"))).await;
     let names: Vec<_> = page2["users"]
         .as_array()
         .expect("array")
@@ -216,40 +197,23 @@ async fn contract(s: &Server) {
         .map(|u| u["name"].clone())
         .collect();
     assert_eq!(names, [json!("U0"), json!("U1")]);
-    let last: Value = c
-        .get(url(&format!(
+    let last = get_json(
+        &c,
+        &url(&format!(
             "/v1/users?limit=2&cursor={}",
             page2["next_cursor"].as_str().expect("cursor")
-        )))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+        )),
+    )
+    .await;
     assert_eq!(last["users"].as_array().expect("array").len(), 1);
     assert_eq!(last["next_cursor"], Value::Null);
-    let all: Value = c
-        .get(url("/v1/users"))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let all = get_json(&c, &url("/v1/users")).await;
     assert_eq!(
         all["users"].as_array().expect("array").len(),
         5,
         "default limit 20 holds all 5"
     );
-    let capped: Value = c
-        .get(url("/v1/users?limit=1000"))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let capped = get_json(&c, &url("/v1/users?limit=1000")).await;
     assert_eq!(capped["users"].as_array().expect("array").len(), 5);
     problem(
         c.get(url("/v1/users?cursor=zz"))
@@ -414,14 +378,7 @@ async fn bad_input_is_a_clear_400_never_a_500() {
         .await
         .expect("login");
     assert_eq!(login.status(), 200);
-    let page: Value = c
-        .get(s.url("/v1/users"))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let page = get_json(&c, &s.url("/v1/users")).await;
     assert_eq!(
         page["users"].as_array().expect("array").len(),
         1,
@@ -453,10 +410,6 @@ async fn parallel_creates_with_one_email_yield_exactly_one_201_on_postgres() {
             })
         })
         .collect();
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.expect("task"));
-    }
-    statuses.sort_unstable();
+    let statuses = sorted_statuses(tasks).await;
     assert_eq!(statuses, [201, 409, 409, 409, 409, 409, 409, 409]);
 }

@@ -1,7 +1,9 @@
 //! v2 beside v1 over the same data: display name, updated_at, versions with ETag / If-Match.
 
 use serde_json::{Value, json};
-use wasmgate_tests::{Server, fresh_postgres, redis_url, users_manifest};
+use wasmgate_tests::{
+    Server, fresh_postgres, get_json, get_status, redis_url, sorted_statuses, users_manifest,
+};
 
 async fn create_v2(c: &reqwest::Client, s: &Server, email: &str) -> (String, String, Value) {
     let resp = c
@@ -92,14 +94,7 @@ async fn v2_shape_etag_and_if_match() {
     let ok: Value = ok.json().await.expect("json");
     assert_eq!(ok["display_name"], Value::Null);
     // A v2 write is visible through v1.
-    let v1: Value = c
-        .get(s.url(&format!("/v1/users/{id}")))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let v1 = get_json(&c, &s.url(&format!("/v1/users/{id}"))).await;
     assert_eq!(v1["name"], "Lin Yu");
     assert_eq!(
         c.delete(s.url(&location))
@@ -109,10 +104,7 @@ async fn v2_shape_etag_and_if_match() {
             .status(),
         204
     );
-    assert_eq!(
-        c.get(s.url(&location)).send().await.expect("get").status(),
-        404
-    );
+    assert_eq!(get_status(&c, &s.url(&location)).await, 404);
 }
 
 #[tokio::test]
@@ -143,19 +135,8 @@ async fn parallel_patches_with_one_if_match_yield_exactly_one_200_on_postgres() 
             })
         })
         .collect();
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.expect("task"));
-    }
-    statuses.sort_unstable();
+    let statuses = sorted_statuses(tasks).await;
     assert_eq!(statuses, [200, 412, 412, 412, 412, 412, 412, 412]);
-    let now: Value = c
-        .get(s.url(&location))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let now = get_json(&c, &s.url(&location)).await;
     assert_eq!(now["version"], 2, "exactly one write applied");
 }
