@@ -140,15 +140,17 @@ pub struct Readiness {
 
 impl Backends {
     pub async fn connect(config: &BackendsConfig) -> Result<Self, config::ConnectError> {
+        // One multiplexed connection serves the cache, the locks and shared rate limits.
+        let redis = config
+            .redis_url
+            .as_deref()
+            .map(cache::redis_manager)
+            .transpose()?;
         Ok(Self {
             db: db::Db::connect(&config.database_url).await?,
-            cache: cache::Cache::connect(config.redis_url.as_deref())?,
-            lock: lock::Lock::connect(config.redis_url.as_deref())?,
-            redis: config
-                .redis_url
-                .as_deref()
-                .map(cache::redis_manager)
-                .transpose()?,
+            cache: cache::Cache::new(redis.clone()),
+            lock: lock::Lock::new(redis.clone()),
+            redis,
         })
     }
 

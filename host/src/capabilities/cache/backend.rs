@@ -173,10 +173,12 @@ pub fn redis_error(op: &str, e: &redis::RedisError) -> CacheError {
 }
 
 impl RedisCache {
+    pub fn new(conn: ConnectionManager) -> Self {
+        Self { conn }
+    }
+
     pub fn connect(url: &str) -> Result<Self, ConnectError> {
-        Ok(Self {
-            conn: redis_manager(url)?,
-        })
+        Ok(Self::new(redis_manager(url)?))
     }
 }
 

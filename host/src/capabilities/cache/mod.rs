@@ -12,7 +12,6 @@ use std::sync::Arc;
 use wasmtime::component::{HasData, Linker};
 
 use super::bindings::wasmgate::platform::cache as wit;
-use super::config::ConnectError;
 use crate::runtime::GuestState;
 
 pub use backend::{CacheBackend, MemoryCache, RedisCache, redis_manager};
@@ -30,12 +29,13 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub fn connect(redis_url: Option<&str>) -> Result<Self, ConnectError> {
-        let backend: Arc<dyn CacheBackend> = match redis_url {
-            Some(url) => Arc::new(RedisCache::connect(url)?),
+    /// On Redis when given a connection, in-process otherwise.
+    pub fn new(redis: Option<redis::aio::ConnectionManager>) -> Self {
+        let backend: Arc<dyn CacheBackend> = match redis {
+            Some(conn) => Arc::new(RedisCache::new(conn)),
             None => Arc::new(MemoryCache::new(backend::DEFAULT_MEMORY_CAPACITY)),
         };
-        Ok(Self { backend })
+        Self { backend }
     }
 
     pub fn kind(&self) -> &'static str {

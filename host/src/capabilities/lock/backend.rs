@@ -129,13 +129,17 @@ pub struct RedisLocks {
 }
 
 impl RedisLocks {
-    pub fn connect(url: &str) -> Result<Self, ConnectError> {
-        Ok(Self {
-            conn: crate::capabilities::cache::redis_manager(url)?,
+    pub fn new(conn: ConnectionManager) -> Self {
+        Self {
+            conn,
             acquire: redis::Script::new(ACQUIRE),
             renew: redis::Script::new(RENEW),
             release: redis::Script::new(RELEASE),
-        })
+        }
+    }
+
+    pub fn connect(url: &str) -> Result<Self, ConnectError> {
+        Ok(Self::new(crate::capabilities::cache::redis_manager(url)?))
     }
 }
 

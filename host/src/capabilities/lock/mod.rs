@@ -15,7 +15,6 @@ use std::time::Duration;
 use wasmtime::component::{HasData, Linker, ResourceTable};
 
 use super::bindings::wasmgate::platform::lock as wit;
-use super::config::ConnectError;
 use crate::runtime::GuestState;
 
 pub use backend::{LockBackend, MemoryLocks, RedisLocks};
@@ -34,12 +33,13 @@ pub struct Lock {
 }
 
 impl Lock {
-    pub fn connect(redis_url: Option<&str>) -> Result<Self, ConnectError> {
-        let backend: Arc<dyn LockBackend> = match redis_url {
-            Some(url) => Arc::new(RedisLocks::connect(url)?),
+    /// On Redis when given a connection, in-process otherwise.
+    pub fn new(redis: Option<redis::aio::ConnectionManager>) -> Self {
+        let backend: Arc<dyn LockBackend> = match redis {
+            Some(conn) => Arc::new(RedisLocks::new(conn)),
             None => Arc::new(MemoryLocks::default()),
         };
-        Ok(Self { backend })
+        Self { backend }
     }
 
     pub fn kind(&self) -> &'static str {
