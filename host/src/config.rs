@@ -166,6 +166,54 @@ pub struct RouteConfig {
     #[serde(default)]
     pub methods: Vec<String>,
     pub function: String,
+    /// Cache this route's GET (and HEAD) responses in the host.
+    pub cache: Option<RouteCacheConfig>,
+    /// Honour `Idempotency-Key` on this route's POST and PATCH requests.
+    pub idempotency: Option<IdempotencyConfig>,
+}
+
+/// 404s are cached this long at most: long enough to absorb a burst of lookups of a missing
+/// id, short enough that a create is soon visible even without a purge.
+pub const DEFAULT_NOT_FOUND_TTL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheConfig {
+    /// How long a response is served from the cache; the guest's `max-age` may shorten it.
+    #[serde(deserialize_with = "human_duration")]
+    pub ttl: Duration,
+    /// Request headers whose values select different entries (e.g. `["accept-language"]`).
+    #[serde(default)]
+    pub vary: Vec<String>,
+    /// How long a 404 is cached (at most `ttl`); "0s" caches none.
+    #[serde(default = "default_not_found_ttl", deserialize_with = "human_duration")]
+    pub not_found_ttl: Duration,
+}
+
+/// A stored response is replayed for this long by default (the IETF draft's suggestion).
+pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// How long a key and its response are kept.
+    #[serde(default = "default_idempotency_ttl", deserialize_with = "human_duration")]
+    pub ttl: Duration,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            ttl: DEFAULT_IDEMPOTENCY_TTL,
+        }
+    }
+}
+
+fn default_not_found_ttl() -> Duration {
+    DEFAULT_NOT_FOUND_TTL
+}
+fn default_idempotency_ttl() -> Duration {
+    DEFAULT_IDEMPOTENCY_TTL
 }
 
 impl RouteConfig {
@@ -312,6 +360,44 @@ impl Manifest {
                     ));
                 }
             }
+            let has = |wanted: &[&str]| {
+                r.methods.is_empty()
+                    || r
+                        .methods
+                        .iter()
+                        .any(|m| wanted.contains(&m.to_ascii_uppercase().as_str()))
+            };
+            if let Some(c) = &r.cache {
+                if !has(&["GET", "HEAD"]) {
+                    problems.push(format!(
+                        "{label}: `cache` applies to GET and HEAD, which this route does not answer; remove it or add \"GET\""
+                    ));
+                }
+                if c.ttl.is_zero() {
+                    problems.push(format!(
+                        "{label}: cache.ttl is 0; set a duration such as \"30s\" or remove `cache`"
+                    ));
+                }
+                for h in &c.vary {
+                    if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                        problems.push(format!(
+                            "{label}: cache.vary `{h}` is not a header name"
+                        ));
+                    }
+                }
+            }
+            if let Some(i) = &r.idempotency {
+                if !has(&["POST", "PATCH"]) {
+                    problems.push(format!(
+                        "{label}: `idempotency` applies to POST and PATCH, which this route does not answer; remove it or add \"POST\""
+                    ));
+                }
+                if i.ttl.is_zero() {
+                    problems.push(format!(
+                        "{label}: idempotency.ttl is 0; set a duration such as \"24h\" or remove it"
+                    ));
+                }
+            }
         }
         problems
     }
@@ -412,6 +498,46 @@ mod tests {
         )
         .expect_err("bad duration");
         assert!(err.contains("soon") && err.contains("5s"), "{err}");
+    }
+
+    #[test]
+    fn route_policies_parse_and_are_checked() {
+        let m = parse(
+            r#"
+            [functions.users]
+            wasm = "users.wasm"
+            [[routes]]
+            path = "/users/{id}"
+            methods = ["GET", "PATCH"]
+            function = "users"
+            cache = { ttl = "30s", vary = ["accept"] }
+            idempotency = {}
+            [[routes]]
+            path = "/users"
+            methods = ["POST"]
+            function = "users"
+            cache = { ttl = "0s", vary = ["bad header"] }
+            [[routes]]
+            path = "/ping"
+            methods = ["GET"]
+            function = "users"
+            idempotency = { ttl = "1h" }
+            "#,
+        );
+        let c = m.routes[0].cache.as_ref().expect("cache");
+        assert_eq!(c.ttl, Duration::from_secs(30));
+        assert_eq!(c.not_found_ttl, DEFAULT_NOT_FOUND_TTL);
+        assert_eq!(c.vary, vec!["accept"]);
+        assert_eq!(
+            m.routes[0].idempotency.as_ref().expect("idempotency").ttl,
+            DEFAULT_IDEMPOTENCY_TTL
+        );
+        let all = m.validate().join("\n");
+        assert!(all.contains("routes[1] (POST /users): `cache` applies to GET"), "{all}");
+        assert!(all.contains("cache.ttl is 0"), "{all}");
+        assert!(all.contains("`bad header` is not a header name"), "{all}");
+        assert!(all.contains("routes[2] (GET /ping): `idempotency` applies to POST"), "{all}");
+        assert_eq!(m.validate().len(), 4, "{all}");
     }
 
     #[test]

@@ -21,10 +21,13 @@
 pub mod body_limit;
 pub mod capabilities;
 pub mod config;
+pub mod idempotency;
 pub mod loader;
 pub mod policy;
 pub mod problem;
 pub mod request_id;
+pub mod response_cache;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod snapshot;

@@ -15,7 +15,7 @@ use axum::http::Method;
 use crate::capabilities::db::migrations;
 use crate::capabilities::{Backends, BackendsConfig};
 use crate::config::{Manifest, ManifestError};
-use crate::policy::PolicyState;
+use crate::policy::{CachePolicy, IdempotencyPolicy, PolicyState, RoutePolicies};
 use crate::router::{RouteTable, Version, VersionSet};
 use crate::runtime::{Function, Limits, Runtime, RuntimeOptions, Source};
 
@@ -152,6 +152,19 @@ pub async fn load(
         }
     }
 
+    // The idempotency table is created only when a route uses it.
+    let idempotency_store = if manifest.routes.iter().any(|r| r.idempotency.is_some()) {
+        match crate::idempotency::Store::open(backends.db.backend().clone()).await {
+            Ok(store) => Some(store),
+            Err(e) => {
+                problems.push(format!("idempotency store: {e}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+
     let mut routes = RouteTable::default();
     for (i, r) in manifest.routes.iter().enumerate() {
         // Unknown functions were reported by validation; a function that failed to load was
@@ -160,6 +173,27 @@ pub async fn load(
             (functions.get(&r.function), policies.get(&r.function))
         else {
             continue;
+        };
+        let route_policies = RoutePolicies {
+            idempotency: r
+                .idempotency
+                .as_ref()
+                .zip(idempotency_store.clone())
+                .map(|(cfg, store)| {
+                    Arc::new(IdempotencyPolicy::new(
+                        store,
+                        &r.path,
+                        cfg.ttl,
+                        function.limits().timeout,
+                    ))
+                }),
+            cache: r.cache.as_ref().map(|cfg| {
+                Arc::new(CachePolicy::new(
+                    backends.response_cache.clone(),
+                    &r.function,
+                    cfg,
+                ))
+            }),
         };
         let methods: Vec<Method> = r
             .methods
@@ -171,7 +205,7 @@ pub async fn load(
             &methods,
             VersionSet::single(Version::new(
                 function.clone(),
-                policy.stack(function.clone()),
+                policy.stack(function.clone(), &route_policies),
             )),
             &r.label(i),
         ) {

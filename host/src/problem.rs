@@ -23,6 +23,10 @@ pub enum Problem {
     RateLimited { retry_after: std::time::Duration },
     RateLimitUnavailable,
     BulkheadFull,
+    IdempotencyKeyInvalid { detail: String },
+    IdempotencyKeyReused,
+    IdempotencyKeyInFlight,
+    IdempotencyUnavailable,
     Internal,
 }
 
@@ -46,6 +50,10 @@ impl Problem {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Problem::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Problem::IdempotencyKeyInvalid { .. } => StatusCode::BAD_REQUEST,
+            Problem::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Problem::IdempotencyKeyInFlight => StatusCode::CONFLICT,
+            Problem::IdempotencyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -63,6 +71,10 @@ impl Problem {
             Problem::RateLimited { .. } => "rate-limited",
             Problem::RateLimitUnavailable => "rate-limit-unavailable",
             Problem::BulkheadFull => "bulkhead-full",
+            Problem::IdempotencyKeyInvalid { .. } => "idempotency-key-invalid",
+            Problem::IdempotencyKeyReused => "idempotency-key-reused",
+            Problem::IdempotencyKeyInFlight => "idempotency-key-in-flight",
+            Problem::IdempotencyUnavailable => "idempotency-unavailable",
             Problem::Internal => "internal",
         }
     }
@@ -80,6 +92,10 @@ impl Problem {
             Problem::RateLimited { .. } => "Too many requests for this function",
             Problem::RateLimitUnavailable => "The function's shared rate limit cannot be checked",
             Problem::BulkheadFull => "The function is at its concurrency limit",
+            Problem::IdempotencyKeyInvalid { .. } => "Invalid Idempotency-Key",
+            Problem::IdempotencyKeyReused => "Idempotency-Key already used for another request",
+            Problem::IdempotencyKeyInFlight => "A request with this Idempotency-Key is in progress",
+            Problem::IdempotencyUnavailable => "Idempotency-Key cannot be checked right now",
             Problem::Internal => "Internal error",
         }
     }
@@ -89,6 +105,13 @@ impl Problem {
             Problem::MethodNotAllowed { allow } => Some(format!("allowed methods: {allow}")),
             Problem::BodyTooLarge { limit } => {
                 Some(format!("this function accepts bodies up to {limit} bytes"))
+            }
+            Problem::IdempotencyKeyInvalid { detail } => Some(detail.clone()),
+            Problem::IdempotencyKeyReused => Some(
+                "a key may be retried only with the same method, path and body; use a new key for a new request".into(),
+            ),
+            Problem::IdempotencyKeyInFlight => {
+                Some("retry after the first request has finished".into())
             }
             _ => None,
         }
@@ -116,7 +139,11 @@ impl Problem {
             headers.insert(header::ALLOW, v);
         }
         match &self {
-            Problem::Overloaded | Problem::BulkheadFull | Problem::RateLimitUnavailable => {
+            Problem::Overloaded
+            | Problem::BulkheadFull
+            | Problem::RateLimitUnavailable
+            | Problem::IdempotencyKeyInFlight
+            | Problem::IdempotencyUnavailable => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Problem::RateLimited { retry_after } => {

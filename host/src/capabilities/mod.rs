@@ -14,6 +14,7 @@ pub mod cache;
 pub mod config;
 pub mod db;
 pub mod lock;
+pub mod response_cache;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -46,7 +47,7 @@ pub(crate) mod bindings {
 pub const BACKEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Whether a backend answers its ping within [`BACKEND_TIMEOUT`].
-async fn answers<E>(ping: impl Future<Output = Result<(), E>>) -> bool {
+pub(crate) async fn answers<E>(ping: impl Future<Output = Result<(), E>>) -> bool {
     matches!(
         tokio::time::timeout(BACKEND_TIMEOUT, ping).await,
         Ok(Ok(()))
@@ -58,21 +59,28 @@ const PACKAGE: &str = "wasmgate:platform/";
 
 /// A capability named in a function's `capabilities = [...]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Capability {
     Db,
     Cache,
     Lock,
+    ResponseCache,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 3] = [Capability::Db, Capability::Cache, Capability::Lock];
+    pub const ALL: [Capability; 4] = [
+        Capability::Db,
+        Capability::Cache,
+        Capability::Lock,
+        Capability::ResponseCache,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Capability::Db => "db",
             Capability::Cache => "cache",
             Capability::Lock => "lock",
+            Capability::ResponseCache => "response-cache",
         }
     }
 }
@@ -88,6 +96,7 @@ pub fn link(linker: &mut Linker<GuestState>, grants: &Grants) -> wasmtime::Resul
             Capability::Db => db::link(linker)?,
             Capability::Cache => cache::link(linker)?,
             Capability::Lock => lock::link(linker)?,
+            Capability::ResponseCache => response_cache::link(linker)?,
         }
     }
     Ok(())
@@ -112,7 +121,7 @@ pub fn check_grants(engine: &Engine, component: &Component, grants: &Grants) -> 
             }
             None => {
                 return Err(format!(
-                    "it imports `{name}`, which wasmgate does not provide; the capabilities are db, cache and lock"
+                    "it imports `{name}`, which wasmgate does not provide; the capabilities are db, cache, lock and response-cache"
                 ));
             }
         }
@@ -126,6 +135,8 @@ pub struct Backends {
     pub db: db::Db,
     pub cache: cache::Cache,
     pub lock: lock::Lock,
+    /// The host's response cache; functions reach it only to purge.
+    pub response_cache: crate::response_cache::ResponseCache,
     /// For host features that share state across processes (shared rate limits).
     pub redis: Option<redis::aio::ConnectionManager>,
 }
@@ -140,16 +151,25 @@ pub struct Readiness {
 
 impl Backends {
     pub async fn connect(config: &BackendsConfig) -> Result<Self, config::ConnectError> {
-        // One multiplexed connection serves the cache, the locks and shared rate limits.
+        // One multiplexed connection serves the cache, the locks, shared rate limits and the
+        // response cache's shared tier; its purge subscription needs a connection of its own.
         let redis = config
             .redis_url
             .as_deref()
             .map(cache::redis_manager)
             .transpose()?;
+        let response_cache = match (&redis, config.redis_url.as_deref()) {
+            (Some(conn), Some(url)) => crate::response_cache::ResponseCache::with_redis(
+                cache::redis_client(url)?,
+                conn.clone(),
+            ),
+            _ => crate::response_cache::ResponseCache::in_memory(),
+        };
         Ok(Self {
             db: db::Db::connect(&config.database_url).await?,
             cache: cache::Cache::new(redis.clone()),
             lock: lock::Lock::new(redis.clone()),
+            response_cache,
             redis,
         })
     }
@@ -160,12 +180,20 @@ impl Backends {
             db: self.db.configure(function),
             cache: self.cache.configure(function),
             lock: self.lock.configure(function),
+            response_cache: response_cache::FunctionResponseCache::new(
+                self.response_cache.clone(),
+                function,
+            ),
         }
     }
 
     pub async fn readiness(&self) -> Vec<Readiness> {
-        let (db, cache, lock) =
-            tokio::join!(self.db.ready(), self.cache.ready(), self.lock.ready());
+        let (db, cache, lock, response_cache) = tokio::join!(
+            self.db.ready(),
+            self.cache.ready(),
+            self.lock.ready(),
+            self.response_cache.ping()
+        );
         vec![
             Readiness {
                 name: "db",
@@ -182,6 +210,11 @@ impl Backends {
                 kind: self.lock.kind(),
                 ready: lock,
             },
+            Readiness {
+                name: "response-cache",
+                kind: self.response_cache.kind(),
+                ready: response_cache,
+            },
         ]
     }
 }
@@ -192,6 +225,7 @@ pub struct FunctionCaps {
     db: db::FunctionDb,
     cache: cache::FunctionCache,
     lock: lock::FunctionLock,
+    response_cache: response_cache::FunctionResponseCache,
 }
 
 impl FunctionCaps {
@@ -201,6 +235,7 @@ impl FunctionCaps {
             db: self.db.instance(),
             cache: self.cache.instance(),
             lock: self.lock.instance(),
+            response_cache: self.response_cache.instance(),
         }
     }
 }
@@ -210,4 +245,5 @@ pub struct RequestCaps {
     pub db: db::RequestDb,
     pub cache: cache::RequestCache,
     pub lock: lock::RequestLock,
+    pub response_cache: response_cache::RequestResponseCache,
 }

@@ -9,6 +9,8 @@ use axum::response::Response;
 use futures::future::BoxFuture;
 
 use super::GuestRequest;
+use super::response_cache::CacheTags;
+use crate::capabilities::response_cache::TAG_HEADER;
 use crate::problem::Problem;
 use crate::request_id::RequestId;
 use crate::runtime::{Failure, Function};
@@ -45,6 +47,10 @@ impl tower::Service<GuestRequest> for Invoke {
                 Ok(resp) => {
                     let mut resp = resp.map(Body::new);
                     id.stamp(resp.headers_mut());
+                    // Tags are for the response cache, never for the client.
+                    if let Some(tags) = resp.headers_mut().remove(TAG_HEADER) {
+                        resp.extensions_mut().insert(CacheTags(tags));
+                    }
                     resp
                 }
                 Err(failure) => problem_for(failure).into_response_with(&id),

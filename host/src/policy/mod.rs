@@ -6,8 +6,14 @@
 //! - `rate_limit`: GCRA requests per second and burst, per function or per client key; local
 //!   (governor) or shared through Redis.
 //! - `bulkhead`: max concurrent executions plus a bounded queue with a max wait.
-//! - `gate`: the one tower layer both share: admit, or answer the policy's problem at once.
+//! - `idempotency`: `Idempotency-Key` on POST/PATCH routes that opt in (store in `crate::idempotency`).
+//! - `response_cache`: GET/HEAD responses of routes that opt in (storage in `crate::response_cache`).
+//! - `gate`: the one tower layer rate limit and bulkhead share: admit, or answer the policy's
+//!   problem at once.
 //! - `invoke`: the innermost service: one request through the function.
+//!
+//! Order, outermost first: rate limit, idempotency, response cache, bulkhead, invoke. A cache
+//! hit or a replay costs no bulkhead slot; a rate-limited request never touches the stores.
 //!
 //! The deadline is not a layer here: the guest runs in its own task (it may stream its body
 //! after answering), so the deadline lives with the store, in `runtime::invoke`, where it can
@@ -18,8 +24,10 @@
 
 pub mod bulkhead;
 mod gate;
+pub mod idempotency;
 mod invoke;
 pub mod rate_limit;
+pub mod response_cache;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -33,7 +41,16 @@ use crate::config::{BulkheadConfig, RateLimitConfig};
 use crate::runtime::Function;
 
 pub use bulkhead::Bulkhead;
+pub use idempotency::IdempotencyPolicy;
 pub use rate_limit::RateLimiter;
+pub use response_cache::CachePolicy;
+
+/// The policies a route adds to its function's.
+#[derive(Default, Clone)]
+pub struct RoutePolicies {
+    pub idempotency: Option<Arc<IdempotencyPolicy>>,
+    pub cache: Option<Arc<CachePolicy>>,
+}
 
 /// A request on its way to a function: body already capped, request id in the extensions.
 pub type GuestRequest = http::Request<LimitedBody>;
@@ -79,15 +96,22 @@ impl PolicyState {
         }
     }
 
-    /// Builds the stack for one version of the function. Order, outermost first: rate limit,
-    /// bulkhead, invoke.
-    pub fn stack(&self, function: Function) -> FunctionService {
+    /// Builds the stack for one version of the function on one route. Order, outermost first:
+    /// rate limit, idempotency, response cache, bulkhead, invoke.
+    pub fn stack(&self, function: Function, route: &RoutePolicies) -> FunctionService {
         let rate_limit = self
             .rate_limit
             .as_ref()
             .map(|(_, l)| gate::GateLayer::new(l.clone()));
         let service = ServiceBuilder::new()
             .option_layer(rate_limit)
+            .option_layer(
+                route
+                    .idempotency
+                    .clone()
+                    .map(idempotency::IdempotencyLayer::new),
+            )
+            .option_layer(route.cache.clone().map(response_cache::ResponseCacheLayer::new))
             .layer(gate::GateLayer::new(self.bulkhead.1.clone()))
             .service(invoke::Invoke::new(function));
         BoxCloneSyncService::new(service)

@@ -145,6 +145,14 @@ pub struct RedisCache {
     conn: ConnectionManager,
 }
 
+/// A client for `url`, for connections a manager cannot multiplex (pub/sub).
+pub fn redis_client(url: &str) -> Result<redis::Client, ConnectError> {
+    redis::Client::open(url).map_err(|e| ConnectError::RedisUrl {
+        url: crate::capabilities::config::redact(url),
+        reason: e.to_string(),
+    })
+}
+
 /// A ConnectionManager that fails fast while Redis is down and reconnects on its own when it
 /// returns.
 pub fn redis_manager(url: &str) -> Result<ConnectionManager, ConnectError> {
@@ -152,7 +160,7 @@ pub fn redis_manager(url: &str) -> Result<ConnectionManager, ConnectError> {
         url: crate::capabilities::config::redact(url),
         reason: e.to_string(),
     };
-    let client = redis::Client::open(url).map_err(bad)?;
+    let client = redis_client(url)?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(500)))
         .set_response_timeout(Some(Duration::from_secs(1)))

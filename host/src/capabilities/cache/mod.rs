@@ -14,7 +14,7 @@ use wasmtime::component::{HasData, Linker};
 use super::bindings::wasmgate::platform::cache as wit;
 use crate::runtime::GuestState;
 
-pub use backend::{CacheBackend, MemoryCache, RedisCache, redis_manager};
+pub use backend::{CacheBackend, MemoryCache, RedisCache, redis_client, redis_manager};
 pub use wit::Error as CacheError;
 
 /// Largest key a guest may use, in bytes.

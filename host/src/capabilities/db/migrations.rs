@@ -42,6 +42,17 @@ pub enum MigrationError {
     Unavailable(String),
 }
 
+impl Migration {
+    pub fn new(name: impl Into<String>, sql: impl Into<String>) -> Self {
+        let sql = sql.into();
+        Self {
+            name: name.into(),
+            checksum: hex::encode(Sha256::digest(sql.as_bytes())),
+            sql,
+        }
+    }
+}
+
 /// Reads a migrations folder, ordered by the number each file name starts with.
 pub fn load_dir(dir: &Path) -> Result<Vec<Migration>, MigrationError> {
     let read_err = |e: std::io::Error| MigrationError::Read {
@@ -66,15 +77,7 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Migration>, MigrationError> {
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| MigrationError::BadName { file: file.clone() })?;
         let sql = std::fs::read_to_string(&path).map_err(read_err)?;
-        let checksum = hex::encode(Sha256::digest(sql.as_bytes()));
-        found.push((
-            number,
-            Migration {
-                name,
-                sql,
-                checksum,
-            },
-        ));
+        found.push((number, Migration::new(name, sql)));
     }
     found.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
     Ok(found.into_iter().map(|(_, m)| m).collect())

@@ -6,7 +6,7 @@
 
 mod backend;
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 mod host;
 pub mod migrations;
 mod postgres;

@@ -1,0 +1,283 @@
+//! `Idempotency-Key` on POST and PATCH (IETF httpapi draft semantics), for routes that opt in.
+//!
+//! The first request with a key runs; its response is stored with the key and a fingerprint of
+//! the request (method, path, query, content type, body). A retry with the same key and the
+//! same request gets the stored response with `Idempotent-Replayed: true`, without running the
+//! function; the same key with another request gets 422, and while the first still runs, 409.
+//! Keys are scoped per route and per principal (the `Authorization` header, hashed), so two
+//! clients cannot see each other's responses. Failures (5xx, trap, timeout, a response too big
+//! to keep) are not stored: the key is released and a retry runs again.
+//!
+//! Once claimed, the run finishes and its response is stored even if the client goes away, so
+//! the retry it will send finds it.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::response::Response;
+use futures::future::BoxFuture;
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+
+use super::GuestRequest;
+use crate::body_limit::LimitedBody;
+use crate::idempotency::{Claim, Store};
+use crate::problem::{Outcome, Problem};
+use crate::request_id::RequestId;
+use crate::snapshot::Snapshot;
+
+pub const KEY_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
+pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// Longest key accepted (the draft leaves it to the server; UUIDs are 36).
+pub const MAX_KEY_LEN: usize = 255;
+/// Largest response kept for replay; a bigger one is served once and its key released.
+pub const MAX_STORED_BODY: usize = 1024 * 1024;
+/// Added to the function's timeout to bound a claim whose process died mid-run.
+const LOCK_MARGIN: Duration = Duration::from_secs(30);
+
+/// One route's idempotency settings.
+pub struct IdempotencyPolicy {
+    store: Store,
+    route: Arc<str>,
+    ttl: Duration,
+    lock: Duration,
+}
+
+impl IdempotencyPolicy {
+    pub fn new(store: Store, route: &str, ttl: Duration, timeout: Duration) -> Self {
+        Self {
+            store,
+            route: route.into(),
+            ttl,
+            lock: timeout + LOCK_MARGIN,
+        }
+    }
+}
+
+/// The key the client sent: a structured-field string (`"abc"`) or, leniently, a bare token.
+fn client_key(req: &GuestRequest) -> Result<Option<String>, Problem> {
+    let mut values = req.headers().get_all(KEY_HEADER).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let invalid = |why: &str| Problem::IdempotencyKeyInvalid {
+        detail: format!("Idempotency-Key {why}"),
+    };
+    if values.next().is_some() {
+        return Err(invalid("was sent more than once"));
+    }
+    let text = value.to_str().map_err(|_| invalid("must be ASCII text"))?;
+    let key = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(text);
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(invalid(&format!("must be 1 to {MAX_KEY_LEN} characters")));
+    }
+    Ok(Some(key.to_string()))
+}
+
+fn hash(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    hex::encode(h.finalize())
+}
+
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    policy: Arc<IdempotencyPolicy>,
+}
+
+impl IdempotencyLayer {
+    pub fn new(policy: Arc<IdempotencyPolicy>) -> Self {
+        Self { policy }
+    }
+}
+
+impl<S> tower::Layer<S> for IdempotencyLayer {
+    type Service = IdempotencyService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        IdempotencyService {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct IdempotencyService<S> {
+    inner: S,
+    policy: Arc<IdempotencyPolicy>,
+}
+
+impl<S> tower::Service<GuestRequest> for IdempotencyService<S>
+where
+    S: tower::Service<GuestRequest, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: GuestRequest) -> Self::Future {
+        let policy = self.policy.clone();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            if !matches!(*req.method(), Method::POST | Method::PATCH) {
+                return inner.call(req).await;
+            }
+            let id = req
+                .extensions()
+                .get::<RequestId>()
+                .cloned()
+                .unwrap_or_default();
+            let key = match client_key(&req) {
+                Ok(Some(key)) => key,
+                Ok(None) => return inner.call(req).await,
+                Err(problem) => return Ok(problem.into_response_with(&id)),
+            };
+            // The fingerprint needs the body; it is already capped, so reading it is bounded.
+            let (head, body) = req.into_parts();
+            let body = match body.collect().await {
+                Ok(b) => b.to_bytes(),
+                // Over the limit (the server answers 413) or the client went away.
+                Err(_) => return Ok(Problem::Internal.into_response_with(&id)),
+            };
+            let principal = head
+                .headers
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            let scope = hash(&[
+                policy.route.as_bytes(),
+                head.method.as_str().as_bytes(),
+                principal,
+                key.as_bytes(),
+            ]);
+            let path = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            let content_type = head
+                .headers
+                .get(header::CONTENT_TYPE)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            let fingerprint = hash(&[
+                head.method.as_str().as_bytes(),
+                path.as_bytes(),
+                content_type,
+                &body,
+            ]);
+
+            let token = match policy
+                .store
+                .claim(&scope, &fingerprint, policy.lock, policy.ttl)
+                .await
+            {
+                Ok(Claim::Run(token)) => token,
+                Ok(Claim::Replay(snapshot)) => {
+                    let mut resp = snapshot.to_response();
+                    resp.headers_mut()
+                        .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+                    id.stamp(resp.headers_mut());
+                    return Ok(resp);
+                }
+                Ok(Claim::Mismatch) => {
+                    return Ok(Problem::IdempotencyKeyReused.into_response_with(&id));
+                }
+                Ok(Claim::InFlight) => {
+                    return Ok(Problem::IdempotencyKeyInFlight.into_response_with(&id));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, request_id = %id, "idempotency store unavailable");
+                    return Ok(Problem::IdempotencyUnavailable.into_response_with(&id));
+                }
+            };
+
+            let (body, _) = LimitedBody::new(Body::from(body), u64::MAX);
+            let req = GuestRequest::from_parts(head, body);
+            let store = policy.store.clone();
+            // Its own task: the run and its record finish even if this request is dropped.
+            let run = tokio::spawn(async move {
+                let resp = inner.call(req).await.unwrap_or_else(|n| match n {});
+                let failed = resp.status().is_server_error() || resp.extensions().get::<Outcome>().is_some();
+                if failed {
+                    release(&store, &token).await;
+                    return resp;
+                }
+                match Snapshot::capture(resp, MAX_STORED_BODY).await {
+                    Ok((snapshot, resp)) => {
+                        if let Err(e) = store.complete(&token, &snapshot).await {
+                            tracing::warn!(error = %e, "idempotent response not stored; a retry will run again");
+                            release(&store, &token).await;
+                        }
+                        resp
+                    }
+                    Err(resp) => {
+                        tracing::warn!("response over {MAX_STORED_BODY} bytes not kept for Idempotency-Key replay");
+                        release(&store, &token).await;
+                        resp
+                    }
+                }
+            });
+            Ok(run.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "idempotent run panicked");
+                Problem::Internal.into_response_with(&id)
+            }))
+        })
+    }
+}
+
+async fn release(store: &Store, token: &crate::idempotency::Token) {
+    if let Err(e) = store.release(token).await {
+        // The claim then holds until its lock deadline; a retry gets 409 until then.
+        tracing::warn!(error = %e, "idempotency key not released");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(values: &[&'static str]) -> GuestRequest {
+        let mut req = http::Request::post("/x")
+            .body(LimitedBody::new(Body::empty(), 10).0)
+            .expect("request");
+        for v in values {
+            req.headers_mut().append(KEY_HEADER, HeaderValue::from_static(v));
+        }
+        req
+    }
+
+    #[test]
+    fn reads_keys_as_structured_strings_or_tokens() {
+        assert_eq!(client_key(&request(&[])).expect("ok"), None);
+        assert_eq!(
+            client_key(&request(&["\"8e03978e-40d5\""])).expect("ok"),
+            Some("8e03978e-40d5".into())
+        );
+        assert_eq!(client_key(&request(&["abc"])).expect("ok"), Some("abc".into()));
+        assert!(client_key(&request(&["\"\""])).is_err());
+        assert!(client_key(&request(&["a", "b"])).is_err());
+        let long: &'static str = Box::leak("k".repeat(MAX_KEY_LEN + 1).into_boxed_str());
+        assert!(client_key(&request(&[long])).is_err());
+    }
+
+    #[test]
+    fn hashes_are_unambiguous() {
+        assert_ne!(hash(&[b"ab", b"c"]), hash(&[b"a", b"bc"]));
+    }
+}

@@ -1,0 +1,419 @@
+//! The response cache layer: HTTP semantics on top of `crate::response_cache`'s storage.
+//!
+//! Only GET (and HEAD, served from GET's entries) of a route that opts in. The key is the
+//! function, path, query and the values of the route's `vary` headers. A hit never reaches the
+//! bulkhead or the guest. What the guest answers decides what is kept:
+//! - 2xx/3xx (not 206) for the route's TTL, a 404 for `not_found_ttl`, nothing else;
+//! - `Cache-Control`: `no-store`, `no-cache` and `private` keep nothing, `s-maxage` or `max-age`
+//!   shorten the TTL;
+//! - never a response with `Set-Cookie`, nor one whose `Vary` names a header the route does
+//!   not vary on (or `*`): serving it to another client could be wrong.
+//!
+//! A request with `Authorization` bypasses the cache unless the route varies on it. Every
+//! response on a cached route says what happened in `Cache-Status` (RFC 9211).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::Response;
+use futures::future::BoxFuture;
+use sha2::{Digest, Sha256};
+
+use super::GuestRequest;
+use crate::capabilities::response_cache::tags_from_header;
+use crate::config::RouteCacheConfig;
+use crate::request_id::RequestId;
+use crate::response_cache::{Entry, Filled, MAX_ENTRY_BODY, NotStored, ResponseCache, Source};
+use crate::snapshot::Snapshot;
+
+/// The tags a guest put on its response (the header itself is removed before anyone sees it).
+#[derive(Debug, Clone)]
+pub struct CacheTags(pub HeaderValue);
+
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// One route's cache settings and the process-wide cache.
+pub struct CachePolicy {
+    cache: ResponseCache,
+    function: Arc<str>,
+    ttl: Duration,
+    not_found_ttl: Duration,
+    vary: Vec<HeaderName>,
+    counters: Counters,
+}
+
+struct Counters {
+    hit: metrics::Counter,
+    miss: metrics::Counter,
+    coalesced: metrics::Counter,
+    bypass: metrics::Counter,
+}
+
+impl CachePolicy {
+    pub fn new(cache: ResponseCache, function: &str, cfg: &RouteCacheConfig) -> Self {
+        let counter = |result: &'static str| {
+            metrics::counter!("wasmgate_response_cache_total", "function" => function.to_string(), "result" => result)
+        };
+        Self {
+            cache,
+            function: function.into(),
+            ttl: cfg.ttl,
+            not_found_ttl: cfg.not_found_ttl.min(cfg.ttl),
+            vary: cfg
+                .vary
+                .iter()
+                .filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
+                .collect(),
+            counters: Counters {
+                hit: counter("hit"),
+                miss: counter("miss"),
+                coalesced: counter("coalesced"),
+                bypass: counter("bypass"),
+            },
+        }
+    }
+
+    /// The entry key, or `None` when this request must not use the cache.
+    fn key(&self, uri: &http::Uri, headers: &HeaderMap) -> Option<String> {
+        if headers.contains_key(header::AUTHORIZATION)
+            && !self.vary.contains(&header::AUTHORIZATION)
+        {
+            return None;
+        }
+        let mut h = Sha256::new();
+        h.update(uri.path().as_bytes());
+        h.update(b"?");
+        h.update(uri.query().unwrap_or_default().as_bytes());
+        for name in &self.vary {
+            h.update(b"\n");
+            h.update(name.as_str().as_bytes());
+            for v in headers.get_all(name) {
+                h.update(b"\0");
+                h.update(v.as_bytes());
+            }
+        }
+        Some(format!("{}:{}", self.function, hex::encode(h.finalize())))
+    }
+
+    /// How long the guest's response may be kept, if at all, and whether it may be handed to
+    /// other requests that waited for it.
+    fn judge(&self, status: StatusCode, headers: &HeaderMap) -> Judgement {
+        if headers.contains_key(header::SET_COOKIE) {
+            return Judgement::Private;
+        }
+        let mut ttl = match status.as_u16() {
+            206 => return Judgement::Shareable,
+            200..=399 => self.ttl,
+            404 => self.not_found_ttl,
+            _ => return Judgement::Shareable,
+        };
+        for v in headers.get_all(header::VARY) {
+            for name in v.to_str().unwrap_or("*").split(',').map(str::trim) {
+                let known = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+                    .is_ok_and(|n| self.vary.contains(&n));
+                if !name.is_empty() && !known {
+                    return Judgement::Private;
+                }
+            }
+        }
+        let (mut max_age, mut s_maxage) = (None, None);
+        for v in headers.get_all(header::CACHE_CONTROL) {
+            for d in v.to_str().unwrap_or_default().split(',').map(str::trim) {
+                let (name, value) = d.split_once('=').unwrap_or((d, ""));
+                let secs = || value.trim_matches('"').parse::<u64>().ok();
+                match name.to_ascii_lowercase().as_str() {
+                    "private" | "no-store" | "no-cache" => return Judgement::Private,
+                    "max-age" => max_age = secs().or(Some(0)),
+                    "s-maxage" => s_maxage = secs().or(Some(0)),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(secs) = s_maxage.or(max_age) {
+            ttl = ttl.min(Duration::from_secs(secs));
+        }
+        if ttl.is_zero() {
+            Judgement::Shareable
+        } else {
+            Judgement::Keep(ttl)
+        }
+    }
+}
+
+enum Judgement {
+    Keep(Duration),
+    /// Not kept, but the same answer any concurrent requester would have had.
+    Shareable,
+    /// For this requester only.
+    Private,
+}
+
+/// Serves a kept response to this request.
+fn serve(snapshot: &Snapshot, head_only: bool, status: &'static str, age: Option<u64>) -> Response {
+    let mut resp = snapshot.to_response();
+    if head_only {
+        *resp.body_mut() = axum::body::Body::empty();
+    }
+    let headers = resp.headers_mut();
+    headers.insert(CACHE_STATUS, HeaderValue::from_static(status));
+    if let Some(age) = age {
+        headers.insert(header::AGE, HeaderValue::from(age));
+    }
+    resp
+}
+
+#[derive(Clone)]
+pub struct ResponseCacheLayer {
+    policy: Arc<CachePolicy>,
+}
+
+impl ResponseCacheLayer {
+    pub fn new(policy: Arc<CachePolicy>) -> Self {
+        Self { policy }
+    }
+}
+
+impl<S> tower::Layer<S> for ResponseCacheLayer {
+    type Service = ResponseCacheService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        ResponseCacheService {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ResponseCacheService<S> {
+    inner: S,
+    policy: Arc<CachePolicy>,
+}
+
+impl<S> tower::Service<GuestRequest> for ResponseCacheService<S>
+where
+    S: tower::Service<GuestRequest, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: GuestRequest) -> Self::Future {
+        let policy = self.policy.clone();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let head_only = req.method() == Method::HEAD;
+            let key = match *req.method() {
+                Method::GET | Method::HEAD => policy.key(req.uri(), req.headers()),
+                _ => return inner.call(req).await,
+            };
+            let id = req
+                .extensions()
+                .get::<RequestId>()
+                .cloned()
+                .unwrap_or_default();
+            let Some(key) = key else {
+                policy.counters.bypass.increment(1);
+                let mut resp = inner.call(req).await?;
+                resp.headers_mut()
+                    .insert(CACHE_STATUS, HeaderValue::from_static("wasmgate; fwd=bypass"));
+                return Ok(resp);
+            };
+            let stamp = |mut resp: Response| {
+                id.stamp(resp.headers_mut());
+                Ok(resp)
+            };
+            if head_only {
+                // HEAD reads GET's entries but does not fill them: its response has no body.
+                return match policy.cache.lookup(&key).await {
+                    Some(e) => {
+                        policy.counters.hit.increment(1);
+                        stamp(serve(&e.response, true, "wasmgate; hit", Some(e.age())))
+                    }
+                    None => {
+                        policy.counters.miss.increment(1);
+                        let mut resp = inner.call(req).await?;
+                        resp.headers_mut()
+                            .insert(CACHE_STATUS, HeaderValue::from_static("wasmgate; fwd=miss"));
+                        Ok(resp)
+                    }
+                };
+            }
+
+            // The fill runs only in the request that leads it; the others keep their request
+            // and wait for its outcome.
+            let mut request = Some(req);
+            let mut own: Option<Response> = None;
+            let filled = {
+                let (slot, own, mut leader, policy) =
+                    (&mut request, &mut own, inner.clone(), &policy);
+                let fill = async move {
+                    let req = slot.take().expect("the fill runs once");
+                    let resp = leader.call(req).await.unwrap_or_else(|n| match n {});
+                    let judgement = policy.judge(resp.status(), resp.headers());
+                    let tags = resp
+                        .extensions()
+                        .get::<CacheTags>()
+                        .map(|t| tags_from_header(&policy.function, t.0.as_bytes()))
+                        .unwrap_or_default();
+                    match Snapshot::capture(resp, MAX_ENTRY_BODY).await {
+                        Ok((snapshot, resp)) => {
+                            *own = Some(resp);
+                            match judgement {
+                                Judgement::Keep(ttl) => Ok(Entry::new(snapshot, tags, ttl)),
+                                Judgement::Shareable => Err(NotStored {
+                                    shared: Some(snapshot),
+                                }),
+                                Judgement::Private => Err(NotStored { shared: None }),
+                            }
+                        }
+                        Err(resp) => {
+                            *own = Some(resp);
+                            Err(NotStored { shared: None })
+                        }
+                    }
+                };
+                policy.cache.get_or_fill(&key, fill).await
+            };
+            if let Some(mut resp) = own {
+                policy.counters.miss.increment(1);
+                let status = if matches!(filled, Filled::Entry(..)) {
+                    "wasmgate; fwd=miss; stored"
+                } else {
+                    "wasmgate; fwd=miss"
+                };
+                resp.headers_mut()
+                    .insert(CACHE_STATUS, HeaderValue::from_static(status));
+                return Ok(resp);
+            }
+            match filled {
+                Filled::Entry(e, source) => {
+                    let status = match source {
+                        Source::Memory => "wasmgate; hit",
+                        Source::Shared => "wasmgate; hit; detail=shared",
+                        Source::Fill => "wasmgate; hit; detail=coalesced",
+                    };
+                    if source == Source::Fill {
+                        policy.counters.coalesced.increment(1);
+                    } else {
+                        policy.counters.hit.increment(1);
+                    }
+                    stamp(serve(&e.response, false, status, Some(e.age())))
+                }
+                Filled::NotStored(n) => match (&n.shared, request) {
+                    (Some(snapshot), _) => {
+                        policy.counters.coalesced.increment(1);
+                        stamp(serve(snapshot, false, "wasmgate; fwd=miss; detail=coalesced", None))
+                    }
+                    (None, Some(req)) => {
+                        policy.counters.miss.increment(1);
+                        let mut resp = inner.call(req).await?;
+                        resp.headers_mut()
+                            .insert(CACHE_STATUS, HeaderValue::from_static("wasmgate; fwd=miss"));
+                        Ok(resp)
+                    }
+                    (None, None) => unreachable!("a request that led the fill has its response"),
+                },
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(vary: &[&str]) -> CachePolicy {
+        CachePolicy::new(
+            ResponseCache::in_memory(),
+            "users",
+            &RouteCacheConfig {
+                ttl: Duration::from_secs(30),
+                vary: vary.iter().map(|s| s.to_string()).collect(),
+                not_found_ttl: Duration::from_secs(5),
+            },
+        )
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn kept(j: Judgement) -> Option<Duration> {
+        match j {
+            Judgement::Keep(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn judges_statuses_and_cache_control() {
+        let p = policy(&["accept"]);
+        let ok = StatusCode::OK;
+        assert_eq!(kept(p.judge(ok, &headers(&[]))), Some(Duration::from_secs(30)));
+        assert_eq!(
+            kept(p.judge(StatusCode::NOT_FOUND, &headers(&[]))),
+            Some(Duration::from_secs(5))
+        );
+        assert!(matches!(
+            p.judge(StatusCode::INTERNAL_SERVER_ERROR, &headers(&[])),
+            Judgement::Shareable
+        ));
+        assert!(matches!(p.judge(StatusCode::BAD_REQUEST, &headers(&[])), Judgement::Shareable));
+        let max_age = headers(&[("cache-control", "public, max-age=7")]);
+        assert_eq!(kept(p.judge(ok, &max_age)), Some(Duration::from_secs(7)));
+        let s_maxage = headers(&[("cache-control", "max-age=7, s-maxage=3")]);
+        assert_eq!(kept(p.judge(ok, &s_maxage)), Some(Duration::from_secs(3)));
+        assert!(matches!(
+            p.judge(ok, &headers(&[("cache-control", "max-age=0")])),
+            Judgement::Shareable
+        ));
+        for private in [
+            ("cache-control", "no-store"),
+            ("cache-control", "Private"),
+            ("cache-control", "no-cache"),
+            ("set-cookie", "a=b"),
+            ("vary", "*"),
+            ("vary", "accept, cookie"),
+        ] {
+            assert!(
+                matches!(p.judge(ok, &headers(&[private])), Judgement::Private),
+                "{private:?}"
+            );
+        }
+        assert!(kept(p.judge(ok, &headers(&[("vary", "Accept")]))).is_some());
+    }
+
+    #[test]
+    fn keys_by_path_query_and_vary_only() {
+        let p = policy(&["accept"]);
+        let key = |uri: &str, h: &[(&'static str, &'static str)]| {
+            p.key(&uri.parse().expect("uri"), &headers(h))
+        };
+        let base = key("/u/1?x=1", &[("accept", "a/b")]);
+        assert!(base.is_some());
+        assert_eq!(base, key("/u/1?x=1", &[("accept", "a/b"), ("user-agent", "z")]));
+        assert_ne!(base, key("/u/1?x=2", &[("accept", "a/b")]));
+        assert_ne!(base, key("/u/2?x=1", &[("accept", "a/b")]));
+        assert_ne!(base, key("/u/1?x=1", &[("accept", "c/d")]));
+        assert_eq!(key("/u/1", &[("authorization", "Bearer t")]), None);
+        let by_user = policy(&["authorization"]);
+        let auth = headers(&[("authorization", "Bearer t")]);
+        assert!(by_user.key(&"/u/1".parse().expect("uri"), &auth).is_some());
+    }
+}
