@@ -16,7 +16,8 @@
 //! the route parameters the host passes along. The output is a standard `wasi:http/proxy`
 //! component that also runs under `wasmtime serve`.
 //!
-//! Capabilities the host grants ([`db`], [`cache`], [`lock`]) are plain functions; their errors
+//! Capabilities the host grants ([`db`], [`cache`], [`lock`], [`response_cache`]) are plain
+//! functions; their errors
 //! convert into a [`Problem`] with a sensible status, so `?` does the right thing by default.
 //!
 //! Build with `cargo build --target wasm32-wasip2` and a `cdylib` crate type.
@@ -29,6 +30,7 @@ pub mod cache;
 pub mod capabilities;
 pub mod db;
 pub mod lock;
+pub mod response_cache;
 
 pub use wstd;
 pub use wstd::http::{Body, HeaderValue, Method, Request, Response, StatusCode};

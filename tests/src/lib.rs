@@ -329,22 +329,24 @@ pub fn users_manifest() -> String {
         r#"
         [functions.users]
         wasm = "{{wasm:users}}"
-        capabilities = ["db", "cache"]
+        capabilities = ["db", "cache", "response-cache"]
         migrations = "{}"
         max_body = "64KiB"
         "#,
         repo().join("functions/users/migrations").display()
     );
-    for (path, methods) in [
-        ("/v1/users", r#"["GET", "POST"]"#),
-        ("/v1/users/{id}", r#"["GET", "PATCH", "DELETE"]"#),
-        ("/v1/login", r#"["POST"]"#),
-        ("/v1/me", r#"["GET"]"#),
-        ("/v2/users", r#"["GET", "POST"]"#),
-        ("/v2/users/{id}", r#"["GET", "PATCH", "DELETE"]"#),
+    // As in the example manifest: reads of one user cached, creates and updates idempotent.
+    let cached = "cache = { ttl = \"30s\" }\nidempotency = {}\n";
+    for (path, methods, policies) in [
+        ("/v1/users", r#"["GET", "POST"]"#, "idempotency = {}\n"),
+        ("/v1/users/{id}", r#"["GET", "PATCH", "DELETE"]"#, cached),
+        ("/v1/login", r#"["POST"]"#, ""),
+        ("/v1/me", r#"["GET"]"#, ""),
+        ("/v2/users", r#"["GET", "POST"]"#, "idempotency = {}\n"),
+        ("/v2/users/{id}", r#"["GET", "PATCH", "DELETE"]"#, cached),
     ] {
         m.push_str(&format!(
-            "[[routes]]\npath = \"{path}\"\nmethods = {methods}\nfunction = \"users\"\n"
+            "[[routes]]\npath = \"{path}\"\nmethods = {methods}\nfunction = \"users\"\n{policies}"
         ));
     }
     m

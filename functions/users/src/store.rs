@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 use wasmgate_sdk::db::{self, Value};
+use wasmgate_sdk::response_cache;
 use wasmgate_sdk::{Problem, StatusCode};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -144,9 +145,31 @@ pub fn update(
         params.push(v.into());
         sql.push_str(&format!(" AND version = ${}", params.len()));
     }
-    db::execute(&sql, &params).map_err(map_unique)
+    let changed = db::execute(&sql, &params).map_err(map_unique)?;
+    if changed > 0 {
+        forget(id);
+    }
+    Ok(changed)
 }
 
 pub fn delete(id: &str) -> Result<bool, Problem> {
-    Ok(db::execute("DELETE FROM users WHERE id = $1", &[id.into()])? > 0)
+    let deleted = db::execute("DELETE FROM users WHERE id = $1", &[id.into()])? > 0;
+    if deleted {
+        forget(id);
+    }
+    Ok(deleted)
+}
+
+/// The cache tag of everything that shows user `id` (v1 and v2 alike).
+pub fn tag(id: &str) -> String {
+    format!("user:{id}")
+}
+
+/// Purges the user's cached responses after a write. The write has happened either way, so a
+/// purge that cannot reach the shared cache is logged, not failed: other processes then serve
+/// the old response until it expires (the route's TTL).
+fn forget(id: &str) {
+    if let Err(e) = response_cache::purge(&[&tag(id)]) {
+        eprintln!("cache purge for user {id} failed: {e:?}");
+    }
 }

@@ -9,6 +9,7 @@ use wasmgate_sdk::{
 use crate::auth;
 use crate::invalid;
 use crate::store::{self, User};
+use wasmgate_sdk::response_cache;
 
 /// Page size when `limit` is absent, and the most a page may hold.
 const DEFAULT_LIMIT: i64 = 20;
@@ -193,8 +194,12 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             ))
         }
         (Method::GET, "/v1/users/{id}", Some(id)) => {
-            let user = store::by_id(&id)?.ok_or_else(not_found)?;
-            Ok(json(StatusCode::OK, &shape(&user)))
+            // Tagged either way: a cached 404 is purged too when the id appears.
+            let resp = match store::by_id(&id)? {
+                Some(user) => json(StatusCode::OK, &shape(&user)),
+                None => not_found().into_response(),
+            };
+            Ok(response_cache::tag(resp, &[&store::tag(&id)]))
         }
         (Method::PATCH, "/v1/users/{id}", Some(id)) => {
             let patch: PatchUser = read_json(&mut req).await?;

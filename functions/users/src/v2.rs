@@ -9,6 +9,7 @@ use wasmgate_sdk::{
 };
 
 use crate::store::{self, User};
+use wasmgate_sdk::response_cache;
 use crate::v1::{check_email, check_name, check_password, not_found, page, rfc3339};
 use crate::{auth, invalid};
 
@@ -125,8 +126,11 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             ))
         }
         (Method::GET, "/v2/users/{id}", Some(id)) => {
-            let user = store::by_id(&id)?.ok_or_else(not_found)?;
-            Ok(respond(StatusCode::OK, &user))
+            let resp = match store::by_id(&id)? {
+                Some(user) => respond(StatusCode::OK, &user),
+                None => not_found().into_response(),
+            };
+            Ok(response_cache::tag(resp, &[&store::tag(&id)]))
         }
         (Method::PATCH, "/v2/users/{id}", Some(id)) => {
             let expected = if_match(&req)?;
