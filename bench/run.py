@@ -69,8 +69,10 @@ def to_ms(value, unit):
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(url, seconds, connections):
+def wrk(url, seconds, connections, headers=()):
     args = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    for h in headers:
+        args += ["-H", h]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     return parse_wrk(out)
 
@@ -98,7 +100,10 @@ DUMMY_HASH = "$argon2id$v=19$m=19456,t=2,p=1$d2FzbWdhdGUtZHVtbXktc2FsdA$m8rcN9LE
 
 
 def users_mix(work, wasmgate, cache, seconds, conns, rows, skipped, n_users=10_000):
-    """90% GET / 8% PATCH / 2% POST over 10,000 seeded users, on PostgreSQL + Redis."""
+    """On PostgreSQL + Redis with 10,000 seeded users, as the example manifest deploys them
+    (reads of one user cached, writes idempotent): one user read from the response cache
+    against the same read with the cache bypassed (the guest runs), then the mix: 90% GET /
+    8% PATCH / 2% POST."""
     base_url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
     redis = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
     name = f"wgbench_{os.getpid()}_{int(time.time())}"
@@ -111,17 +116,20 @@ def users_mix(work, wasmgate, cache, seconds, conns, rows, skipped, n_users=10_0
     manifest.write_text(f"""
 [functions.users]
 wasm = "{users}"
-capabilities = ["db", "cache"]
+capabilities = ["db", "cache", "response-cache"]
 migrations = "{ROOT / 'functions/users/migrations'}"
 bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
 [[routes]]
 path = "/v1/users"
 methods = ["GET", "POST"]
 function = "users"
+idempotency = {{}}
 [[routes]]
 path = "/v1/users/{{id}}"
 methods = ["GET", "PATCH", "DELETE"]
 function = "users"
+cache = {{ ttl = "30s" }}
+idempotency = {{}}
 """)
     port = free_port()
     gate = Proc([wasmgate, "up", "--manifest", manifest, "--listen", f"127.0.0.1:{port}",
@@ -136,6 +144,15 @@ function = "users"
         subprocess.run(["psql", db, "-qc", seed], check=True, capture_output=True)
         ids = work / "ids.txt"
         ids.write_text("".join(f"{g:024x}\n" for g in range(1, n_users + 1)))
+        one = f"http://127.0.0.1:{port}/v1/users/{1:024x}"
+        # An Authorization header makes the cache step aside (v1 reads ignore it): the same
+        # request, with the guest and PostgreSQL behind it.
+        for name, headers in (("users GET one id, response cache hit", ()),
+                              ("users GET one id, cache bypassed (guest runs)", ("Authorization: Bearer bench",))):
+            r = wrk(one, seconds, conns, headers)
+            r.update(name=name, rss_kib=rss_kib(gate.p.pid), note="")
+            rows.append(r)
+            print(f"  {name}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms", file=sys.stderr)
         args = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", ROOT / "bench/users-mix.lua",
                 f"http://127.0.0.1:{port}", "--", ids]
         out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
@@ -175,6 +192,8 @@ bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
 wasm = "{hello}"
 instance_reuse = 100000
 bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
+[functions.hello-cached]
+wasm = "{hello}"
 [functions.spin]
 wasm = "{spin}"
 timeout = "100ms"
@@ -185,6 +204,11 @@ function = "hello"
 [[routes]]
 path = "/reuse/hello"
 function = "hello-reuse"
+[[routes]]
+path = "/cached/hello"
+methods = ["GET"]
+function = "hello-cached"
+cache = {{ ttl = "60s" }}
 [[routes]]
 path = "/spin"
 function = "spin"
@@ -236,6 +260,7 @@ function = "spin"
     base = f"http://127.0.0.1:{port}"
     fresh = measure("wasmgate hello (fresh instance)", f"{base}/hello", gate.p.pid)
     reuse = measure("wasmgate hello (instance reuse)", f"{base}/reuse/hello", gate.p.pid)
+    cached = measure("wasmgate hello (response cache hit)", f"{base}/cached/hello", gate.p.pid)
 
     # noisy neighbour: hello's p99 while a looping function is saturated
     noise = subprocess.Popen(["wrk", "-t1", "-c8", f"-d{seconds + 2}s", f"{base}/spin"],
@@ -268,14 +293,18 @@ function = "spin"
     else:
         skipped.append("wasmtime serve: not installed (cargo install wasmtime-cli --version 48.0.8 "
                        "--root ~/.cache/wasmgate/tools)")
-    skipped.append("cached read: the response cache is not built yet (issue: caching and idempotency)")
     users_mix(work, wasmgate, cache, seconds, conns, rows, skipped)
 
     ratio = lambda a, b: round(a / b, 2) if a and b else None
+    row = lambda prefix: next((r["rps"] for r in rows if r["name"].startswith(prefix)), None)
     ratios = {
         "fresh_vs_wasmtime_serve": ratio(fresh["rps"], serve and serve["rps"]),
         "reuse_vs_wasmtime_serve_reuse": ratio(reuse["rps"], serve_reuse and serve_reuse["rps"]),
         "fresh_vs_bare_axum": ratio(fresh["rps"], native["rps"]),
+        "hello_cache_hit_vs_fresh": ratio(cached["rps"], fresh["rps"]),
+        "hello_cache_hit_vs_bare_axum": ratio(cached["rps"], native["rps"]),
+        "users_read_cache_hit_vs_bypassed": ratio(row("users GET one id, response cache hit"),
+                                                  row("users GET one id, cache bypassed")),
         "reuse_vs_bare_axum": ratio(reuse["rps"], native["rps"]),
         "noisy_p99_vs_alone": ratio(noisy["p99_ms"], fresh["p99_ms"]),
         "users_mix_rps_vs_10000_target": ratio(next((r["rps"] for r in rows if r["name"].startswith("user-management")), None), 10_000),

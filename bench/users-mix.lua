@@ -1,5 +1,6 @@
 -- The user-management mix for wrk: 90% GET /v1/users/{id}, 8% PATCH, 2% POST, with a skewed
--- (Zipf-like) popularity over the seeded ids. Usage: wrk -s bench/users-mix.lua URL -- IDS_FILE
+-- (Zipf-like) popularity over the seeded ids. Writes carry an Idempotency-Key, as a careful
+-- client's would. Usage: wrk -s bench/users-mix.lua URL -- IDS_FILE
 local ids = {}
 local counter = 0
 local tag = ""
@@ -18,7 +19,10 @@ function init(args)
   math.randomseed(os.time() * 100 + tid)
 end
 
-local json = { ["Content-Type"] = "application/json" }
+local function write_headers()
+  counter = counter + 1
+  return { ["Content-Type"] = "application/json", ["Idempotency-Key"] = tag .. "-" .. counter }
+end
 
 function request()
   local r = math.random()
@@ -27,10 +31,10 @@ function request()
   if r < 0.90 then
     return wrk.format("GET", "/v1/users/" .. id)
   elseif r < 0.98 then
-    return wrk.format("PATCH", "/v1/users/" .. id, json, '{"name":"n' .. math.random(1, 1000000000) .. '"}')
+    return wrk.format("PATCH", "/v1/users/" .. id, write_headers(), '{"name":"n' .. math.random(1, 1000000000) .. '"}')
   else
-    counter = counter + 1
-    return wrk.format("POST", "/v1/users", json,
+    local headers = write_headers()
+    return wrk.format("POST", "/v1/users", headers,
       '{"email":"b' .. tag .. "-" .. counter .. '@example.com","name":"B","password":"bench-password"}')
   end
 end

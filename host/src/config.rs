@@ -197,7 +197,10 @@ pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 #[serde(deny_unknown_fields)]
 pub struct IdempotencyConfig {
     /// How long a key and its response are kept.
-    #[serde(default = "default_idempotency_ttl", deserialize_with = "human_duration")]
+    #[serde(
+        default = "default_idempotency_ttl",
+        deserialize_with = "human_duration"
+    )]
     pub ttl: Duration,
 }
 
@@ -362,8 +365,7 @@ impl Manifest {
             }
             let has = |wanted: &[&str]| {
                 r.methods.is_empty()
-                    || r
-                        .methods
+                    || r.methods
                         .iter()
                         .any(|m| wanted.contains(&m.to_ascii_uppercase().as_str()))
             };
@@ -380,9 +382,7 @@ impl Manifest {
                 }
                 for h in &c.vary {
                     if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-                        problems.push(format!(
-                            "{label}: cache.vary `{h}` is not a header name"
-                        ));
+                        problems.push(format!("{label}: cache.vary `{h}` is not a header name"));
                     }
                 }
             }
@@ -533,10 +533,16 @@ mod tests {
             DEFAULT_IDEMPOTENCY_TTL
         );
         let all = m.validate().join("\n");
-        assert!(all.contains("routes[1] (POST /users): `cache` applies to GET"), "{all}");
+        assert!(
+            all.contains("routes[1] (POST /users): `cache` applies to GET"),
+            "{all}"
+        );
         assert!(all.contains("cache.ttl is 0"), "{all}");
         assert!(all.contains("`bad header` is not a header name"), "{all}");
-        assert!(all.contains("routes[2] (GET /ping): `idempotency` applies to POST"), "{all}");
+        assert!(
+            all.contains("routes[2] (GET /ping): `idempotency` applies to POST"),
+            "{all}"
+        );
         assert_eq!(m.validate().len(), 4, "{all}");
     }
 

@@ -175,18 +175,16 @@ pub async fn load(
             continue;
         };
         let route_policies = RoutePolicies {
-            idempotency: r
-                .idempotency
-                .as_ref()
-                .zip(idempotency_store.clone())
-                .map(|(cfg, store)| {
+            idempotency: r.idempotency.as_ref().zip(idempotency_store.clone()).map(
+                |(cfg, store)| {
                     Arc::new(IdempotencyPolicy::new(
                         store,
                         &r.path,
                         cfg.ttl,
                         function.limits().timeout,
                     ))
-                }),
+                },
+            ),
             cache: r.cache.as_ref().map(|cfg| {
                 Arc::new(CachePolicy::new(
                     backends.response_cache.clone(),

@@ -121,8 +121,10 @@ mod tests {
             .insert("x-request-id", HeaderValue::from_static("old"));
         resp.headers_mut()
             .append("set-thing", HeaderValue::from_static("a"));
-        resp.headers_mut()
-            .append("set-thing", HeaderValue::from_bytes(b"\xffb").expect("obs-text"));
+        resp.headers_mut().append(
+            "set-thing",
+            HeaderValue::from_bytes(b"\xffb").expect("obs-text"),
+        );
         resp
     }
 

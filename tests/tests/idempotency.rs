@@ -65,7 +65,9 @@ async fn runs(c: &reqwest::Client, s: &Server, name: &str) -> i64 {
 }
 
 fn replayed(resp: &reqwest::Response) -> bool {
-    resp.headers().get("idempotent-replayed").is_some_and(|v| v == "true")
+    resp.headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true")
 }
 
 #[tokio::test]
@@ -86,9 +88,17 @@ async fn first_runs_retries_replay() {
     assert_eq!(retry.status(), 201);
     assert!(replayed(&retry), "a replay says so");
     assert_eq!(retry.headers()["content-type"], "application/json");
-    assert_ne!(retry.headers()["x-request-id"], first_id, "with its own request id");
+    assert_ne!(
+        retry.headers()["x-request-id"],
+        first_id,
+        "with its own request id"
+    );
     assert_eq!(retry.json::<Value>().await.expect("json"), first_body);
-    assert_eq!(runs(&c, &s, "x").await, 1, "the retry did not run the function");
+    assert_eq!(
+        runs(&c, &s, "x").await,
+        1,
+        "the retry did not run the function"
+    );
 
     // A bare token key works too; without a key every request runs.
     assert_eq!(post(&c, &url, Some("k-2"), "{}", None).await.status(), 201);
@@ -106,7 +116,10 @@ async fn misuse_of_a_key() {
     let url = s.url("/effects/m");
 
     // Same key, another payload: 422, nothing runs.
-    assert_eq!(post(&c, &url, Some("k"), r#"{"a":1}"#, None).await.status(), 201);
+    assert_eq!(
+        post(&c, &url, Some("k"), r#"{"a":1}"#, None).await.status(),
+        201
+    );
     let other = post(&c, &url, Some("k"), r#"{"a":2}"#, None).await;
     expect_problem(other, 422, "idempotency-key-reused").await;
     // Same key and body on another path of the same route is another request too.
@@ -115,12 +128,21 @@ async fn misuse_of_a_key() {
     assert_eq!(runs(&c, &s, "m").await, 1);
 
     // Keys are scoped per route and per principal: the same key elsewhere is a new request.
-    let again = post(&c, &s.url("/effects/m/again"), Some("k"), r#"{"a":1}"#, None).await;
+    let again = post(
+        &c,
+        &s.url("/effects/m/again"),
+        Some("k"),
+        r#"{"a":1}"#,
+        None,
+    )
+    .await;
     assert_eq!((again.status().as_u16(), replayed(&again)), (201, false));
     let alice = post(&c, &url, Some("k"), r#"{"a":1}"#, Some("Bearer alice")).await;
     let bob = post(&c, &url, Some("k"), r#"{"a":1}"#, Some("Bearer bob")).await;
     assert_eq!((replayed(&alice), replayed(&bob)), (false, false));
-    assert!(replayed(&post(&c, &url, Some("k"), r#"{"a":1}"#, Some("Bearer alice")).await));
+    assert!(replayed(
+        &post(&c, &url, Some("k"), r#"{"a":1}"#, Some("Bearer alice")).await
+    ));
     // PATCH is its own request even with the same key.
     let patch = c
         .patch(&url)
@@ -137,8 +159,12 @@ async fn misuse_of_a_key() {
     let empty = post(&c, &url, Some("\"\""), "{}", None).await;
     expect_problem(empty, 400, "idempotency-key-invalid").await;
     let long = "k".repeat(300);
-    expect_problem(post(&c, &url, Some(&long), "{}", None).await, 400, "idempotency-key-invalid")
-        .await;
+    expect_problem(
+        post(&c, &url, Some(&long), "{}", None).await,
+        400,
+        "idempotency-key-invalid",
+    )
+    .await;
     let twice = c
         .post(&url)
         .header("idempotency-key", "a")
@@ -151,7 +177,11 @@ async fn misuse_of_a_key() {
     let big = format!("\"{}\"", "x".repeat(2048));
     assert_eq!(post(&c, &url, Some("big"), &big, None).await.status(), 413);
     assert_eq!(runs(&c, &s, "m").await, before);
-    assert_eq!(post(&c, &url, Some("big"), "{}", None).await.status(), 201, "the key was not taken");
+    assert_eq!(
+        post(&c, &url, Some("big"), "{}", None).await.status(),
+        201,
+        "the key was not taken"
+    );
 }
 
 #[tokio::test]
@@ -176,14 +206,20 @@ async fn in_flight_and_failures() {
 
     // A 5xx is not stored: the retry runs again.
     let failing = s.url("/effects/failing?status=503");
-    assert_eq!(post(&c, &failing, Some("f"), "{}", None).await.status(), 503);
+    assert_eq!(
+        post(&c, &failing, Some("f"), "{}", None).await.status(),
+        503
+    );
     let retry = post(&c, &failing, Some("f"), "{}", None).await;
     assert_eq!((retry.status().as_u16(), replayed(&retry)), (503, false));
     assert_eq!(runs(&c, &s, "failing").await, 2);
 
     // A 4xx is the function's answer, and is replayed.
     let refused = s.url("/effects/refused?status=409");
-    assert_eq!(post(&c, &refused, Some("r"), "{}", None).await.status(), 409);
+    assert_eq!(
+        post(&c, &refused, Some("r"), "{}", None).await.status(),
+        409
+    );
     assert!(replayed(&post(&c, &refused, Some("r"), "{}", None).await));
     assert_eq!(runs(&c, &s, "refused").await, 1);
 }
@@ -202,7 +238,11 @@ async fn survives_a_restart() {
     let retry = post(&c, &s.url("/effects/r"), Some("k"), "{}", None).await;
     assert!(replayed(&retry), "the stored response outlives the process");
     assert_eq!(retry.json::<Value>().await.expect("json"), body);
-    assert_eq!(runs(&c, &s, "r").await, 0, "and the new process did not run it");
+    assert_eq!(
+        runs(&c, &s, "r").await,
+        0,
+        "and the new process did not run it"
+    );
 }
 
 #[tokio::test]
@@ -218,7 +258,11 @@ async fn two_processes_racing_retries_execute_once() {
     let path = format!("/effects/{name}?delay=300");
     let tasks: Vec<_> = (0..12)
         .map(|i| {
-            let url = if i % 2 == 0 { a.url(&path) } else { b.url(&path) };
+            let url = if i % 2 == 0 {
+                a.url(&path)
+            } else {
+                b.url(&path)
+            };
             let c = c.clone();
             tokio::spawn(async move {
                 let r = post(&c, &url, Some("one-key"), r#"{"n":1}"#, None).await;
@@ -233,7 +277,9 @@ async fn two_processes_racing_retries_execute_once() {
     let ran = outcomes.iter().filter(|o| **o == (201, false)).count();
     assert_eq!(ran, 1, "exactly one execution: {outcomes:?}");
     assert!(
-        outcomes.iter().all(|o| *o == (201, false) || *o == (409, false) || *o == (201, true)),
+        outcomes
+            .iter()
+            .all(|o| *o == (201, false) || *o == (409, false) || *o == (201, true)),
         "{outcomes:?}"
     );
     // Once it finished, both processes replay it.

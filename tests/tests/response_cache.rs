@@ -76,7 +76,10 @@ async fn hit_miss_head_and_expiry() {
     assert_eq!(first.status, 200);
     assert_eq!(first.cache_status, "wasmgate; fwd=miss; stored");
     assert_eq!(first.body["run"], 1);
-    assert!(first.headers.get("wasmgate-cache-tags").is_none(), "tags are stripped");
+    assert!(
+        first.headers.get("wasmgate-cache-tags").is_none(),
+        "tags are stripped"
+    );
 
     let second = get(&c, &url, &[]).await;
     assert_eq!(second.cache_status, "wasmgate; hit");
@@ -87,7 +90,10 @@ async fn hit_miss_head_and_expiry() {
         first.headers.get("x-request-id"),
         "each response carries its own request id"
     );
-    assert_eq!(second.headers.get("content-type"), first.headers.get("content-type"));
+    assert_eq!(
+        second.headers.get("content-type"),
+        first.headers.get("content-type")
+    );
     assert!(second.headers.get("wasmgate-cache-tags").is_none());
     assert_eq!(runs(&c, &s, "a").await, 1, "a hit never runs the guest");
 
@@ -98,7 +104,10 @@ async fn hit_miss_head_and_expiry() {
 
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let after = get(&c, &url, &[]).await;
-    assert_eq!(after.cache_status, "wasmgate; fwd=miss; stored", "expired after the TTL");
+    assert_eq!(
+        after.cache_status, "wasmgate; fwd=miss; stored",
+        "expired after the TTL"
+    );
     assert_eq!(after.body["run"], 2);
 }
 
@@ -109,18 +118,45 @@ async fn vary_query_and_authorization() {
     let url = s.url("/c/v");
     let json_a = get(&c, &url, &[("accept", "application/json")]).await;
     let text_a = get(&c, &url, &[("accept", "text/plain")]).await;
-    assert_eq!((json_a.body["run"].clone(), text_a.body["run"].clone()), (1.into(), 2.into()));
-    let json_b = get(&c, &url, &[("accept", "application/json"), ("user-agent", "other")]).await;
+    assert_eq!(
+        (json_a.body["run"].clone(), text_a.body["run"].clone()),
+        (1.into(), 2.into())
+    );
+    let json_b = get(
+        &c,
+        &url,
+        &[("accept", "application/json"), ("user-agent", "other")],
+    )
+    .await;
     assert_eq!(json_b.body["run"], 1, "headers not in vary do not matter");
     assert_eq!(json_b.body["accept"], "application/json");
 
     let query = get(&c, &s.url("/c/v?page=2"), &[("accept", "application/json")]).await;
     assert_eq!(query.body["run"], 3, "the query is part of the key");
 
-    let auth = get(&c, &url, &[("accept", "application/json"), ("authorization", "Bearer x")]).await;
+    let auth = get(
+        &c,
+        &url,
+        &[
+            ("accept", "application/json"),
+            ("authorization", "Bearer x"),
+        ],
+    )
+    .await;
     assert_eq!(auth.cache_status, "wasmgate; fwd=bypass");
-    assert_eq!(auth.body["run"], 4, "a request with credentials is not served from the cache");
-    let again = get(&c, &url, &[("accept", "application/json"), ("authorization", "Bearer x")]).await;
+    assert_eq!(
+        auth.body["run"], 4,
+        "a request with credentials is not served from the cache"
+    );
+    let again = get(
+        &c,
+        &url,
+        &[
+            ("accept", "application/json"),
+            ("authorization", "Bearer x"),
+        ],
+    )
+    .await;
     assert_eq!(again.body["run"], 5, "nor stored");
 }
 
@@ -148,20 +184,34 @@ async fn what_is_never_kept() {
         assert_eq!(second.cache_status, "wasmgate; fwd=miss", "{name}");
         if name == "big" {
             let padding = second.body["padding"].as_str().expect("padding").len();
-            assert_eq!(padding, 1_100_000, "a body over the entry cap passes through intact");
+            assert_eq!(
+                padding, 1_100_000,
+                "a body over the entry cap passes through intact"
+            );
         }
     }
 
     // max-age shortens the route's TTL; a 404 is kept for not_found_ttl only.
     let short = s.url("/c/short?cc=max-age=0%2C%20s-maxage=1");
     assert_eq!(get(&c, &short, &[]).await.body["run"], 1);
-    assert_eq!(get(&c, &short, &[]).await.body["run"], 1, "s-maxage=1 keeps it");
+    assert_eq!(
+        get(&c, &short, &[]).await.body["run"],
+        1,
+        "s-maxage=1 keeps it"
+    );
     let missing = s.url("/c/gone?status=404");
     let first = get(&c, &missing, &[]).await;
-    assert_eq!((first.status, first.cache_status.as_str()), (404, "wasmgate; fwd=miss; stored"));
+    assert_eq!(
+        (first.status, first.cache_status.as_str()),
+        (404, "wasmgate; fwd=miss; stored")
+    );
     assert_eq!(get(&c, &missing, &[]).await.cache_status, "wasmgate; hit");
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(get(&c, &missing, &[]).await.body["run"], 2, "404s expire sooner");
+    assert_eq!(
+        get(&c, &missing, &[]).await.body["run"],
+        2,
+        "404s expire sooner"
+    );
 }
 
 #[tokio::test]
@@ -174,15 +224,29 @@ async fn purge_by_tag() {
     assert_eq!(get(&c, &other, &[]).await.body["run"], 1);
     assert_eq!(get(&c, &tagged, &[]).await.cache_status, "wasmgate; hit");
 
-    let purged = c.post(s.url("/purge?tags=user:1")).send().await.expect("purge");
+    let purged = c
+        .post(s.url("/purge?tags=user:1"))
+        .send()
+        .await
+        .expect("purge");
     assert_eq!(purged.status(), 200);
     let after = get(&c, &tagged, &[]).await;
-    assert_eq!(after.cache_status, "wasmgate; fwd=miss; stored", "purged at once");
+    assert_eq!(
+        after.cache_status, "wasmgate; fwd=miss; stored",
+        "purged at once"
+    );
     assert_eq!(after.body["run"], 2);
-    assert_eq!(get(&c, &other, &[]).await.cache_status, "wasmgate; hit", "other tags kept");
+    assert_eq!(
+        get(&c, &other, &[]).await.cache_status,
+        "wasmgate; hit",
+        "other tags kept"
+    );
 
     // Either of an entry's tags purges it.
-    c.post(s.url("/purge?tags=users")).send().await.expect("purge");
+    c.post(s.url("/purge?tags=users"))
+        .send()
+        .await
+        .expect("purge");
     assert_eq!(get(&c, &tagged, &[]).await.body["run"], 3);
 }
 
@@ -203,7 +267,11 @@ async fn concurrent_misses_run_the_guest_once() {
         assert_eq!((g.status, g.body["run"].clone()), (200, 1.into()));
         statuses.push(g.cache_status);
     }
-    assert_eq!(runs(&c, &s, "hot").await, 1, "20 concurrent misses, one execution");
+    assert_eq!(
+        runs(&c, &s, "hot").await,
+        1,
+        "20 concurrent misses, one execution"
+    );
     let led = statuses.iter().filter(|s| s.contains("fwd=miss")).count();
     assert_eq!(led, 1, "{statuses:?}");
 }
@@ -221,24 +289,44 @@ async fn two_processes_share_entries_and_purges() {
     let first = get(&c, &a.url(&path), &[]).await;
     assert_eq!(first.body["run"], 1);
     let from_b = get(&c, &b.url(&path), &[]).await;
-    assert_eq!(from_b.cache_status, "wasmgate; hit; detail=shared", "B reads A's entry");
+    assert_eq!(
+        from_b.cache_status, "wasmgate; hit; detail=shared",
+        "B reads A's entry"
+    );
     assert_eq!(from_b.body["run"], 1);
-    assert_eq!(get(&c, &b.url(&path), &[]).await.cache_status, "wasmgate; hit");
+    assert_eq!(
+        get(&c, &b.url(&path), &[]).await.cache_status,
+        "wasmgate; hit"
+    );
 
     // The process that purges serves the next read fresh...
-    let purged = c.post(a.url("/purge?tags=item")).send().await.expect("purge");
+    let purged = c
+        .post(a.url("/purge?tags=item"))
+        .send()
+        .await
+        .expect("purge");
     assert_eq!(purged.status(), 200);
     let started = Instant::now();
     let fresh = get(&c, &a.url(&path), &[]).await;
-    assert_eq!(fresh.body["run"], 2, "fresh right after the purge on the purging process");
+    assert_eq!(
+        fresh.body["run"], 2,
+        "fresh right after the purge on the purging process"
+    );
     // ...and the other one within a bounded time (its copy in memory is dropped by pub/sub).
     loop {
         let g = get(&c, &b.url(&path), &[]).await;
         if g.body["run"] != 1 {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(2), "B kept serving the purged entry");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "B kept serving the purged entry"
+        );
     }
     eprintln!("other process served fresh after {:?}", started.elapsed());
-    assert_eq!(runs(&c, &a, &name).await, 2, "counts are shared through Redis too");
+    assert_eq!(
+        runs(&c, &a, &name).await,
+        2,
+        "counts are shared through Redis too"
+    );
 }

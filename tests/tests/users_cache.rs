@@ -62,9 +62,15 @@ async fn reads_are_cached_and_writes_purge_them() {
         .expect("patch");
     assert_eq!(patched.status(), 200);
     let (_, cache, body) = read(&c, &v1).await;
-    assert_eq!((cache.as_str(), body["name"].as_str()), ("wasmgate; fwd=miss; stored", Some("Ada L.")));
+    assert_eq!(
+        (cache.as_str(), body["name"].as_str()),
+        ("wasmgate; fwd=miss; stored", Some("Ada L."))
+    );
     let (_, _, body) = read(&c, &v2).await;
-    assert_eq!((body["name"].as_str(), body["version"].as_i64()), (Some("Ada L."), Some(2)));
+    assert_eq!(
+        (body["name"].as_str(), body["version"].as_i64()),
+        (Some("Ada L."), Some(2))
+    );
 
     // The PATCH retried is replayed, not applied twice (the version would be 3).
     let again = c
@@ -94,10 +100,17 @@ async fn a_write_on_one_process_reaches_the_other() {
     );
     let c = reqwest::Client::new();
     let email = format!("grace{}@example.com", wasmgate_tests::unique_suffix());
-    let user: Value = create(&c, &a, "k", &email).await.json().await.expect("json");
+    let user: Value = create(&c, &a, "k", &email)
+        .await
+        .json()
+        .await
+        .expect("json");
     let path = format!("/v1/users/{}", user["id"].as_str().expect("id"));
     read(&c, &a.url(&path)).await;
-    assert_eq!(read(&c, &b.url(&path)).await.1, "wasmgate; hit; detail=shared");
+    assert_eq!(
+        read(&c, &b.url(&path)).await.1,
+        "wasmgate; hit; detail=shared"
+    );
     assert_eq!(read(&c, &b.url(&path)).await.1, "wasmgate; hit");
 
     let patched = c
@@ -108,9 +121,19 @@ async fn a_write_on_one_process_reaches_the_other() {
         .expect("patch");
     assert_eq!(patched.status(), 200);
     let started = Instant::now();
-    assert_eq!(read(&c, &a.url(&path)).await.2["name"], "Grace H.", "fresh on the writer");
+    assert_eq!(
+        read(&c, &a.url(&path)).await.2["name"],
+        "Grace H.",
+        "fresh on the writer"
+    );
     while read(&c, &b.url(&path)).await.2["name"] != "Grace H." {
-        assert!(started.elapsed() < Duration::from_secs(2), "B kept the old user");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "B kept the old user"
+        );
     }
-    eprintln!("the other process served the new name after {:?}", started.elapsed());
+    eprintln!(
+        "the other process served the new name after {:?}",
+        started.elapsed()
+    );
 }

@@ -9,9 +9,9 @@ use wasmgate_sdk::{
 };
 
 use crate::store::{self, User};
-use wasmgate_sdk::response_cache;
 use crate::v1::{check_email, check_name, check_password, not_found, page, rfc3339};
 use crate::{auth, invalid};
+use wasmgate_sdk::response_cache;
 
 #[derive(Serialize)]
 struct UserV2<'a> {

@@ -36,16 +36,28 @@ async fn suite(store: Store) {
     let Claim::Run(token) = store.claim(&s, "fp", LOCK, TTL).await.expect("claim") else {
         panic!("the first request runs");
     };
-    assert_eq!(store.claim(&s, "fp", LOCK, TTL).await.expect("claim"), Claim::InFlight);
-    assert_eq!(store.claim(&s, "other", LOCK, TTL).await.expect("claim"), Claim::Mismatch);
+    assert_eq!(
+        store.claim(&s, "fp", LOCK, TTL).await.expect("claim"),
+        Claim::InFlight
+    );
+    assert_eq!(
+        store.claim(&s, "other", LOCK, TTL).await.expect("claim"),
+        Claim::Mismatch
+    );
 
     // Completed: replayed byte for byte; another payload still a mismatch.
-    store.complete(&token, &response("made")).await.expect("complete");
+    store
+        .complete(&token, &response("made"))
+        .await
+        .expect("complete");
     assert_eq!(
         store.claim(&s, "fp", LOCK, TTL).await.expect("claim"),
         Claim::Replay(response("made"))
     );
-    assert_eq!(store.claim(&s, "other", LOCK, TTL).await.expect("claim"), Claim::Mismatch);
+    assert_eq!(
+        store.claim(&s, "other", LOCK, TTL).await.expect("claim"),
+        Claim::Mismatch
+    );
 
     // Released (the function failed): the retry runs again.
     let s = scope();
@@ -53,7 +65,10 @@ async fn suite(store: Store) {
         panic!("runs");
     };
     store.release(&token).await.expect("release");
-    assert!(matches!(store.claim(&s, "fp", LOCK, TTL).await.expect("claim"), Claim::Run(_)));
+    assert!(matches!(
+        store.claim(&s, "fp", LOCK, TTL).await.expect("claim"),
+        Claim::Run(_)
+    ));
 
     // A claim whose owner vanished is taken over after its lock; the old owner can then
     // neither complete nor release the new owner's row.
@@ -69,10 +84,19 @@ async fn suite(store: Store) {
     let Claim::Run(fresh) = store.claim(&s, "fp", LOCK, TTL).await.expect("claim") else {
         panic!("a dead owner's claim is taken over");
     };
-    store.complete(&stale, &response("late")).await.expect("no-op");
+    store
+        .complete(&stale, &response("late"))
+        .await
+        .expect("no-op");
     store.release(&stale).await.expect("no-op");
-    assert_eq!(store.claim(&s, "fp", LOCK, TTL).await.expect("claim"), Claim::InFlight);
-    store.complete(&fresh, &response("new owner")).await.expect("complete");
+    assert_eq!(
+        store.claim(&s, "fp", LOCK, TTL).await.expect("claim"),
+        Claim::InFlight
+    );
+    store
+        .complete(&fresh, &response("new owner"))
+        .await
+        .expect("complete");
     assert_eq!(
         store.claim(&s, "fp", LOCK, TTL).await.expect("claim"),
         Claim::Replay(response("new owner"))
@@ -87,9 +111,15 @@ async fn suite(store: Store) {
     else {
         panic!("runs");
     };
-    store.complete(&token, &response("old")).await.expect("complete");
+    store
+        .complete(&token, &response("old"))
+        .await
+        .expect("complete");
     tokio::time::sleep(Duration::from_millis(5)).await;
-    assert!(matches!(store.claim(&s, "new", LOCK, TTL).await.expect("claim"), Claim::Run(_)));
+    assert!(matches!(
+        store.claim(&s, "new", LOCK, TTL).await.expect("claim"),
+        Claim::Run(_)
+    ));
 }
 
 #[tokio::test]
@@ -113,7 +143,10 @@ async fn survives_reopening() {
         let Claim::Run(token) = store.claim(&s, "fp", LOCK, TTL).await.expect("claim") else {
             panic!("runs");
         };
-        store.complete(&token, &response("kept")).await.expect("complete");
+        store
+            .complete(&token, &response("kept"))
+            .await
+            .expect("complete");
     }
     let store = open(&url).await;
     assert_eq!(

@@ -106,7 +106,8 @@ impl Store {
         self.sweep().await;
         let owner = uuid::Uuid::new_v4().simple().to_string();
         let now = unix_ms();
-        let until = |d: Duration| Value::Int64(to_i64(now + u64::try_from(d.as_millis()).unwrap_or(0)));
+        let until =
+            |d: Duration| Value::Int64(to_i64(now + u64::try_from(d.as_millis()).unwrap_or(0)));
         // Parameters appear in order of first use in every statement: SQLite numbers `$n`
         // parameters as it meets them.
         // A row can vanish between the steps (expired and swept); then start over, briefly.
@@ -195,7 +196,9 @@ impl Store {
     pub async fn release(&self, token: &Token) -> Result<(), StoreError> {
         self.db
             .execute(
-                &format!("DELETE FROM {TABLE} WHERE scope = $1 AND owner = $2 AND response IS NULL"),
+                &format!(
+                    "DELETE FROM {TABLE} WHERE scope = $1 AND owner = $2 AND response IS NULL"
+                ),
                 vec![
                     Value::Text(token.scope.clone()),
                     Value::Text(token.owner.clone()),

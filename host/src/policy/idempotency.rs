@@ -213,7 +213,8 @@ where
             // Its own task: the run and its record finish even if this request is dropped.
             let run = tokio::spawn(async move {
                 let resp = inner.call(req).await.unwrap_or_else(|n| match n {});
-                let failed = resp.status().is_server_error() || resp.extensions().get::<Outcome>().is_some();
+                let failed =
+                    resp.status().is_server_error() || resp.extensions().get::<Outcome>().is_some();
                 if failed {
                     release(&store, &token).await;
                     return resp;
@@ -227,7 +228,9 @@ where
                         resp
                     }
                     Err(resp) => {
-                        tracing::warn!("response over {MAX_STORED_BODY} bytes not kept for Idempotency-Key replay");
+                        tracing::warn!(
+                            "response over {MAX_STORED_BODY} bytes not kept for Idempotency-Key replay"
+                        );
                         release(&store, &token).await;
                         resp
                     }
@@ -257,7 +260,8 @@ mod tests {
             .body(LimitedBody::new(Body::empty(), 10).0)
             .expect("request");
         for v in values {
-            req.headers_mut().append(KEY_HEADER, HeaderValue::from_static(v));
+            req.headers_mut()
+                .append(KEY_HEADER, HeaderValue::from_static(v));
         }
         req
     }
@@ -269,7 +273,10 @@ mod tests {
             client_key(&request(&["\"8e03978e-40d5\""])).expect("ok"),
             Some("8e03978e-40d5".into())
         );
-        assert_eq!(client_key(&request(&["abc"])).expect("ok"), Some("abc".into()));
+        assert_eq!(
+            client_key(&request(&["abc"])).expect("ok"),
+            Some("abc".into())
+        );
         assert!(client_key(&request(&["\"\""])).is_err());
         assert!(client_key(&request(&["a", "b"])).is_err());
         let long: &'static str = Box::leak("k".repeat(MAX_KEY_LEN + 1).into_boxed_str());

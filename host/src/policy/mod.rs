@@ -111,7 +111,12 @@ impl PolicyState {
                     .clone()
                     .map(idempotency::IdempotencyLayer::new),
             )
-            .option_layer(route.cache.clone().map(response_cache::ResponseCacheLayer::new))
+            .option_layer(
+                route
+                    .cache
+                    .clone()
+                    .map(response_cache::ResponseCacheLayer::new),
+            )
             .layer(gate::GateLayer::new(self.bulkhead.1.clone()))
             .service(invoke::Invoke::new(function));
         BoxCloneSyncService::new(service)

@@ -54,9 +54,7 @@ struct Counters {
 
 impl CachePolicy {
     pub fn new(cache: ResponseCache, function: &str, cfg: &RouteCacheConfig) -> Self {
-        let counter = |result: &'static str| {
-            metrics::counter!("wasmgate_response_cache_total", "function" => function.to_string(), "result" => result)
-        };
+        let counter = |result: &'static str| metrics::counter!("wasmgate_response_cache_total", "function" => function.to_string(), "result" => result);
         Self {
             cache,
             function: function.into(),
@@ -226,8 +224,10 @@ where
             let Some(key) = key else {
                 policy.counters.bypass.increment(1);
                 let mut resp = inner.call(req).await?;
-                resp.headers_mut()
-                    .insert(CACHE_STATUS, HeaderValue::from_static("wasmgate; fwd=bypass"));
+                resp.headers_mut().insert(
+                    CACHE_STATUS,
+                    HeaderValue::from_static("wasmgate; fwd=bypass"),
+                );
                 return Ok(resp);
             };
             let stamp = |mut resp: Response| {
@@ -314,7 +314,12 @@ where
                 Filled::NotStored(n) => match (&n.shared, request) {
                     (Some(snapshot), _) => {
                         policy.counters.coalesced.increment(1);
-                        stamp(serve(snapshot, false, "wasmgate; fwd=miss; detail=coalesced", None))
+                        stamp(serve(
+                            snapshot,
+                            false,
+                            "wasmgate; fwd=miss; detail=coalesced",
+                            None,
+                        ))
                     }
                     (None, Some(req)) => {
                         policy.counters.miss.increment(1);
@@ -365,7 +370,10 @@ mod tests {
     fn judges_statuses_and_cache_control() {
         let p = policy(&["accept"]);
         let ok = StatusCode::OK;
-        assert_eq!(kept(p.judge(ok, &headers(&[]))), Some(Duration::from_secs(30)));
+        assert_eq!(
+            kept(p.judge(ok, &headers(&[]))),
+            Some(Duration::from_secs(30))
+        );
         assert_eq!(
             kept(p.judge(StatusCode::NOT_FOUND, &headers(&[]))),
             Some(Duration::from_secs(5))
@@ -374,7 +382,10 @@ mod tests {
             p.judge(StatusCode::INTERNAL_SERVER_ERROR, &headers(&[])),
             Judgement::Shareable
         ));
-        assert!(matches!(p.judge(StatusCode::BAD_REQUEST, &headers(&[])), Judgement::Shareable));
+        assert!(matches!(
+            p.judge(StatusCode::BAD_REQUEST, &headers(&[])),
+            Judgement::Shareable
+        ));
         let max_age = headers(&[("cache-control", "public, max-age=7")]);
         assert_eq!(kept(p.judge(ok, &max_age)), Some(Duration::from_secs(7)));
         let s_maxage = headers(&[("cache-control", "max-age=7, s-maxage=3")]);
@@ -407,7 +418,10 @@ mod tests {
         };
         let base = key("/u/1?x=1", &[("accept", "a/b")]);
         assert!(base.is_some());
-        assert_eq!(base, key("/u/1?x=1", &[("accept", "a/b"), ("user-agent", "z")]));
+        assert_eq!(
+            base,
+            key("/u/1?x=1", &[("accept", "a/b"), ("user-agent", "z")])
+        );
         assert_ne!(base, key("/u/1?x=2", &[("accept", "a/b")]));
         assert_ne!(base, key("/u/2?x=1", &[("accept", "a/b")]));
         assert_ne!(base, key("/u/1?x=1", &[("accept", "c/d")]));

@@ -21,7 +21,10 @@ async fn with_redis() -> ResponseCache {
     let cache = ResponseCache::with_redis(client, conn);
     let started = std::time::Instant::now();
     while !cache.is_listening() {
-        assert!(started.elapsed() < Duration::from_secs(5), "purge subscription never started");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "purge subscription never started"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     cache
@@ -43,7 +46,9 @@ fn entry(body: &str, tags: &[&str], ttl: Duration) -> Entry {
 /// Fills `key` with `body` unless an entry is served; returns the body served and its source.
 async fn get(cache: &ResponseCache, key: &str, body: &str, tags: &[&str]) -> (String, Source) {
     match cache
-        .get_or_fill(key, async { Ok(entry(body, tags, Duration::from_secs(30))) })
+        .get_or_fill(key, async {
+            Ok(entry(body, tags, Duration::from_secs(30)))
+        })
         .await
     {
         Filled::Entry(e, source) => (String::from_utf8_lossy(&e.response.body).into(), source),
@@ -57,16 +62,31 @@ async fn suite(cache: ResponseCache) {
 
     // Miss fills, hit serves without filling.
     let key = unique("key");
-    assert_eq!(get(&cache, &key, "one", &[&tag]).await, ("one".into(), Source::Fill));
-    assert_eq!(get(&cache, &key, "two", &[&tag]).await, ("one".into(), Source::Memory));
+    assert_eq!(
+        get(&cache, &key, "one", &[&tag]).await,
+        ("one".into(), Source::Fill)
+    );
+    assert_eq!(
+        get(&cache, &key, "two", &[&tag]).await,
+        ("one".into(), Source::Memory)
+    );
 
     // Purge by tag forgets it at once; other tags are untouched.
     let other = unique("key");
     let other_tag = unique("tag");
     get(&cache, &other, "kept", &[&other_tag]).await;
-    cache.purge(std::slice::from_ref(&tag)).await.expect("purge");
-    assert!(cache.lookup(&key).await.is_none(), "purged entry not served");
-    assert_eq!(get(&cache, &key, "three", &[&tag]).await, ("three".into(), Source::Fill));
+    cache
+        .purge(std::slice::from_ref(&tag))
+        .await
+        .expect("purge");
+    assert!(
+        cache.lookup(&key).await.is_none(),
+        "purged entry not served"
+    );
+    assert_eq!(
+        get(&cache, &key, "three", &[&tag]).await,
+        ("three".into(), Source::Fill)
+    );
     assert_eq!(get(&cache, &other, "x", &[&other_tag]).await.0, "kept");
 
     // A fill that began before a purge is not served after it.
@@ -81,20 +101,28 @@ async fn suite(cache: ResponseCache) {
             Ok(entry("old", &[&racing_tag], Duration::from_secs(30)))
         })
         .await;
-    assert!(matches!(filled, Filled::Entry(..)), "the filler still gets its answer");
+    assert!(
+        matches!(filled, Filled::Entry(..)),
+        "the filler still gets its answer"
+    );
     assert!(cache.lookup(&racing).await.is_none(), "stale fill not kept");
     assert_eq!(get(&cache, &racing, "new", &[&racing_tag]).await.0, "new");
 
     // Expiry.
     let short = unique("key");
     let filled = cache
-        .get_or_fill(&short, async { Ok(entry("brief", &[], Duration::from_millis(200))) })
+        .get_or_fill(&short, async {
+            Ok(entry("brief", &[], Duration::from_millis(200)))
+        })
         .await;
     assert!(matches!(filled, Filled::Entry(..)));
     assert!(cache.lookup(&short).await.is_some());
     tokio::time::sleep(Duration::from_millis(350)).await;
     assert!(cache.lookup(&short).await.is_none(), "expired in memory");
-    assert_eq!(get(&cache, &short, "again", &[]).await, ("again".into(), Source::Fill));
+    assert_eq!(
+        get(&cache, &short, "again", &[]).await,
+        ("again".into(), Source::Fill)
+    );
 
     // Not stored: nothing kept, the reason handed back.
     let uncached = unique("key");
@@ -148,18 +176,27 @@ async fn two_processes_share_l2_and_purges() {
     let tag = unique("tag");
     assert_eq!(get(&a, &key, "from a", &[&tag]).await.1, Source::Fill);
     // B finds A's fill in L2 without filling, then holds it in memory.
-    assert_eq!(get(&b, &key, "from b", &[&tag]).await, ("from a".into(), Source::Shared));
+    assert_eq!(
+        get(&b, &key, "from b", &[&tag]).await,
+        ("from a".into(), Source::Shared)
+    );
     assert_eq!(get(&b, &key, "from b", &[&tag]).await.1, Source::Memory);
 
     // A purges: B stops serving it once the message arrives.
     let started = std::time::Instant::now();
     a.purge(std::slice::from_ref(&tag)).await.expect("purge");
     while b.lookup(&key).await.is_some() {
-        assert!(started.elapsed() < Duration::from_secs(2), "purge never reached B");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "purge never reached B"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     eprintln!("purge reached the other process in {:?}", started.elapsed());
-    assert_eq!(get(&b, &key, "fresh", &[&tag]).await, ("fresh".into(), Source::Fill));
+    assert_eq!(
+        get(&b, &key, "fresh", &[&tag]).await,
+        ("fresh".into(), Source::Fill)
+    );
 }
 
 #[tokio::test]
@@ -174,6 +211,12 @@ async fn redis_down_degrades_to_memory() {
     let tag = unique("tag");
     assert_eq!(get(&cache, &key, "local", &[&tag]).await.1, Source::Fill);
     assert_eq!(get(&cache, &key, "x", &[&tag]).await.1, Source::Memory);
-    assert!(cache.purge(std::slice::from_ref(&tag)).await.is_err(), "purge reports Redis down");
-    assert!(cache.lookup(&key).await.is_none(), "but this process forgot it");
+    assert!(
+        cache.purge(std::slice::from_ref(&tag)).await.is_err(),
+        "purge reports Redis down"
+    );
+    assert!(
+        cache.lookup(&key).await.is_none(),
+        "but this process forgot it"
+    );
 }

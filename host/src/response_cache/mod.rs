@@ -18,9 +18,9 @@
 //! Concurrent misses on one key share one fill (moka's `try_get_with`): the guest runs once per
 //! process, and the others get its response.
 
-mod redis;
 #[cfg(test)]
 mod conformance;
+mod redis;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -300,11 +300,11 @@ impl ResponseCache {
 impl Inner {
     fn is_fresh(&self, held: &Held) -> bool {
         held.entry.expires_at > unix_ms()
-            && held
-                .entry
-                .tags
-                .iter()
-                .all(|t| self.purged.get(t).is_none_or(|purged| purged <= held.filled))
+            && held.entry.tags.iter().all(|t| {
+                self.purged
+                    .get(t)
+                    .is_none_or(|purged| purged <= held.filled)
+            })
     }
 
     /// Records a purge of `tags` in this process: entries filled before now are stale.

@@ -59,7 +59,10 @@ pub fn tags_from_header(function: &str, value: &[u8]) -> Vec<String> {
         match namespaced(function, raw) {
             Ok(t) if tags.len() < MAX_TAGS => tags.push(t),
             Ok(_) => {
-                tracing::warn!(function, "more than {MAX_TAGS} cache tags; the rest are ignored");
+                tracing::warn!(
+                    function,
+                    "more than {MAX_TAGS} cache tags; the rest are ignored"
+                );
                 break;
             }
             Err(e) => tracing::warn!(function, "cache tag ignored: {e}"),
