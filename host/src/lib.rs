@@ -7,9 +7,13 @@
 //! - [`config`]: the manifest (`wasmgate.toml`), strict parsing and validation.
 //! - [`loader`]: manifest -> loaded functions + route table, or every problem at once.
 //! - [`router`]: the route table (path + method -> version set).
-//! - [`capabilities`]: db, cache and lock: WIT bindings, backends, grants.
+//! - [`capabilities`]: db, cache, lock and response-cache: WIT bindings, backends, grants.
 //! - [`runtime`]: wasmtime engine, compiled cache, per-request instances and their limits.
-//! - [`policy`]: per-function tower layers: rate limit, bulkhead, invoke.
+//! - [`policy`]: per-function and per-route tower layers: rate limit, idempotency, response
+//!   cache, bulkhead, invoke.
+//! - [`response_cache`]: the response cache's tiers (moka, Redis), tags, purges, single flight.
+//! - [`idempotency`]: the durable `Idempotency-Key` store in the platform's database.
+//! - [`snapshot`]: a response held in memory, as both of those keep and replay it.
 //! - [`server`]: the axum listener and the request path.
 //! - [`body_limit`]: request bodies capped while streaming.
 //! - [`problem`]: RFC 9457 error responses.

@@ -15,6 +15,12 @@ impl RequestId {
         Self(uuid::Uuid::new_v4().simple().to_string())
     }
 
+    /// The id the server put in a request's extensions (a fresh one if none, which only a
+    /// test's hand-made request lacks).
+    pub fn of(extensions: &http::Extensions) -> Self {
+        extensions.get::<Self>().cloned().unwrap_or_default()
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

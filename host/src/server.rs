@@ -1,7 +1,7 @@
 //! The HTTP front: axum listener, the request path, and the host's own endpoints.
 //!
 //! Request path: route match -> body limit -> the version's policy stack (rate limit ->
-//! bulkhead -> invoke) -> response. The current deployment (routes and backends) is swapped
+//! idempotency -> response cache -> bulkhead -> invoke) -> response. The current deployment (routes and backends) is swapped
 //! whole on reload; a request keeps the deployment it started with.
 
 use std::future::Future;

@@ -11,19 +11,17 @@
 //! Once claimed, the run finishes and its response is stored even if the client goes away, so
 //! the retry it will send finds it.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::Response;
-use futures::future::BoxFuture;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 
 use super::GuestRequest;
+use super::layer::{Next, Policy, forward};
 use crate::body_limit::LimitedBody;
 use crate::idempotency::{Claim, Store};
 use crate::problem::{Outcome, Problem};
@@ -90,157 +88,108 @@ fn hash(parts: &[&[u8]]) -> String {
     hex::encode(h.finalize())
 }
 
-#[derive(Clone)]
-pub struct IdempotencyLayer {
-    policy: Arc<IdempotencyPolicy>,
-}
-
-impl IdempotencyLayer {
-    pub fn new(policy: Arc<IdempotencyPolicy>) -> Self {
-        Self { policy }
+impl IdempotencyPolicy {
+    /// Where the key lives (route, method, principal, key) and what the request was (method,
+    /// path and query, content type, body).
+    fn scope_and_fingerprint(
+        &self,
+        head: &http::request::Parts,
+        key: &str,
+        body: &[u8],
+    ) -> (String, String) {
+        let header = |name| {
+            head.headers
+                .get(name)
+                .map(HeaderValue::as_bytes)
+                .unwrap_or_default()
+        };
+        let method = head.method.as_str().as_bytes();
+        let scope = hash(&[
+            self.route.as_bytes(),
+            method,
+            header(header::AUTHORIZATION),
+            key.as_bytes(),
+        ]);
+        let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+        let fingerprint = hash(&[method, path.as_bytes(), header(header::CONTENT_TYPE), body]);
+        (scope, fingerprint)
     }
 }
 
-impl<S> tower::Layer<S> for IdempotencyLayer {
-    type Service = IdempotencyService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        IdempotencyService {
-            inner,
-            policy: self.policy.clone(),
+impl Policy for IdempotencyPolicy {
+    async fn call<S: Next>(self: Arc<Self>, req: GuestRequest, mut next: S) -> Response {
+        if !matches!(*req.method(), Method::POST | Method::PATCH) {
+            return forward(&mut next, req).await;
         }
-    }
-}
-
-#[derive(Clone)]
-pub struct IdempotencyService<S> {
-    inner: S,
-    policy: Arc<IdempotencyPolicy>,
-}
-
-impl<S> tower::Service<GuestRequest> for IdempotencyService<S>
-where
-    S: tower::Service<GuestRequest, Response = Response, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: GuestRequest) -> Self::Future {
-        let policy = self.policy.clone();
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            if !matches!(*req.method(), Method::POST | Method::PATCH) {
-                return inner.call(req).await;
+        let id = RequestId::of(req.extensions());
+        let key = match client_key(&req) {
+            Ok(Some(key)) => key,
+            Ok(None) => return forward(&mut next, req).await,
+            Err(problem) => return problem.into_response_with(&id),
+        };
+        // The fingerprint needs the body; it is already capped, so reading it is bounded.
+        let (head, body) = req.into_parts();
+        let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
+            // Over the limit (the server answers 413) or the client went away.
+            return Problem::Internal.into_response_with(&id);
+        };
+        let (scope, fingerprint) = self.scope_and_fingerprint(&head, &key, &body);
+        let token = match self
+            .store
+            .claim(&scope, &fingerprint, self.lock, self.ttl)
+            .await
+        {
+            Ok(Claim::Run(token)) => token,
+            Ok(Claim::Replay(snapshot)) => {
+                let mut resp = snapshot.to_response();
+                resp.headers_mut()
+                    .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+                id.stamp(resp.headers_mut());
+                return resp;
             }
-            let id = req
-                .extensions()
-                .get::<RequestId>()
-                .cloned()
-                .unwrap_or_default();
-            let key = match client_key(&req) {
-                Ok(Some(key)) => key,
-                Ok(None) => return inner.call(req).await,
-                Err(problem) => return Ok(problem.into_response_with(&id)),
-            };
-            // The fingerprint needs the body; it is already capped, so reading it is bounded.
-            let (head, body) = req.into_parts();
-            let body = match body.collect().await {
-                Ok(b) => b.to_bytes(),
-                // Over the limit (the server answers 413) or the client went away.
-                Err(_) => return Ok(Problem::Internal.into_response_with(&id)),
-            };
-            let principal = head
-                .headers
-                .get(header::AUTHORIZATION)
-                .map(|v| v.as_bytes())
-                .unwrap_or_default();
-            let scope = hash(&[
-                policy.route.as_bytes(),
-                head.method.as_str().as_bytes(),
-                principal,
-                key.as_bytes(),
-            ]);
-            let path = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-            let content_type = head
-                .headers
-                .get(header::CONTENT_TYPE)
-                .map(|v| v.as_bytes())
-                .unwrap_or_default();
-            let fingerprint = hash(&[
-                head.method.as_str().as_bytes(),
-                path.as_bytes(),
-                content_type,
-                &body,
-            ]);
-
-            let token = match policy
-                .store
-                .claim(&scope, &fingerprint, policy.lock, policy.ttl)
-                .await
-            {
-                Ok(Claim::Run(token)) => token,
-                Ok(Claim::Replay(snapshot)) => {
-                    let mut resp = snapshot.to_response();
-                    resp.headers_mut()
-                        .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
-                    id.stamp(resp.headers_mut());
-                    return Ok(resp);
-                }
-                Ok(Claim::Mismatch) => {
-                    return Ok(Problem::IdempotencyKeyReused.into_response_with(&id));
-                }
-                Ok(Claim::InFlight) => {
-                    return Ok(Problem::IdempotencyKeyInFlight.into_response_with(&id));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, request_id = %id, "idempotency store unavailable");
-                    return Ok(Problem::IdempotencyUnavailable.into_response_with(&id));
-                }
-            };
-
-            let (body, _) = LimitedBody::new(Body::from(body), u64::MAX);
-            let req = GuestRequest::from_parts(head, body);
-            let store = policy.store.clone();
-            // Its own task: the run and its record finish even if this request is dropped.
-            let run = tokio::spawn(async move {
-                let resp = inner.call(req).await.unwrap_or_else(|n| match n {});
-                let failed =
-                    resp.status().is_server_error() || resp.extensions().get::<Outcome>().is_some();
-                if failed {
-                    release(&store, &token).await;
-                    return resp;
-                }
-                match Snapshot::capture(resp, MAX_STORED_BODY).await {
-                    Ok((snapshot, resp)) => {
-                        if let Err(e) = store.complete(&token, &snapshot).await {
-                            tracing::warn!(error = %e, "idempotent response not stored; a retry will run again");
-                            release(&store, &token).await;
-                        }
-                        resp
-                    }
-                    Err(resp) => {
-                        tracing::warn!(
-                            "response over {MAX_STORED_BODY} bytes not kept for Idempotency-Key replay"
-                        );
-                        release(&store, &token).await;
-                        resp
-                    }
-                }
-            });
-            Ok(run.await.unwrap_or_else(|e| {
-                tracing::error!(error = %e, "idempotent run panicked");
-                Problem::Internal.into_response_with(&id)
-            }))
+            Ok(Claim::Mismatch) => return Problem::IdempotencyKeyReused.into_response_with(&id),
+            Ok(Claim::InFlight) => return Problem::IdempotencyKeyInFlight.into_response_with(&id),
+            Err(e) => {
+                tracing::warn!(error = %e, request_id = %id, "idempotency store unavailable");
+                return Problem::IdempotencyUnavailable.into_response_with(&id);
+            }
+        };
+        let req = GuestRequest::from_parts(head, LimitedBody::new(Body::from(body), u64::MAX).0);
+        // Its own task: the run and its record finish even if this request is dropped.
+        let store = self.store.clone();
+        let run = tokio::spawn(async move {
+            let resp = forward(&mut next, req).await;
+            record(&store, &token, resp).await
+        });
+        run.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "idempotent run panicked");
+            Problem::Internal.into_response_with(&id)
         })
+    }
+}
+
+/// Stores a claimed run's response for replay, or releases the key when the run failed (or
+/// its response cannot be kept), so a retry runs again.
+async fn record(store: &Store, token: &crate::idempotency::Token, resp: Response) -> Response {
+    if resp.status().is_server_error() || resp.extensions().get::<Outcome>().is_some() {
+        release(store, token).await;
+        return resp;
+    }
+    match Snapshot::capture(resp, MAX_STORED_BODY).await {
+        Ok((snapshot, resp)) => {
+            if let Err(e) = store.complete(token, &snapshot).await {
+                tracing::warn!(error = %e, "idempotent response not stored; a retry will run again");
+                release(store, token).await;
+            }
+            resp
+        }
+        Err(resp) => {
+            tracing::warn!(
+                "response over {MAX_STORED_BODY} bytes not kept for Idempotency-Key replay"
+            );
+            release(store, token).await;
+            resp
+        }
     }
 }
 

@@ -38,11 +38,7 @@ impl tower::Service<GuestRequest> for Invoke {
     fn call(&mut self, req: GuestRequest) -> Self::Future {
         let function = self.function.clone();
         Box::pin(async move {
-            let id = req
-                .extensions()
-                .get::<RequestId>()
-                .cloned()
-                .unwrap_or_default();
+            let id = RequestId::of(req.extensions());
             Ok(match function.handle(req, &id).await {
                 Ok(resp) => {
                     let mut resp = resp.map(Body::new);

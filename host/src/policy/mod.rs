@@ -8,8 +8,9 @@
 //! - `bulkhead`: max concurrent executions plus a bounded queue with a max wait.
 //! - `idempotency`: `Idempotency-Key` on POST/PATCH routes that opt in (store in `crate::idempotency`).
 //! - `response_cache`: GET/HEAD responses of routes that opt in (storage in `crate::response_cache`).
-//! - `gate`: the one tower layer rate limit and bulkhead share: admit, or answer the policy's
-//!   problem at once.
+//! - `gate`: what rate limit and bulkhead share: admit on the request's head, or answer the
+//!   policy's problem at once.
+//! - `layer`: the tower layer/service every policy is wrapped in, written once.
 //! - `invoke`: the innermost service: one request through the function.
 //!
 //! Order, outermost first: rate limit, idempotency, response cache, bulkhead, invoke. A cache
@@ -26,6 +27,7 @@ pub mod bulkhead;
 mod gate;
 pub mod idempotency;
 mod invoke;
+mod layer;
 pub mod rate_limit;
 pub mod response_cache;
 
@@ -42,6 +44,7 @@ use crate::runtime::Function;
 
 pub use bulkhead::Bulkhead;
 pub use idempotency::IdempotencyPolicy;
+use layer::PolicyLayer;
 pub use rate_limit::RateLimiter;
 pub use response_cache::CachePolicy;
 
@@ -99,25 +102,15 @@ impl PolicyState {
     /// Builds the stack for one version of the function on one route. Order, outermost first:
     /// rate limit, idempotency, response cache, bulkhead, invoke.
     pub fn stack(&self, function: Function, route: &RoutePolicies) -> FunctionService {
-        let rate_limit = self
-            .rate_limit
-            .as_ref()
-            .map(|(_, l)| gate::GateLayer::new(l.clone()));
         let service = ServiceBuilder::new()
-            .option_layer(rate_limit)
             .option_layer(
-                route
-                    .idempotency
-                    .clone()
-                    .map(idempotency::IdempotencyLayer::new),
+                self.rate_limit
+                    .as_ref()
+                    .map(|(_, l)| PolicyLayer::new(l.clone())),
             )
-            .option_layer(
-                route
-                    .cache
-                    .clone()
-                    .map(response_cache::ResponseCacheLayer::new),
-            )
-            .layer(gate::GateLayer::new(self.bulkhead.1.clone()))
+            .option_layer(route.idempotency.clone().map(PolicyLayer::new))
+            .option_layer(route.cache.clone().map(PolicyLayer::new))
+            .layer(PolicyLayer::new(self.bulkhead.1.clone()))
             .service(invoke::Invoke::new(function));
         BoxCloneSyncService::new(service)
     }

@@ -12,17 +12,15 @@
 //! A request with `Authorization` bypasses the cache unless the route varies on it. Every
 //! response on a cached route says what happened in `Cache-Status` (RFC 9211).
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
-use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
 use super::GuestRequest;
+use super::layer::{Next, Policy, forward};
 use crate::capabilities::response_cache::tags_from_header;
 use crate::config::RouteCacheConfig;
 use crate::request_id::RequestId;
@@ -149,7 +147,7 @@ enum Judgement {
     Private,
 }
 
-/// Serves a kept response to this request.
+/// A kept response, for this request.
 fn serve(snapshot: &Snapshot, head_only: bool, status: &'static str, age: Option<u64>) -> Response {
     let mut resp = snapshot.to_response();
     if head_only {
@@ -163,175 +161,115 @@ fn serve(snapshot: &Snapshot, head_only: bool, status: &'static str, age: Option
     resp
 }
 
-#[derive(Clone)]
-pub struct ResponseCacheLayer {
-    policy: Arc<CachePolicy>,
+/// Runs the request past the cache and says so.
+async fn forwarded<S: Next>(next: &mut S, req: GuestRequest, status: &'static str) -> Response {
+    let mut resp = forward(next, req).await;
+    resp.headers_mut()
+        .insert(CACHE_STATUS, HeaderValue::from_static(status));
+    resp
 }
 
-impl ResponseCacheLayer {
-    pub fn new(policy: Arc<CachePolicy>) -> Self {
-        Self { policy }
-    }
-}
-
-impl<S> tower::Layer<S> for ResponseCacheLayer {
-    type Service = ResponseCacheService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        ResponseCacheService {
-            inner,
-            policy: self.policy.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct ResponseCacheService<S> {
-    inner: S,
-    policy: Arc<CachePolicy>,
-}
-
-impl<S> tower::Service<GuestRequest> for ResponseCacheService<S>
-where
-    S: tower::Service<GuestRequest, Response = Response, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: GuestRequest) -> Self::Future {
-        let policy = self.policy.clone();
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let head_only = req.method() == Method::HEAD;
-            let key = match *req.method() {
-                Method::GET | Method::HEAD => policy.key(req.uri(), req.headers()),
-                _ => return inner.call(req).await,
-            };
-            let id = req
-                .extensions()
-                .get::<RequestId>()
-                .cloned()
-                .unwrap_or_default();
-            let Some(key) = key else {
-                policy.counters.bypass.increment(1);
-                let mut resp = inner.call(req).await?;
-                resp.headers_mut().insert(
-                    CACHE_STATUS,
-                    HeaderValue::from_static("wasmgate; fwd=bypass"),
-                );
-                return Ok(resp);
-            };
-            let stamp = |mut resp: Response| {
-                id.stamp(resp.headers_mut());
-                Ok(resp)
-            };
-            if head_only {
-                // HEAD reads GET's entries but does not fill them: its response has no body.
-                return match policy.cache.lookup(&key).await {
-                    Some(e) => {
-                        policy.counters.hit.increment(1);
-                        stamp(serve(&e.response, true, "wasmgate; hit", Some(e.age())))
-                    }
-                    None => {
-                        policy.counters.miss.increment(1);
-                        let mut resp = inner.call(req).await?;
-                        resp.headers_mut()
-                            .insert(CACHE_STATUS, HeaderValue::from_static("wasmgate; fwd=miss"));
-                        Ok(resp)
-                    }
-                };
-            }
-
-            // The fill runs only in the request that leads it; the others keep their request
-            // and wait for its outcome.
-            let mut request = Some(req);
-            let mut own: Option<Response> = None;
-            let filled = {
-                let (slot, own, mut leader, policy) =
-                    (&mut request, &mut own, inner.clone(), &policy);
-                let fill = async move {
-                    let req = slot.take().expect("the fill runs once");
-                    let resp = leader.call(req).await.unwrap_or_else(|n| match n {});
-                    let judgement = policy.judge(resp.status(), resp.headers());
-                    let tags = resp
-                        .extensions()
-                        .get::<CacheTags>()
-                        .map(|t| tags_from_header(&policy.function, t.0.as_bytes()))
-                        .unwrap_or_default();
-                    match Snapshot::capture(resp, MAX_ENTRY_BODY).await {
-                        Ok((snapshot, resp)) => {
-                            *own = Some(resp);
-                            match judgement {
-                                Judgement::Keep(ttl) => Ok(Entry::new(snapshot, tags, ttl)),
-                                Judgement::Shareable => Err(NotStored {
-                                    shared: Some(snapshot),
-                                }),
-                                Judgement::Private => Err(NotStored { shared: None }),
-                            }
-                        }
-                        Err(resp) => {
-                            *own = Some(resp);
-                            Err(NotStored { shared: None })
-                        }
-                    }
-                };
-                policy.cache.get_or_fill(&key, fill).await
-            };
-            if let Some(mut resp) = own {
-                policy.counters.miss.increment(1);
-                let status = if matches!(filled, Filled::Entry(..)) {
-                    "wasmgate; fwd=miss; stored"
-                } else {
-                    "wasmgate; fwd=miss"
-                };
-                resp.headers_mut()
-                    .insert(CACHE_STATUS, HeaderValue::from_static(status));
-                return Ok(resp);
-            }
-            match filled {
-                Filled::Entry(e, source) => {
-                    let status = match source {
-                        Source::Memory => "wasmgate; hit",
-                        Source::Shared => "wasmgate; hit; detail=shared",
-                        Source::Fill => "wasmgate; hit; detail=coalesced",
-                    };
-                    if source == Source::Fill {
-                        policy.counters.coalesced.increment(1);
-                    } else {
-                        policy.counters.hit.increment(1);
-                    }
-                    stamp(serve(&e.response, false, status, Some(e.age())))
+impl Policy for CachePolicy {
+    async fn call<S: Next>(self: Arc<Self>, req: GuestRequest, mut next: S) -> Response {
+        let head_only = match *req.method() {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => return forward(&mut next, req).await,
+        };
+        let Some(key) = self.key(req.uri(), req.headers()) else {
+            self.counters.bypass.increment(1);
+            return forwarded(&mut next, req, "wasmgate; fwd=bypass").await;
+        };
+        let id = RequestId::of(req.extensions());
+        let reply = |snapshot: &Snapshot, status: &'static str, age: Option<u64>| {
+            let mut resp = serve(snapshot, head_only, status, age);
+            id.stamp(resp.headers_mut());
+            resp
+        };
+        if head_only {
+            // HEAD reads GET's entries but does not fill them: its response has no body.
+            return match self.cache.lookup(&key).await {
+                Some(e) => {
+                    self.counters.hit.increment(1);
+                    reply(&e.response, "wasmgate; hit", Some(e.age()))
                 }
-                Filled::NotStored(n) => match (&n.shared, request) {
-                    (Some(snapshot), _) => {
-                        policy.counters.coalesced.increment(1);
-                        stamp(serve(
-                            snapshot,
-                            false,
-                            "wasmgate; fwd=miss; detail=coalesced",
-                            None,
-                        ))
+                None => {
+                    self.counters.miss.increment(1);
+                    forwarded(&mut next, req, "wasmgate; fwd=miss").await
+                }
+            };
+        }
+
+        // The fill runs only in the request that leads it; the others keep their request and
+        // wait for its outcome.
+        let mut request = Some(req);
+        let mut own: Option<Response> = None;
+        let filled = {
+            let (slot, own, mut leader, policy) = (&mut request, &mut own, next.clone(), &self);
+            let fill = async move {
+                let req = slot.take().expect("the fill runs once");
+                let resp = forward(&mut leader, req).await;
+                let judgement = policy.judge(resp.status(), resp.headers());
+                let tags = resp
+                    .extensions()
+                    .get::<CacheTags>()
+                    .map(|t| tags_from_header(&policy.function, t.0.as_bytes()))
+                    .unwrap_or_default();
+                let (snapshot, resp) = match Snapshot::capture(resp, MAX_ENTRY_BODY).await {
+                    Ok(captured) => captured,
+                    Err(resp) => {
+                        *own = Some(resp);
+                        return Err(NotStored { shared: None });
                     }
-                    (None, Some(req)) => {
-                        policy.counters.miss.increment(1);
-                        let mut resp = inner.call(req).await?;
-                        resp.headers_mut()
-                            .insert(CACHE_STATUS, HeaderValue::from_static("wasmgate; fwd=miss"));
-                        Ok(resp)
-                    }
-                    (None, None) => unreachable!("a request that led the fill has its response"),
-                },
+                };
+                *own = Some(resp);
+                match judgement {
+                    Judgement::Keep(ttl) => Ok(Entry::new(snapshot, tags, ttl)),
+                    Judgement::Shareable => Err(NotStored {
+                        shared: Some(snapshot),
+                    }),
+                    Judgement::Private => Err(NotStored { shared: None }),
+                }
+            };
+            self.cache.get_or_fill(&key, fill).await
+        };
+        if let Some(mut resp) = own {
+            self.counters.miss.increment(1);
+            let status = if matches!(filled, Filled::Entry(..)) {
+                "wasmgate; fwd=miss; stored"
+            } else {
+                "wasmgate; fwd=miss"
+            };
+            resp.headers_mut()
+                .insert(CACHE_STATUS, HeaderValue::from_static(status));
+            return resp;
+        }
+        match (filled, request) {
+            (Filled::Entry(e, source), _) => {
+                let status = match source {
+                    Source::Memory => "wasmgate; hit",
+                    Source::Shared => "wasmgate; hit; detail=shared",
+                    Source::Fill => "wasmgate; hit; detail=coalesced",
+                };
+                if source == Source::Fill {
+                    self.counters.coalesced.increment(1);
+                } else {
+                    self.counters.hit.increment(1);
+                }
+                reply(&e.response, status, Some(e.age()))
             }
-        })
+            (Filled::NotStored(n), request) => match (&n.shared, request) {
+                (Some(snapshot), _) => {
+                    self.counters.coalesced.increment(1);
+                    reply(snapshot, "wasmgate; fwd=miss; detail=coalesced", None)
+                }
+                (None, Some(req)) => {
+                    self.counters.miss.increment(1);
+                    forwarded(&mut next, req, "wasmgate; fwd=miss").await
+                }
+                (None, None) => unreachable!("the request that led the fill has its response"),
+            },
+        }
     }
 }
 
