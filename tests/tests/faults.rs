@@ -25,6 +25,11 @@ function = "probe"
 [[routes]]
 path = "/hello"
 function = "hello"
+[[routes]]
+path = "/cached/hello"
+methods = ["GET"]
+function = "hello"
+cache = { ttl = "60s" }
 "#;
 
 /// The bound a guest waits on a dead backend (BACKEND_TIMEOUT is 2 s), plus slack.
@@ -97,8 +102,11 @@ async fn redis_down_is_unavailable_and_recovers() {
     );
     assert_unavailable_fast(&client, client.get(s.url("/probe/cache/k"))).await;
     assert_unavailable_fast(&client, client.post(s.url("/probe/lock/x?wait_ms=100"))).await;
-    // Routes that do not need Redis keep serving.
+    // Routes that do not need Redis keep serving; the response cache falls back to memory.
     assert_eq!(get_status(&client, &s.url("/hello")).await, 200);
+    for _ in 0..2 {
+        assert_eq!(get_status(&client, &s.url("/cached/hello")).await, 200);
+    }
     assert_eq!(get_status(&client, &s.url("/probe/db")).await, 200);
     let (status, body) = readyz(&s).await;
     assert_eq!(status, 503);
@@ -139,4 +147,57 @@ async fn postgres_down_is_unavailable_and_recovers() {
     pg.resume();
     until_ok(&client, &s.url("/probe/db"), reqwest::Method::GET).await;
     assert_eq!(readyz(&s).await.0, 200);
+}
+
+#[tokio::test]
+async fn idempotency_store_down_refuses_keyed_writes_and_recovers() {
+    const EFFECTS: &str = r#"
+[functions.cachey]
+wasm = "{wasm:cachey}"
+capabilities = ["cache", "response-cache"]
+[[routes]]
+path = "/effects/{name}"
+methods = ["POST"]
+function = "cachey"
+idempotency = {}
+"#;
+    let pg = PrivatePostgres::start();
+    let s = Server::start_with_args(EFFECTS, &["--database-url", &pg.url()]);
+    let client = reqwest::Client::new();
+    let post = |key: Option<&str>| {
+        let req = client.post(s.url("/effects/x"));
+        match key {
+            Some(k) => req.header("idempotency-key", k),
+            None => req,
+        }
+    };
+    assert_eq!(post(Some("a")).send().await.expect("post").status(), 201);
+
+    pg.stop();
+    let started = Instant::now();
+    let resp = post(Some("b")).send().await.expect("post");
+    assert!(started.elapsed() < FAST, "took {:?}", started.elapsed());
+    // Not run: without the store a retry could run it twice.
+    wasmgate_tests::expect_problem(resp, 503, "idempotency-unavailable").await;
+    assert_eq!(
+        post(None).send().await.expect("post").status(),
+        201,
+        "unkeyed writes still run"
+    );
+
+    pg.resume();
+    let started = Instant::now();
+    while post(Some("b")).send().await.expect("post").status() != 201 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let replay = post(Some("a")).send().await.expect("post");
+    assert_eq!(
+        replay.headers()["idempotent-replayed"],
+        "true",
+        "keys kept across the outage"
+    );
 }

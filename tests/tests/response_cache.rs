@@ -109,6 +109,20 @@ async fn hit_miss_head_and_expiry() {
         "expired after the TTL"
     );
     assert_eq!(after.body["run"], 2);
+
+    let text = c
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for (result, n) in [("hit", 2), ("miss", 2)] {
+        let line =
+            format!("wasmgate_response_cache_total{{function=\"cachey\",result=\"{result}\"}} {n}");
+        assert!(text.contains(&line), "{line} not in:\n{text}");
+    }
 }
 
 #[tokio::test]
@@ -274,6 +288,14 @@ async fn concurrent_misses_run_the_guest_once() {
     );
     let led = statuses.iter().filter(|s| s.contains("fwd=miss")).count();
     assert_eq!(led, 1, "{statuses:?}");
+    let waited = statuses
+        .iter()
+        .filter(|s| *s == "wasmgate; hit; detail=coalesced")
+        .count();
+    assert!(
+        waited >= 10,
+        "most arrived while the fill ran and waited for it: {statuses:?}"
+    );
 }
 
 #[tokio::test]

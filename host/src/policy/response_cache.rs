@@ -247,11 +247,11 @@ impl Policy for CachePolicy {
         match (filled, request) {
             (Filled::Entry(e, source), _) => {
                 let status = match source {
-                    Source::Memory => "wasmgate; hit",
+                    Source::Memory | Source::Fill => "wasmgate; hit",
                     Source::Shared => "wasmgate; hit; detail=shared",
-                    Source::Fill => "wasmgate; hit; detail=coalesced",
+                    Source::Coalesced => "wasmgate; hit; detail=coalesced",
                 };
-                if source == Source::Fill {
+                if source == Source::Coalesced {
                     self.counters.coalesced.increment(1);
                 } else {
                     self.counters.hit.increment(1);

@@ -147,16 +147,21 @@ async fn suite(cache: ResponseCache) {
                     })
                     .await;
                 match filled {
-                    Filled::Entry(e, _) => e.response.body.clone(),
-                    Filled::NotStored(_) => Vec::new(),
+                    Filled::Entry(e, source) => (e.response.body.clone(), source),
+                    Filled::NotStored(_) => (Vec::new(), Source::Memory),
                 }
             })
         })
         .collect();
+    let mut sources = Vec::new();
     for t in tasks {
-        assert_eq!(t.await.expect("task"), b"once");
+        let (body, source) = t.await.expect("task");
+        assert_eq!(body, b"once");
+        sources.push(source);
     }
     assert_eq!(fills.load(Ordering::SeqCst), 1, "one fill for 16 misses");
+    let waited = sources.iter().filter(|s| **s == Source::Coalesced).count();
+    assert_eq!(waited, 15, "the others waited for it: {sources:?}");
 }
 
 #[tokio::test]

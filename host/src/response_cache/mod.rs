@@ -94,9 +94,14 @@ pub enum Filled {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// L1.
     Memory,
+    /// L2, filled by some process.
     Shared,
+    /// This caller's fill.
     Fill,
+    /// Another caller's fill, waited for.
+    Coalesced,
 }
 
 /// A purge that reached this process but not the shared tier.
@@ -218,7 +223,7 @@ impl ResponseCache {
         if let Some(entry) = self.lookup(key).await {
             return Filled::Entry(entry, Source::Memory);
         }
-        let mut source = Source::Memory;
+        let mut source = Source::Coalesced;
         let inner = &self.inner;
         let result = inner
             .l1
@@ -258,6 +263,12 @@ impl ResponseCache {
             })
             .await;
         match result {
+            // Another caller's fill that raced a purge: not served. Rare enough to leave the
+            // key to the next request rather than filling again here.
+            Ok(held) if source == Source::Coalesced && !inner.is_fresh(&held) => {
+                inner.l1.invalidate(key).await;
+                Filled::NotStored(Arc::new(NotStored { shared: None }))
+            }
             Ok(held) => Filled::Entry(held.entry.clone(), source),
             Err(not_stored) => Filled::NotStored(not_stored),
         }
