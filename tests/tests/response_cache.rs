@@ -351,4 +351,27 @@ async fn two_processes_share_entries_and_purges() {
         2,
         "counts are shared through Redis too"
     );
+
+    // Vary and expiry hold across processes too: B finds A's entry per `accept`, and after the
+    // TTL neither serves it.
+    let varied = format!("/c/{name}-vary");
+    let json = [("accept", "application/json")];
+    let text = [("accept", "text/plain")];
+    assert_eq!(get(&c, &a.url(&varied), &json).await.body["run"], 1);
+    assert_eq!(get(&c, &a.url(&varied), &text).await.body["run"], 2);
+    let b_json = get(&c, &b.url(&varied), &json).await;
+    assert_eq!(b_json.cache_status, "wasmgate; hit; detail=shared");
+    assert_eq!(b_json.body["run"], 1);
+    let b_text = get(&c, &b.url(&varied), &text).await;
+    assert_eq!(
+        (b_text.body["accept"].as_str(), b_text.body["run"].as_i64()),
+        (Some("text/plain"), Some(2))
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let expired = get(&c, &b.url(&varied), &json).await;
+    assert_eq!(
+        expired.cache_status, "wasmgate; fwd=miss; stored",
+        "expired everywhere"
+    );
+    assert_eq!(expired.body["run"], 3);
 }
