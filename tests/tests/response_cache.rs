@@ -375,3 +375,34 @@ async fn two_processes_share_entries_and_purges() {
     );
     assert_eq!(expired.body["run"], 3);
 }
+
+#[tokio::test]
+async fn two_processes_run_a_cold_key_once() {
+    let name = format!("cold{}", unique_suffix());
+    let (a, b) = (
+        Server::start_with_args(MANIFEST, &["--redis-url", &redis_url()]),
+        Server::start_with_args(MANIFEST, &["--redis-url", &redis_url()]),
+    );
+    let c = reqwest::Client::new();
+    let path = format!("/c/{name}?delay=300");
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let url = if i % 2 == 0 {
+                a.url(&path)
+            } else {
+                b.url(&path)
+            };
+            let c = c.clone();
+            tokio::spawn(async move { get(&c, &url, &[]).await })
+        })
+        .collect();
+    for t in tasks {
+        let g = t.await.expect("task");
+        assert_eq!((g.status, g.body["run"].clone()), (200, 1.into()));
+    }
+    assert_eq!(
+        runs(&c, &a, &name).await,
+        1,
+        "20 misses on two processes, one execution"
+    );
+}

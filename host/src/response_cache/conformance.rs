@@ -225,3 +225,64 @@ async fn redis_down_degrades_to_memory() {
         "but this process forgot it"
     );
 }
+
+#[tokio::test]
+async fn two_processes_fill_a_cold_key_once() {
+    let caches = [with_redis().await, with_redis().await];
+    let key = unique("cold");
+    let fills = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let (cache, key, fills) = (caches[i % 2].clone(), key.clone(), fills.clone());
+            tokio::spawn(async move {
+                let filled = cache
+                    .get_or_fill(&key, async {
+                        fills.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        Ok(entry("once", &[], Duration::from_secs(30)))
+                    })
+                    .await;
+                match filled {
+                    Filled::Entry(e, _) => e.response.body.clone(),
+                    Filled::NotStored(_) => Vec::new(),
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), b"once");
+    }
+    assert_eq!(
+        fills.load(Ordering::SeqCst),
+        1,
+        "one fill for two processes"
+    );
+
+    // A fill that keeps nothing lets the waiting process fill for itself at once.
+    let key = unique("private");
+    let (a, b) = (caches[0].clone(), caches[1].clone());
+    let slow = tokio::spawn({
+        let key = key.clone();
+        async move {
+            a.get_or_fill(&key, async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Err(NotStored { shared: None })
+            })
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    let waited = b
+        .get_or_fill(&key, async {
+            Ok(entry("own", &[], Duration::from_secs(30)))
+        })
+        .await;
+    assert!(matches!(waited, Filled::Entry(e, Source::Fill) if e.response.body == b"own"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(slow.await.expect("task"), Filled::NotStored(_)));
+}

@@ -15,8 +15,9 @@
 //! whose tag was purged after the fill began. Fills that take longer than [`FILL_WINDOW`] are
 //! not stored, so purge records need only live that long past an entry's life.
 //!
-//! Concurrent misses on one key share one fill (moka's `try_get_with`): the guest runs once per
-//! process, and the others get its response.
+//! Concurrent misses on one key share one fill: in a process through moka's `try_get_with`, and
+//! across processes through a fill claim in L2 (the others poll for its entry, for at most the
+//! claim's 10 s TTL, then fill themselves). The guest runs once, and the others get its response.
 
 #[cfg(test)]
 mod conformance;
@@ -214,7 +215,8 @@ impl ResponseCache {
     }
 
     /// Looks `key` up in L1, then L2, then runs `fill` — once for all concurrent callers with
-    /// the same key in this process. `fill` yields the entry to keep, or why not.
+    /// the same key, in this process and (with L2) across processes. `fill` yields the entry to
+    /// keep, or why not.
     pub async fn get_or_fill(
         &self,
         key: &str,
@@ -229,37 +231,44 @@ impl ResponseCache {
             .l1
             .try_get_with_by_ref(key, async {
                 let filled = inner.seq.load(Ordering::SeqCst);
-                let mut shared_seq = None;
+                let held = |entry| Ok::<_, NotStored>(Arc::new(Held { entry: Arc::new(entry), filled }));
+                let (mut shared_seq, mut leading) = (None, false);
                 if let Some(l2) = &inner.l2 {
                     match l2.get(key).await {
                         Ok((Some(entry), _)) => {
                             source = Source::Shared;
-                            return Ok(Arc::new(Held {
-                                entry: Arc::new(entry),
-                                filled,
-                            }));
+                            return held(entry);
                         }
-                        Ok((None, seq)) => shared_seq = Some(seq),
+                        Ok((None, seq)) => {
+                            shared_seq = Some(seq);
+                            // One fill across processes: the others wait for its entry.
+                            leading = l2.lead(key).await.unwrap_or(true);
+                            if !leading && let Some(entry) = l2.wait_for(key).await {
+                                return held(entry);
+                            }
+                        }
                         Err(e) => tracing::debug!(error = %e, "shared response cache unavailable; filling locally"),
                     }
                 }
                 let started = Instant::now();
-                let entry = fill.await?;
+                let outcome = fill.await;
                 source = Source::Fill;
+                if let (Some(l2), Some(seq), Ok(entry)) = (&inner.l2, shared_seq, &outcome)
+                    && started.elapsed() <= FILL_WINDOW
+                    && let Err(e) = l2.put(key, entry, seq).await
+                {
+                    tracing::debug!(error = %e, "shared response cache unavailable; kept in memory only");
+                }
+                if let (Some(l2), true) = (&inner.l2, leading) {
+                    l2.unlead(key).await;
+                }
+                let entry = outcome?;
                 if started.elapsed() > FILL_WINDOW {
                     return Err(NotStored {
                         shared: Some(entry.response),
                     });
                 }
-                if let (Some(l2), Some(seq)) = (&inner.l2, shared_seq)
-                    && let Err(e) = l2.put(key, &entry, seq).await
-                {
-                    tracing::debug!(error = %e, "shared response cache unavailable; kept in memory only");
-                }
-                Ok(Arc::new(Held {
-                    entry: Arc::new(entry),
-                    filled,
-                }))
+                held(entry)
             })
             .await;
         match result {

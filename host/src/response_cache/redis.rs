@@ -2,12 +2,13 @@
 //!
 //! Keys (`wasmgate:rc:` prefix): `e:<key>` an entry (postcard) with its TTL; `t:<tag>` the set of
 //! entry keys carrying the tag; `p:<tag>` the purge sequence of the tag's last purge, kept for
-//! twice [`FILL_WINDOW`]; `seq` the purge sequence. Both writes are Lua scripts, so a purge and
-//! a store never interleave.
+//! twice [`FILL_WINDOW`]; `seq` the purge sequence; `f:<key>` while a process fills the key, so
+//! the others wait for its entry instead of running the guest too. Both writes are Lua scripts,
+//! so a purge and a store never interleave.
 
 use std::sync::Weak;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use redis::AsyncCommands;
@@ -53,6 +54,22 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 return seq
 ";
 
+/// How long a process may hold a key's fill before others stop waiting and fill it themselves.
+const LEAD_TTL: Duration = Duration::from_secs(10);
+/// How often a waiting process looks for the leader's entry.
+const WAIT_POLL: Duration = Duration::from_millis(5);
+
+fn decode(key: &str, bytes: Option<Vec<u8>>) -> Option<Entry> {
+    match postcard::from_bytes::<Entry>(&bytes?) {
+        Ok(e) if e.expires_at > super::unix_ms() => Some(e),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(key, error = %e, "corrupt shared cache entry ignored");
+            None
+        }
+    }
+}
+
 pub struct RedisTier {
     conn: ConnectionManager,
     store: redis::Script,
@@ -75,15 +92,50 @@ impl RedisTier {
         let (entry, seq): (Option<Vec<u8>>, Option<u64>) = conn
             .mget(&[format!("{PREFIX}e:{key}"), format!("{PREFIX}seq")])
             .await?;
-        let entry = entry.and_then(|bytes| match postcard::from_bytes::<Entry>(&bytes) {
-            Ok(e) if e.expires_at > super::unix_ms() => Some(e),
-            Ok(_) => None,
-            Err(e) => {
-                tracing::warn!(key, error = %e, "corrupt shared cache entry ignored");
-                None
+        Ok((decode(key, entry), seq.unwrap_or(0)))
+    }
+
+    /// Claims the fill of `key` across processes; false when another process holds it.
+    pub async fn lead(&self, key: &str) -> redis::RedisResult<bool> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(format!("{PREFIX}f:{key}"))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(u64::try_from(LEAD_TTL.as_millis()).unwrap_or(u64::MAX))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Ends this process's fill of `key` (after its entry, if any, is stored). Without an owner
+    /// token a leader slower than [`LEAD_TTL`] may end a successor's claim: the cost is one
+    /// more fill, never a wrong answer.
+    pub async fn unlead(&self, key: &str) {
+        let del = redis::cmd("DEL")
+            .arg(format!("{PREFIX}f:{key}"))
+            .query_async::<()>(&mut self.conn.clone())
+            .await;
+        if let Err(e) = del {
+            tracing::debug!(error = %e, "fill claim not released; it expires on its own");
+        }
+    }
+
+    /// Waits while another process fills `key`: its entry once stored, or `None` when that fill
+    /// ended without one, Redis failed, or [`LEAD_TTL`] passed (then the caller fills itself).
+    pub async fn wait_for(&self, key: &str) -> Option<Entry> {
+        let deadline = Instant::now() + LEAD_TTL;
+        let keys = [format!("{PREFIX}e:{key}"), format!("{PREFIX}f:{key}")];
+        while Instant::now() < deadline {
+            tokio::time::sleep(WAIT_POLL).await;
+            let (entry, lead): (Option<Vec<u8>>, Option<String>) =
+                self.conn.clone().mget(&keys).await.ok()?;
+            if let Some(entry) = decode(key, entry) {
+                return Some(entry);
             }
-        });
-        Ok((entry, seq.unwrap_or(0)))
+            lead.as_ref()?;
+        }
+        None
     }
 
     /// Stores `entry` unless a tag was purged after `seen` (the sequence the fill's miss read).
