@@ -51,6 +51,16 @@ async fn reads_are_cached_and_writes_purge_them() {
     assert_eq!(body, user, "a hit is the v1 shape, unchanged");
     read(&c, &v2).await;
     assert_eq!(read(&c, &v2).await.1, "wasmgate; hit");
+    // A client holding the current ETag gets a 304 from the cache.
+    let conditional = c
+        .get(&v2)
+        .header("if-none-match", "\"1\"")
+        .send()
+        .await
+        .expect("conditional get");
+    assert_eq!(conditional.status(), 304);
+    assert_eq!(conditional.headers()["etag"], "\"1\"");
+    assert!(conditional.bytes().await.expect("body").is_empty());
 
     // A v2 write purges the v1 and v2 entries of that user at once.
     let patched = c

@@ -148,10 +148,35 @@ enum Judgement {
 }
 
 /// A kept response, for this request.
-fn serve(snapshot: &Snapshot, head_only: bool, status: &'static str, age: Option<u64>) -> Response {
+/// With `if_none_match` naming the kept response's ETag, a 304 without a body (RFC 9110 13.1.2,
+/// weak comparison).
+fn serve(
+    snapshot: &Snapshot,
+    head_only: bool,
+    if_none_match: Option<&HeaderValue>,
+    status: &'static str,
+    age: Option<u64>,
+) -> Response {
     let mut resp = snapshot.to_response();
     if head_only {
         *resp.body_mut() = axum::body::Body::empty();
+    }
+    if let (Some(wanted), Some(etag)) = (if_none_match, resp.headers().get(header::ETAG))
+        && etag_matches(wanted, etag)
+    {
+        let mut not_modified = Response::new(axum::body::Body::empty());
+        *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
+        for name in [
+            header::ETAG,
+            header::CACHE_CONTROL,
+            header::VARY,
+            header::EXPIRES,
+        ] {
+            if let Some(v) = resp.headers().get(&name) {
+                not_modified.headers_mut().insert(name, v.clone());
+            }
+        }
+        resp = not_modified;
     }
     let headers = resp.headers_mut();
     headers.insert(CACHE_STATUS, HeaderValue::from_static(status));
@@ -159,6 +184,15 @@ fn serve(snapshot: &Snapshot, head_only: bool, status: &'static str, age: Option
         headers.insert(header::AGE, HeaderValue::from(age));
     }
     resp
+}
+
+/// Whether an `If-None-Match` value names `etag` (`*`, or one of its tags, `W/` ignored).
+fn etag_matches(wanted: &HeaderValue, etag: &HeaderValue) -> bool {
+    let opaque = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    let (Ok(wanted), Ok(etag)) = (wanted.to_str(), etag.to_str()) else {
+        return false;
+    };
+    wanted.trim() == "*" || wanted.split(',').any(|t| opaque(t) == opaque(etag))
 }
 
 /// Runs the request past the cache and says so.
@@ -181,8 +215,9 @@ impl Policy for CachePolicy {
             return forwarded(&mut next, req, "wasmgate; fwd=bypass").await;
         };
         let id = RequestId::of(req.extensions());
+        let if_none_match = req.headers().get(header::IF_NONE_MATCH).cloned();
         let reply = |snapshot: &Snapshot, status: &'static str, age: Option<u64>| {
-            let mut resp = serve(snapshot, head_only, status, age);
+            let mut resp = serve(snapshot, head_only, if_none_match.as_ref(), status, age);
             id.stamp(resp.headers_mut());
             resp
         };
@@ -346,6 +381,33 @@ mod tests {
             );
         }
         assert!(kept(p.judge(ok, &headers(&[("vary", "Accept")]))).is_some());
+    }
+
+    #[test]
+    fn if_none_match_gets_304_from_a_kept_response() {
+        let snapshot = Snapshot {
+            status: 200,
+            headers: vec![
+                ("etag".into(), b"\"7\"".to_vec()),
+                ("content-type".into(), b"application/json".to_vec()),
+            ],
+            body: b"{}".to_vec(),
+        };
+        let status = "wasmgate; hit";
+        for (sent, expected) in [
+            ("\"7\"", 304),
+            ("W/\"7\"", 304),
+            ("\"6\", \"7\"", 304),
+            ("*", 304),
+            ("\"8\"", 200),
+        ] {
+            let wanted = HeaderValue::from_static(sent);
+            let resp = serve(&snapshot, false, Some(&wanted), status, Some(1));
+            assert_eq!(resp.status().as_u16(), expected, "{sent}");
+            assert_eq!(resp.headers()["etag"], "\"7\"");
+            assert_eq!(resp.headers()["cache-status"], status);
+        }
+        assert_eq!(serve(&snapshot, false, None, status, None).status(), 200);
     }
 
     #[test]
