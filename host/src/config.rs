@@ -202,12 +202,16 @@ pub struct IdempotencyConfig {
         deserialize_with = "human_duration"
     )]
     pub ttl: Duration,
+    /// Refuse POST and PATCH without a key (400) instead of running them unprotected.
+    #[serde(default)]
+    pub required: bool,
 }
 
 impl Default for IdempotencyConfig {
     fn default() -> Self {
         Self {
             ttl: DEFAULT_IDEMPOTENCY_TTL,
+            required: false,
         }
     }
 }

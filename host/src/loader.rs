@@ -180,7 +180,7 @@ pub async fn load(
                     Arc::new(IdempotencyPolicy::new(
                         store,
                         &r.path,
-                        cfg.ttl,
+                        cfg,
                         function.limits().timeout,
                     ))
                 },

@@ -23,6 +23,7 @@ pub enum Problem {
     RateLimited { retry_after: std::time::Duration },
     RateLimitUnavailable,
     BulkheadFull,
+    IdempotencyKeyMissing,
     IdempotencyKeyInvalid { detail: String },
     IdempotencyKeyReused,
     IdempotencyKeyInFlight,
@@ -50,7 +51,9 @@ impl Problem {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Problem::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Problem::IdempotencyKeyInvalid { .. } => StatusCode::BAD_REQUEST,
+            Problem::IdempotencyKeyMissing | Problem::IdempotencyKeyInvalid { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             Problem::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Problem::IdempotencyKeyInFlight => StatusCode::CONFLICT,
             Problem::IdempotencyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -71,6 +74,7 @@ impl Problem {
             Problem::RateLimited { .. } => "rate-limited",
             Problem::RateLimitUnavailable => "rate-limit-unavailable",
             Problem::BulkheadFull => "bulkhead-full",
+            Problem::IdempotencyKeyMissing => "idempotency-key-missing",
             Problem::IdempotencyKeyInvalid { .. } => "idempotency-key-invalid",
             Problem::IdempotencyKeyReused => "idempotency-key-reused",
             Problem::IdempotencyKeyInFlight => "idempotency-key-in-flight",
@@ -92,6 +96,7 @@ impl Problem {
             Problem::RateLimited { .. } => "Too many requests for this function",
             Problem::RateLimitUnavailable => "The function's shared rate limit cannot be checked",
             Problem::BulkheadFull => "The function is at its concurrency limit",
+            Problem::IdempotencyKeyMissing => "Idempotency-Key required",
             Problem::IdempotencyKeyInvalid { .. } => "Invalid Idempotency-Key",
             Problem::IdempotencyKeyReused => "Idempotency-Key already used for another request",
             Problem::IdempotencyKeyInFlight => "A request with this Idempotency-Key is in progress",
@@ -106,6 +111,9 @@ impl Problem {
             Problem::BodyTooLarge { limit } => {
                 Some(format!("this function accepts bodies up to {limit} bytes"))
             }
+            Problem::IdempotencyKeyMissing => Some(
+                "this route runs POST and PATCH only with an Idempotency-Key header; send a new unique key per request and reuse it on retries".into(),
+            ),
             Problem::IdempotencyKeyInvalid { detail } => Some(detail.clone()),
             Problem::IdempotencyKeyReused => Some(
                 "a key may be retried only with the same method, path and body; use a new key for a new request".into(),

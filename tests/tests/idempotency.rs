@@ -24,7 +24,7 @@ idempotency = {}
 path = "/effects/{name}/again"
 methods = ["POST"]
 function = "cachey"
-idempotency = { ttl = "1h" }
+idempotency = { ttl = "1h", required = true }
 
 [[routes]]
 path = "/runs/{name}"
@@ -153,6 +153,13 @@ async fn misuse_of_a_key() {
         .await
         .expect("patch");
     assert_eq!((patch.status().as_u16(), replayed(&patch)), (201, false));
+
+    // A route that requires keys refuses a write without one, and runs nothing.
+    let required = post(&c, &s.url("/effects/m/again"), None, r#"{"a":1}"#, None).await;
+    expect_problem(required, 400, "idempotency-key-missing").await;
+    let next = post(&c, &s.url("/effects/m/again"), Some("k2"), "{}", None).await;
+    let next: Value = next.json().await.expect("json");
+    assert_eq!(next["run"], 2, "the refused request did not run");
 
     // Malformed keys: 400, nothing runs.
     let before = runs(&c, &s, "m").await;

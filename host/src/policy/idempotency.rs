@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use super::GuestRequest;
 use super::layer::{Next, Policy, forward};
 use crate::body_limit::LimitedBody;
+use crate::config::IdempotencyConfig;
 use crate::idempotency::{Claim, Store};
 use crate::problem::{Outcome, Problem};
 use crate::request_id::RequestId;
@@ -43,15 +44,17 @@ pub struct IdempotencyPolicy {
     route: Arc<str>,
     ttl: Duration,
     lock: Duration,
+    required: bool,
 }
 
 impl IdempotencyPolicy {
-    pub fn new(store: Store, route: &str, ttl: Duration, timeout: Duration) -> Self {
+    pub fn new(store: Store, route: &str, cfg: &IdempotencyConfig, timeout: Duration) -> Self {
         Self {
             store,
             route: route.into(),
-            ttl,
+            ttl: cfg.ttl,
             lock: timeout + LOCK_MARGIN,
+            required: cfg.required,
         }
     }
 }
@@ -124,6 +127,9 @@ impl Policy for IdempotencyPolicy {
         let id = RequestId::of(req.extensions());
         let key = match client_key(&req) {
             Ok(Some(key)) => key,
+            Ok(None) if self.required => {
+                return Problem::IdempotencyKeyMissing.into_response_with(&id);
+            }
             Ok(None) => return forward(&mut next, req).await,
             Err(problem) => return problem.into_response_with(&id),
         };
