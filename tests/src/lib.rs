@@ -364,6 +364,23 @@ pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value 
         .expect("a JSON body")
 }
 
+/// GET `url` and its body as text.
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    client
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("a text body")
+}
+
+/// `path` on `a` for even `i`, on `b` for odd: spreads requests over two processes.
+pub fn either(a: &Server, b: &Server, i: usize, path: &str) -> String {
+    if i % 2 == 0 { a.url(path) } else { b.url(path) }
+}
+
 /// GET `url` and its status code.
 pub async fn get_status(client: &reqwest::Client, url: &str) -> u16 {
     client.get(url).send().await.expect("GET").status().as_u16()

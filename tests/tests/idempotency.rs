@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use wasmgate_tests::{Server, expect_problem, fresh_postgres, get_json, redis_url, unique_suffix};
+use wasmgate_tests::{
+    Server, either, expect_problem, fresh_postgres, get_json, redis_url, unique_suffix,
+};
 
 fn manifest() -> String {
     r#"
@@ -265,12 +267,7 @@ async fn two_processes_racing_retries_execute_once() {
     let path = format!("/effects/{name}?delay=300");
     let tasks: Vec<_> = (0..12)
         .map(|i| {
-            let url = if i % 2 == 0 {
-                a.url(&path)
-            } else {
-                b.url(&path)
-            };
-            let c = c.clone();
+            let (c, url) = (c.clone(), either(&a, &b, i, &path));
             tokio::spawn(async move {
                 let r = post(&c, &url, Some("one-key"), r#"{"n":1}"#, None).await;
                 (r.status().as_u16(), replayed(&r))

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use wasmgate_tests::{Server, expect_problem, get_json, get_status, redis_url, unique_suffix};
+use wasmgate_tests::{
+    Server, expect_problem, get_json, get_status, get_text, redis_url, unique_suffix,
+};
 
 #[tokio::test]
 async fn rate_limit_answers_429_with_retry_after_and_spares_other_functions() {
@@ -172,14 +174,7 @@ async fn a_saturated_function_does_not_take_down_its_neighbour() {
         answered >= 5,
         "only {answered} neighbour requests completed"
     );
-    let metrics = client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = get_text(&client, &s.url("/metrics")).await;
     assert!(
         metrics.contains(r#"outcome="function-timeout""#),
         "spin timed out: {metrics}"

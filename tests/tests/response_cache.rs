@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use wasmgate_tests::{Server, get_json, redis_url, unique_suffix};
+use wasmgate_tests::{Server, either, get_json, get_text, redis_url, unique_suffix};
 
 const MANIFEST: &str = r#"
 [functions.cachey]
@@ -110,14 +110,7 @@ async fn hit_miss_head_and_expiry() {
     );
     assert_eq!(after.body["run"], 2);
 
-    let text = c
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = get_text(&c, &s.url("/metrics")).await;
     for (result, n) in [("hit", 2), ("miss", 2)] {
         let line =
             format!("wasmgate_response_cache_total{{function=\"cachey\",result=\"{result}\"}} {n}");
@@ -387,12 +380,7 @@ async fn two_processes_run_a_cold_key_once() {
     let path = format!("/c/{name}?delay=300");
     let tasks: Vec<_> = (0..20)
         .map(|i| {
-            let url = if i % 2 == 0 {
-                a.url(&path)
-            } else {
-                b.url(&path)
-            };
-            let c = c.clone();
+            let (c, url) = (c.clone(), either(&a, &b, i, &path));
             tokio::spawn(async move { get(&c, &url, &[]).await })
         })
         .collect();
