@@ -378,7 +378,11 @@ pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
 
 /// `path` on `a` for even `i`, on `b` for odd: spreads requests over two processes.
 pub fn either(a: &Server, b: &Server, i: usize, path: &str) -> String {
-    if i % 2 == 0 { a.url(path) } else { b.url(path) }
+    if i.is_multiple_of(2) {
+        a.url(path)
+    } else {
+        b.url(path)
+    }
 }
 
 /// GET `url` and its status code.
