@@ -161,13 +161,27 @@ pub fn param<'a>(req: &'a Request<Body>, name: &str) -> Option<&'a str> {
         .and_then(|v| v.to_str().ok())
 }
 
-/// Reads the body as JSON into `T`; malformed JSON or a wrong shape is a 400 naming the problem.
-pub async fn read_json<T: DeserializeOwned>(req: &mut Request<Body>) -> Result<T> {
-    let bytes = req
-        .body_mut()
+/// The pattern of the route the host matched (`/users/{id}`), empty outside wasmgate. The host
+/// removes any client-sent copy, so it can be trusted.
+pub fn route(req: &Request<Body>) -> &str {
+    req.headers()
+        .get("wasmgate-route")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+/// Reads the whole body; one that cannot be read (cut off, or over the function's `max_body`)
+/// is a 400.
+pub async fn read_body(req: &mut Request<Body>) -> Result<&[u8]> {
+    req.body_mut()
         .contents()
         .await
-        .map_err(|e| Problem::bad_request(format!("cannot read the body: {e}")))?;
+        .map_err(|e| Problem::bad_request(format!("cannot read the body: {e}")))
+}
+
+/// Reads the body as JSON into `T`; malformed JSON or a wrong shape is a 400 naming the problem.
+pub async fn read_json<T: DeserializeOwned>(req: &mut Request<Body>) -> Result<T> {
+    let bytes = read_body(req).await?;
     serde_json::from_slice(bytes).map_err(|e| Problem::bad_request(format!("invalid JSON: {e}")))
 }
 

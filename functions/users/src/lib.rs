@@ -16,12 +16,7 @@ mod v2;
 use wasmgate_sdk::{Body, Problem, Request, Result, StatusCode};
 
 async fn handle(req: Request<Body>) -> Result {
-    let route = req
-        .headers()
-        .get("wasmgate-route")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let route = wasmgate_sdk::route(&req).to_string();
     match route.as_str() {
         r if r.starts_with("/v1/") => v1::handle(req, r).await,
         r if r.starts_with("/v2/") => v2::handle(req, r).await,

@@ -107,7 +107,7 @@ pub fn not_found() -> Problem {
     Problem::new(StatusCode::NOT_FOUND, "user-not-found", "User not found")
 }
 
-fn with_location(mut resp: Response<Body>, path: &str) -> Response<Body> {
+pub fn with_location(mut resp: Response<Body>, path: &str) -> Response<Body> {
     if let Ok(v) = HeaderValue::from_str(path) {
         resp.headers_mut().insert("location", v);
     }
@@ -170,6 +170,16 @@ pub fn page(req: &Request<Body>) -> std::result::Result<(Vec<User>, Option<Strin
     Ok((users, next))
 }
 
+/// 204, or 404 when there was no such user (the same in v1 and v2).
+pub fn delete(id: &str) -> Result {
+    if !store::delete(id)? {
+        return Err(not_found());
+    }
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    Ok(resp)
+}
+
 pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
     let id = param(&req, "id").map(str::to_string);
     match (req.method().clone(), route, id) {
@@ -225,14 +235,7 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             let user = store::by_id(&id)?.ok_or_else(not_found)?;
             Ok(json(StatusCode::OK, &shape(&user)))
         }
-        (Method::DELETE, "/v1/users/{id}", Some(id)) => {
-            if !store::delete(&id)? {
-                return Err(not_found());
-            }
-            let mut resp = Response::new(Body::empty());
-            *resp.status_mut() = StatusCode::NO_CONTENT;
-            Ok(resp)
-        }
+        (Method::DELETE, "/v1/users/{id}", Some(id)) => delete(&id),
         (Method::POST, "/v1/login", _) => {
             let login: Login = read_json(&mut req).await?;
             let user = store::by_email(&login.email)?;

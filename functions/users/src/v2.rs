@@ -9,7 +9,9 @@ use wasmgate_sdk::{
 };
 
 use crate::store::{self, User};
-use crate::v1::{check_email, check_name, check_password, not_found, page, rfc3339};
+use crate::v1::{
+    check_email, check_name, check_password, delete, not_found, page, rfc3339, with_location,
+};
 use crate::{auth, invalid};
 use wasmgate_sdk::response_cache;
 
@@ -111,11 +113,10 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             }
             let hash = auth::hash_password(&new.password)?;
             let user = store::insert(&new.email, &new.name, new.display_name.as_deref(), &hash)?;
-            let mut resp = respond(StatusCode::CREATED, &user);
-            if let Ok(v) = HeaderValue::from_str(&format!("/v2/users/{}", user.id)) {
-                resp.headers_mut().insert("location", v);
-            }
-            Ok(resp)
+            Ok(with_location(
+                respond(StatusCode::CREATED, &user),
+                &format!("/v2/users/{}", user.id),
+            ))
         }
         (Method::GET, "/v2/users", _) => {
             let (users, next) = page(&req)?;
@@ -166,14 +167,7 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             let user = store::by_id(&id)?.ok_or_else(not_found)?;
             Ok(respond(StatusCode::OK, &user))
         }
-        (Method::DELETE, "/v2/users/{id}", Some(id)) => {
-            if !store::delete(&id)? {
-                return Err(not_found());
-            }
-            let mut resp = Response::new(Body::empty());
-            *resp.status_mut() = StatusCode::NO_CONTENT;
-            Ok(resp)
-        }
+        (Method::DELETE, "/v2/users/{id}", Some(id)) => delete(&id),
         _ => Err(Problem::not_found()),
     }
 }
