@@ -259,7 +259,7 @@ mod tests {
 
     #[tokio::test]
     async fn shared_budget_is_one_budget_across_limiters() {
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let url = crate::capabilities::cache::conformance::redis_url();
         let mut c = cfg(5, 4);
         c.shared = true;
         let function = format!("shared-{}", uuid::Uuid::new_v4().simple());

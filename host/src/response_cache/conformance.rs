@@ -7,11 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use super::{Entry, Filled, NotStored, ResponseCache, Source};
+use crate::capabilities::cache::conformance::redis_url;
 use crate::snapshot::Snapshot;
-
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
 
 /// A cache on Redis whose purge subscription is up (it empties L1 when it starts).
 async fn with_redis() -> ResponseCache {

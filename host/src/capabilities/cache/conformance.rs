@@ -6,6 +6,11 @@ use std::time::Duration;
 
 use super::{CacheBackend, CacheError, MemoryCache, RedisCache};
 
+/// The Redis the tests use: `REDIS_URL`, or the local default.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
 fn unique(prefix: &str) -> String {
     format!("conformance:{prefix}:{}", uuid::Uuid::new_v4().simple())
 }
@@ -88,8 +93,10 @@ async fn in_process_conforms() {
 
 #[tokio::test]
 async fn redis_conforms() {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    suite(Arc::new(RedisCache::connect(&url).expect("redis url"))).await;
+    suite(Arc::new(
+        RedisCache::connect(&redis_url()).expect("redis url"),
+    ))
+    .await;
 }
 
 #[tokio::test]

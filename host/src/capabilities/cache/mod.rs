@@ -4,7 +4,7 @@
 
 mod backend;
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 mod host;
 
 use std::sync::Arc;

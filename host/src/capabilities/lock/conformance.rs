@@ -117,6 +117,6 @@ async fn in_process_conforms() {
 
 #[tokio::test]
 async fn redis_conforms() {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = crate::capabilities::cache::conformance::redis_url();
     suite(Arc::new(RedisLocks::connect(&url).expect("redis url"))).await;
 }
