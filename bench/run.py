@@ -99,11 +99,20 @@ def wasmtime_bin():
 DUMMY_HASH = "$argon2id$v=19$m=19456,t=2,p=1$d2FzbWdhdGUtZHVtbXktc2FsdA$m8rcN9LEI3UXJ7P4MZKvRnFHznpmwP+nuCS4EIB5RB4"
 
 
+def login(url, email, password):
+    req = urllib.request.Request(url, data=json.dumps({"email": email, "password": password}).encode(),
+                                 headers={"content-type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.load(r)
+
+
 def users_mix(work, wasmgate, cache, seconds, conns, rows, skipped, n_users=10_000):
     """On PostgreSQL + Redis with 10,000 seeded users, as the example manifest deploys them
-    (reads of one user cached, writes idempotent): one user read from the response cache
-    against the same read with the cache bypassed (the guest runs), then the mix: 90% GET /
-    8% PATCH / 2% POST."""
+    (accounts behind the host's `auth` policy, reads of one user cached, writes idempotent).
+    Rows: one user read from the response cache with a verified token, against a cache hit on
+    a route without auth (the cachey fixture, a body of the same size) and against the same
+    read with the cache missed (the guest and PostgreSQL run); then the mix: 90% GET / 8% PATCH
+    / 2% POST, as an admin (whose token may read and change every seeded account)."""
     base_url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
     redis = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
     name = f"wgbench_{os.getpid()}_{int(time.time())}"
@@ -112,49 +121,80 @@ def users_mix(work, wasmgate, cache, seconds, conns, rows, skipped, n_users=10_0
         return
     db = base_url.rsplit("/", 1)[0] + "/" + name
     users = ROOT / "functions/dist/users.wasm"
+    cachey = ROOT / "functions/dist/cachey.wasm"
     manifest = work / "users.toml"
     manifest.write_text(f"""
 [functions.users]
 wasm = "{users}"
-capabilities = ["db", "cache", "response-cache"]
+capabilities = ["db", "response-cache", "auth"]
 migrations = "{ROOT / 'functions/users/migrations'}"
 bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
+[functions.cachey]
+wasm = "{cachey}"
+capabilities = ["cache", "response-cache"]
 [[routes]]
 path = "/v1/users"
-methods = ["GET", "POST"]
+methods = ["POST"]
 function = "users"
 idempotency = {{}}
+[[routes]]
+path = "/v1/login"
+methods = ["POST"]
+function = "users"
 [[routes]]
 path = "/v1/users/{{id}}"
 methods = ["GET", "PATCH", "DELETE"]
 function = "users"
+auth = {{ owner = "id" }}
 cache = {{ ttl = "30s" }}
 idempotency = {{}}
+[[routes]]
+path = "/c/{{name}}"
+methods = ["GET"]
+function = "cachey"
+cache = {{ ttl = "60s" }}
 """)
     port = free_port()
-    gate = Proc([wasmgate, "up", "--manifest", manifest, "--listen", f"127.0.0.1:{port}",
-                 "--cache-dir", cache, "--database-url", db, "--redis-url", redis])
+    up = [wasmgate, "up", "--manifest", manifest, "--listen", f"127.0.0.1:{port}",
+          "--cache-dir", cache, "--database-url", db, "--redis-url", redis]
+    gate = Proc(up)
     try:
-        if not wait_ok(f"http://127.0.0.1:{port}/v1/users?limit=1"):
+        if not wait_ok(f"http://127.0.0.1:{port}/healthz"):
             skipped.append("user-management mix: wasmgate did not start")
             return
         seed = (f"INSERT INTO users (id, email, email_lower, name, password_hash, version, created_at, updated_at) "
                 f"SELECT lpad(to_hex(g), 24, '0'), 'seed' || g || '@example.com', 'seed' || g || '@example.com', "
                 f"'Seed ' || g, '{DUMMY_HASH}', 1, now(), now() FROM generate_series(1, {n_users}) g")
         subprocess.run(["psql", db, "-qc", seed], check=True, capture_output=True)
+        # An operator account, made admin as an operator would (`wasmgate roles grant`).
+        base = f"http://127.0.0.1:{port}"
+        req = urllib.request.Request(f"{base}/v1/users", method="POST", headers={"content-type": "application/json"},
+                                     data=json.dumps({"email": "ops@example.com", "name": "Ops",
+                                                      "password": "bench-password"}).encode())
+        with urllib.request.urlopen(req, timeout=30) as r:
+            ops = json.load(r)["id"]
+        subprocess.run([wasmgate, "roles", "--manifest", manifest, "--database-url", db, "grant", ops, "admin"],
+                       check=True, capture_output=True)
+        bearer = "Authorization: Bearer " + login(f"{base}/v1/login", "ops@example.com", "bench-password")["token"]
         ids = work / "ids.txt"
         ids.write_text("".join(f"{g:024x}\n" for g in range(1, n_users + 1)))
-        one = f"http://127.0.0.1:{port}/v1/users/{1:024x}"
-        # An Authorization header makes the cache step aside (v1 reads ignore it): the same
-        # request, with the guest and PostgreSQL behind it.
-        for name, headers in (("users GET one id, response cache hit", ()),
-                              ("users GET one id, cache bypassed (guest runs)", ("Authorization: Bearer bench",))):
-            r = wrk(one, seconds, conns, headers)
-            r.update(name=name, rss_kib=rss_kib(gate.p.pid), note="")
+        one = f"{base}/v1/users/{1:024x}"
+        body = len(urllib.request.urlopen(urllib.request.Request(one, headers=dict([bearer.split(": ", 1)]))).read())
+        for row_name, url, headers, script in (
+                ("users GET one id, cache hit, token verified", one, (bearer,), None),
+                ("cache hit, no auth on the route (same-size body)", f"{base}/c/same?big={body}", (), None),
+                ("users GET one id, cache missed (guest + PostgreSQL)", one, (bearer,), "unique-query.lua")):
+            args = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency"]
+            for h in headers:
+                args += ["-H", h]
+            if script:
+                args += ["-s", ROOT / "bench" / script]
+            r = parse_wrk(subprocess.run(args + [url], capture_output=True, text=True, check=True).stdout)
+            r.update(name=row_name, rss_kib=rss_kib(gate.p.pid), note="")
             rows.append(r)
-            print(f"  {name}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms", file=sys.stderr)
-        args = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", ROOT / "bench/users-mix.lua",
-                f"http://127.0.0.1:{port}", "--", ids]
+            print(f"  {row_name}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']}", file=sys.stderr)
+        args = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", "-H", bearer,
+                "-s", ROOT / "bench/users-mix.lua", base, "--", ids]
         out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
         r = parse_wrk(out)
         r.update(name="user-management mix (PostgreSQL + Redis)", rss_kib=rss_kib(gate.p.pid), note="")
@@ -303,8 +343,10 @@ function = "spin"
         "fresh_vs_bare_axum": ratio(fresh["rps"], native["rps"]),
         "hello_cache_hit_vs_fresh": ratio(cached["rps"], fresh["rps"]),
         "hello_cache_hit_vs_bare_axum": ratio(cached["rps"], native["rps"]),
-        "users_read_cache_hit_vs_bypassed": ratio(row("users GET one id, response cache hit"),
-                                                  row("users GET one id, cache bypassed")),
+        "users_read_cache_hit_vs_missed": ratio(row("users GET one id, cache hit, token verified"),
+                                                row("users GET one id, cache missed")),
+        "verified_token_hit_vs_hit_without_auth": ratio(row("users GET one id, cache hit, token verified"),
+                                                        row("cache hit, no auth on the route")),
         "reuse_vs_bare_axum": ratio(reuse["rps"], native["rps"]),
         "noisy_p99_vs_alone": ratio(noisy["p99_ms"], fresh["p99_ms"]),
         "users_mix_rps_vs_10000_target": ratio(next((r["rps"] for r in rows if r["name"].startswith("user-management")), None), 10_000),

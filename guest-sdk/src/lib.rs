@@ -16,7 +16,7 @@
 //! the route parameters the host passes along. The output is a standard `wasi:http/proxy`
 //! component that also runs under `wasmtime serve`.
 //!
-//! Capabilities the host grants ([`db`], [`cache`], [`lock`], [`response_cache`]) are plain
+//! Capabilities the host grants ([`db`], [`cache`], [`lock`], [`response_cache`], [`auth`]) are plain
 //! functions; their errors
 //! convert into a [`Problem`] with a sensible status, so `?` does the right thing by default.
 //!
@@ -25,6 +25,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub mod auth;
 pub mod cache;
 #[doc(hidden)]
 pub mod capabilities;

@@ -36,7 +36,7 @@ pub const DEFAULT_CACHE_DIR: &str = ".wasmgate/cache";
 pub const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 
 /// Paths the host answers itself; a route may not claim them.
-pub const RESERVED_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
+pub const RESERVED_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics", crate::auth::JWKS_PATH];
 
 /// The whole manifest, as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -46,6 +46,10 @@ pub struct Manifest {
     pub server: ServerConfig,
     #[serde(default)]
     pub backends: crate::capabilities::BackendsConfig,
+    /// Tokens the host issues and verifies (used when a route has `auth` or a function is
+    /// granted the `auth` capability).
+    #[serde(default)]
+    pub auth: crate::auth::AuthConfig,
     /// Functions by name: a TOML table makes duplicate names a parse error.
     #[serde(default)]
     pub functions: BTreeMap<String, FunctionConfig>,
@@ -170,6 +174,10 @@ pub struct RouteConfig {
     pub cache: Option<RouteCacheConfig>,
     /// Honour `Idempotency-Key` on this route's POST and PATCH requests.
     pub idempotency: Option<IdempotencyConfig>,
+    /// Who may call this route: verified in the host before anything else runs.
+    pub auth: Option<crate::auth::RouteAuthConfig>,
+    /// Failed-login throttling (for login routes).
+    pub login_throttle: Option<crate::auth::LoginThrottleConfig>,
 }
 
 /// 404s are cached this long at most: long enough to absorb a burst of lookups of a missing
@@ -333,6 +341,7 @@ impl Manifest {
                 ));
             }
         }
+        problems.extend(crate::auth::config::validate(&self.auth));
         if self.routes.is_empty() {
             problems.push("no [[routes]]: add one so wasmgate has something to serve".to_string());
         }
@@ -390,6 +399,41 @@ impl Manifest {
                     }
                 }
             }
+            if let Some(a) = &r.auth {
+                if let Some(owner) = &a.owner
+                    && !r.path.contains(&format!("{{{owner}}}"))
+                {
+                    problems.push(format!(
+                        "{label}: auth.owner `{owner}` is not a parameter of the path; use one of its `{{name}}` segments"
+                    ));
+                }
+                if a.roles.iter().chain(&a.scopes).any(|r| r.trim().is_empty()) {
+                    problems.push(format!("{label}: auth roles and scopes may not be empty"));
+                }
+                if !a.required && (a.owner.is_some() || !a.roles.is_empty() || !a.scopes.is_empty())
+                {
+                    problems.push(format!(
+                        "{label}: auth with required = false cannot demand roles, scopes or an owner; remove them or the `required = false`"
+                    ));
+                }
+            }
+            if let Some(t) = &r.login_throttle {
+                if !has(&["POST"]) {
+                    problems.push(format!(
+                        "{label}: `login_throttle` applies to POST, which this route does not answer"
+                    ));
+                }
+                if t.base_delay.is_zero() || t.max_delay < t.base_delay || t.window.is_zero() {
+                    problems.push(format!(
+                        "{label}: login_throttle needs base_delay above 0, max_delay at least base_delay and a window above 0"
+                    ));
+                }
+                if t.address_factor == 0 || t.account_field.is_empty() {
+                    problems.push(format!(
+                        "{label}: login_throttle needs an account_field and an address_factor of at least 1"
+                    ));
+                }
+            }
             if let Some(i) = &r.idempotency {
                 if !has(&["POST", "PATCH"]) {
                     problems.push(format!(
@@ -427,7 +471,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("`{s}` is not a size ({e}); write e.g. \"64MiB\""))
 }
 
-fn human_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn human_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(serde::de::Error::custom)
 }

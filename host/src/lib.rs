@@ -4,6 +4,7 @@
 //! request in a fresh, limited instance, and owns everything that must be fast or trustworthy.
 //!
 //! Layout:
+//! - [`auth`]: tokens issued and verified in the host, revocations, roles, login throttling.
 //! - [`config`]: the manifest (`wasmgate.toml`), strict parsing and validation.
 //! - [`loader`]: manifest -> loaded functions + route table, or every problem at once.
 //! - [`router`]: the route table (path + method -> version set).
@@ -22,6 +23,7 @@
 //! The binary (`main.rs`) parses flags, sets up logging, binds the socket and calls
 //! [`server::run`]; nothing in the library reads the environment or argv.
 
+pub mod auth;
 pub mod body_limit;
 pub mod capabilities;
 pub mod config;

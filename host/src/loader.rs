@@ -15,7 +15,9 @@ use axum::http::Method;
 use crate::capabilities::db::migrations;
 use crate::capabilities::{Backends, BackendsConfig};
 use crate::config::{Manifest, ManifestError};
-use crate::policy::{CachePolicy, IdempotencyPolicy, PolicyState, RoutePolicies};
+use crate::policy::{
+    AuthPolicy, CachePolicy, IdempotencyPolicy, LoginThrottle, PolicyState, RoutePolicies,
+};
 use crate::router::{RouteTable, Version, VersionSet};
 use crate::runtime::{Function, Limits, Runtime, RuntimeOptions, Source};
 
@@ -97,7 +99,27 @@ pub async fn load(
         cache_dir,
     })?;
     let backends_cfg = backends_config(&manifest, base, overrides);
-    let backends = Backends::connect(&backends_cfg).await?;
+    let mut backends = Backends::connect(&backends_cfg).await?;
+    // The auth tables, keys and revocation list exist only when something uses them.
+    let uses_auth = manifest.routes.iter().any(|r| r.auth.is_some())
+        || manifest.functions.values().any(|f| {
+            f.capabilities
+                .contains(&crate::capabilities::Capability::Auth)
+        });
+    if uses_auth {
+        let redis = backends.redis_client.clone().zip(backends.redis.clone());
+        match crate::auth::Auth::open(&manifest.auth, base, backends.db.backend().clone(), redis)
+            .await
+        {
+            Ok(auth) => backends.auth = Some(auth),
+            Err(e) => problems.push(format!("[auth]: {e}")),
+        }
+    }
+    let shared_throttle: Option<Arc<dyn crate::auth::throttle::ThrottleBackend>> =
+        backends.redis.clone().map(|conn| {
+            Arc::new(crate::auth::throttle::RedisThrottle::new(conn))
+                as Arc<dyn crate::auth::throttle::ThrottleBackend>
+        });
 
     let mut functions = BTreeMap::new();
     let mut policies = BTreeMap::new();
@@ -175,6 +197,19 @@ pub async fn load(
             continue;
         };
         let route_policies = RoutePolicies {
+            auth: r
+                .auth
+                .as_ref()
+                .zip(backends.auth.clone())
+                .map(|(rule, auth)| Arc::new(AuthPolicy::new(auth, rule))),
+            login_throttle: r.login_throttle.as_ref().map(|cfg| {
+                Arc::new(LoginThrottle::new(
+                    &r.function,
+                    cfg,
+                    policy.login_failures.clone(),
+                    shared_throttle.clone(),
+                ))
+            }),
             idempotency: r.idempotency.as_ref().zip(idempotency_store.clone()).map(
                 |(cfg, store)| {
                     Arc::new(IdempotencyPolicy::new(
@@ -230,4 +265,25 @@ pub async fn load(
 
 fn as_ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// The auth tables of the manifest's platform database, for the operator commands (`wasmgate
+/// roles`, `wasmgate keys`); nothing else of the manifest is loaded.
+pub async fn auth_store(
+    path: &Path,
+    overrides: &Overrides,
+) -> Result<crate::auth::store::Store, LoadError> {
+    let manifest = Manifest::read(path)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let cfg = backends_config(&manifest, base, overrides);
+    let db = crate::capabilities::db::Db::connect(&cfg.database_url).await?;
+    crate::auth::store::Store::open(db.backend().clone())
+        .await
+        .map_err(|e| {
+            ManifestError {
+                path: path.to_path_buf(),
+                problems: vec![format!("[auth]: {e}")],
+            }
+            .into()
+        })
 }

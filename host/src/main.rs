@@ -48,6 +48,54 @@ enum Command {
         #[command(flatten)]
         overrides: OverrideArgs,
     },
+    /// Grant, revoke and list the roles tokens carry (e.g. `admin`), in the platform database.
+    /// A grant reaches a user's tokens at their next login or refresh.
+    Roles {
+        #[command(subcommand)]
+        action: RolesAction,
+        #[arg(
+            long,
+            short,
+            default_value = "wasmgate.toml",
+            env = "WASMGATE_MANIFEST"
+        )]
+        manifest: PathBuf,
+        #[command(flatten)]
+        overrides: OverrideArgs,
+    },
+    /// Signing keys of the tokens wasmgate issues.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+        #[arg(
+            long,
+            short,
+            default_value = "wasmgate.toml",
+            env = "WASMGATE_MANIFEST"
+        )]
+        manifest: PathBuf,
+        #[command(flatten)]
+        overrides: OverrideArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolesAction {
+    /// Gives `subject` (a user id) the role.
+    Grant { subject: String, role: String },
+    /// Takes the role away (tokens already issued keep it until they expire).
+    Revoke { subject: String, role: String },
+    /// Lists grants, of one subject or all.
+    List { subject: Option<String> },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Adds a new signing key and retires the others: every running replica signs with the new
+    /// key within 10 s, and tokens signed by a retired key verify until they expire.
+    Rotate,
+    /// Lists the keys: id, created, retired.
+    List,
 }
 
 #[derive(clap::Args)]
@@ -113,8 +161,85 @@ fn real_main() -> anyhow::Result<()> {
                 );
                 Ok(())
             }
+            Command::Roles {
+                action,
+                manifest,
+                overrides,
+            } => roles(action, &manifest, &overrides.into()).await,
+            Command::Keys {
+                action,
+                manifest,
+                overrides,
+            } => keys(action, &manifest, &overrides.into()).await,
         }
     })
+}
+
+async fn roles(
+    action: RolesAction,
+    manifest: &std::path::Path,
+    overrides: &loader::Overrides,
+) -> anyhow::Result<()> {
+    let store = loader::auth_store(manifest, overrides).await?;
+    let failed = |e| anyhow::anyhow!("the platform database refused the change: {e:?}");
+    match action {
+        RolesAction::Grant { subject, role } => {
+            anyhow::ensure!(
+                !role.is_empty() && !role.contains([' ', ',']) && !subject.is_empty(),
+                "a role is one word without spaces or commas, and the subject may not be empty"
+            );
+            let new = store
+                .grant(&subject, &role, wasmgate::auth::now_ms())
+                .await
+                .map_err(failed)?;
+            println!(
+                "{subject}: {role} {}",
+                if new {
+                    "granted"
+                } else {
+                    "was already granted"
+                }
+            );
+        }
+        RolesAction::Revoke { subject, role } => {
+            let had = store.ungrant(&subject, &role).await.map_err(failed)?;
+            println!(
+                "{subject}: {role} {}",
+                if had { "revoked" } else { "was not granted" }
+            );
+        }
+        RolesAction::List { subject } => {
+            for (s, r) in store.grants(subject.as_deref()).await.map_err(failed)? {
+                println!("{s}\t{r}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn keys(
+    action: KeysAction,
+    manifest: &std::path::Path,
+    overrides: &loader::Overrides,
+) -> anyhow::Result<()> {
+    let store = loader::auth_store(manifest, overrides).await?;
+    let failed = |e| anyhow::anyhow!("the platform database refused the change: {e:?}");
+    match action {
+        KeysAction::Rotate => {
+            let key = wasmgate::auth::keys::generate();
+            store.add_key(&key).await.map_err(failed)?;
+            println!("new signing key {}; the others are retired", key.kid);
+        }
+        KeysAction::List => {
+            for k in store.keys().await.map_err(failed)? {
+                let retired = k
+                    .retired_at
+                    .map_or("active".to_string(), |r| format!("retired {r}"));
+                println!("{}\tcreated {}\t{retired}", k.kid, k.created_at);
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn up(

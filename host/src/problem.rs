@@ -13,21 +13,41 @@ use crate::request_id::RequestId;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Problem {
     RouteNotFound,
-    MethodNotAllowed { allow: String },
-    BodyTooLarge { limit: u64 },
+    MethodNotAllowed {
+        allow: String,
+    },
+    BodyTooLarge {
+        limit: u64,
+    },
     GuestTrap,
     GuestMemoryExceeded,
     GuestNoResponse,
     Timeout,
     Overloaded,
-    RateLimited { retry_after: std::time::Duration },
+    RateLimited {
+        retry_after: std::time::Duration,
+    },
     RateLimitUnavailable,
     BulkheadFull,
     IdempotencyKeyMissing,
-    IdempotencyKeyInvalid { detail: String },
+    IdempotencyKeyInvalid {
+        detail: String,
+    },
     IdempotencyKeyReused,
     IdempotencyKeyInFlight,
     IdempotencyUnavailable,
+    /// No usable bearer token; `None` when none was sent, else why it was refused.
+    Unauthorized {
+        rejection: Option<crate::auth::Rejection>,
+    },
+    /// A valid token that may not do this; `insufficient` when roles or scopes are missing.
+    Forbidden {
+        detail: String,
+        insufficient: bool,
+    },
+    LoginThrottled {
+        retry_after: std::time::Duration,
+    },
     Internal,
 }
 
@@ -57,6 +77,9 @@ impl Problem {
             Problem::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Problem::IdempotencyKeyInFlight => StatusCode::CONFLICT,
             Problem::IdempotencyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Problem::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Problem::LoginThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -79,6 +102,9 @@ impl Problem {
             Problem::IdempotencyKeyReused => "idempotency-key-reused",
             Problem::IdempotencyKeyInFlight => "idempotency-key-in-flight",
             Problem::IdempotencyUnavailable => "idempotency-unavailable",
+            Problem::Unauthorized { .. } => "unauthorized",
+            Problem::Forbidden { .. } => "forbidden",
+            Problem::LoginThrottled { .. } => "login-throttled",
             Problem::Internal => "internal",
         }
     }
@@ -101,6 +127,9 @@ impl Problem {
             Problem::IdempotencyKeyReused => "Idempotency-Key already used for another request",
             Problem::IdempotencyKeyInFlight => "A request with this Idempotency-Key is in progress",
             Problem::IdempotencyUnavailable => "Idempotency-Key cannot be checked right now",
+            Problem::Unauthorized { .. } => "Authentication required",
+            Problem::Forbidden { .. } => "Not allowed",
+            Problem::LoginThrottled { .. } => "Too many failed logins; wait before trying again",
             Problem::Internal => "Internal error",
         }
     }
@@ -121,6 +150,13 @@ impl Problem {
             Problem::IdempotencyKeyInFlight => {
                 Some("retry after the first request has finished".into())
             }
+            Problem::Unauthorized { rejection: None } => {
+                Some("this route needs a bearer token in the Authorization header".into())
+            }
+            Problem::Unauthorized {
+                rejection: Some(r),
+            } => Some(r.description().into()),
+            Problem::Forbidden { detail, .. } => Some(detail.clone()),
             _ => None,
         }
     }
@@ -154,10 +190,33 @@ impl Problem {
             | Problem::IdempotencyUnavailable => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            Problem::RateLimited { retry_after } => {
+            Problem::RateLimited { retry_after } | Problem::LoginThrottled { retry_after } => {
                 // Whole seconds, rounded up: a client that waits this long will be let in.
                 let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            // RFC 6750 section 3: the challenge says what was wrong, never more.
+            Problem::Unauthorized { rejection } => {
+                let challenge = match rejection {
+                    None => "Bearer realm=\"wasmgate\"".to_string(),
+                    Some(r) => format!(
+                        "Bearer realm=\"wasmgate\", error=\"invalid_token\", error_description=\"{}\"",
+                        r.description()
+                    ),
+                };
+                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                    headers.insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            Problem::Forbidden {
+                insufficient: true, ..
+            } => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(
+                        "Bearer realm=\"wasmgate\", error=\"insufficient_scope\"",
+                    ),
+                );
             }
             _ => {}
         }

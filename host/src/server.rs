@@ -60,6 +60,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route(crate::auth::JWKS_PATH, get(jwks))
         .fallback(dispatch)
         .with_state(state)
 }
@@ -101,6 +102,22 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         axum::http::StatusCode::SERVICE_UNAVAILABLE
     };
     (status, axum::Json(body)).into_response()
+}
+
+/// The public keys of the tokens this host issues, for anyone verifying them (RFC 7517). Keys
+/// rotate; clients may cache this for a few minutes.
+async fn jwks(State(state): State<Arc<AppState>>) -> Response {
+    match &state.current.load().backends.auth {
+        Some(auth) => (
+            [
+                (header::CACHE_CONTROL, "public, max-age=300"),
+                (header::CONTENT_TYPE, "application/jwk-set+json"),
+            ],
+            axum::Json(auth.jwks()),
+        )
+            .into_response(),
+        None => Problem::RouteNotFound.into_response_with(&RequestId::new()),
+    }
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

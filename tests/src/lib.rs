@@ -97,6 +97,8 @@ pub struct Server {
     pub pid: u32,
     log: PathBuf,
     dir: tempfile::TempDir,
+    /// The `--database-url`/`--redis-url` it was started with, for [`Server::cli`].
+    overrides: Vec<String>,
 }
 
 impl Server {
@@ -155,7 +157,28 @@ impl Server {
             base,
             log,
             dir,
+            overrides: args.iter().map(|a| a.to_string()).collect(),
         }
+    }
+
+    /// Runs an operator command (`wasmgate roles ...`, `wasmgate keys ...`) against this
+    /// server's manifest and databases; returns its stdout, panicking if it fails.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let (command, rest) = args.split_first().expect("a command");
+        let out = Command::new(binary())
+            .arg(command)
+            .arg("--manifest")
+            .arg(self.dir.path().join("wasmgate.toml"))
+            .args(&self.overrides)
+            .args(rest)
+            .output()
+            .expect("running wasmgate");
+        assert!(
+            out.status.success(),
+            "wasmgate {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Replaces the manifest this server was started with (for reload tests).
@@ -246,6 +269,33 @@ pub fn fresh_postgres() -> String {
     format!("{prefix}/{name}")
 }
 
+/// Runs one query against a test database (`sqlite://path` through Python's sqlite3, or
+/// `postgres://...` through psql) and returns its rows, one per line, columns joined by `|`.
+/// Tests read the tables behind the binary's back with it, to see what really changed.
+pub fn sql(database_url: &str, query: &str) -> String {
+    let out = match database_url.strip_prefix("sqlite://") {
+        Some(path) => Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3,sys\nfor r in sqlite3.connect(sys.argv[1]).execute(sys.argv[2]): print('|'.join(map(str, r)))",
+                path,
+                query,
+            ])
+            .output(),
+        None => Command::new("psql")
+            .arg(database_url)
+            .args(["-tAqc", query])
+            .output(),
+    }
+    .expect("running the query tool");
+    assert!(
+        out.status.success(),
+        "query failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// A short suffix unique within this machine for a while.
 pub fn unique_suffix() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -325,31 +375,114 @@ pub async fn expect_guest_problem(
 
 /// The user-management function with every v1 and v2 route, as the example manifest has it.
 pub fn users_manifest() -> String {
+    users_manifest_with("", "{}")
+}
+
+/// [`users_manifest`] with `extra` TOML before the functions (e.g. an `[auth]` section) and
+/// `throttle` as the login routes' `login_throttle`.
+pub fn users_manifest_with(extra: &str, throttle: &str) -> String {
     let mut m = format!(
         r#"
+        {extra}
         [functions.users]
         wasm = "{{wasm:users}}"
-        capabilities = ["db", "cache", "response-cache"]
+        capabilities = ["db", "response-cache", "auth"]
         migrations = "{}"
         max_body = "64KiB"
         "#,
         repo().join("functions/users/migrations").display()
     );
-    // As in the example manifest: reads of one user cached, creates and updates idempotent.
-    let cached = "cache = { ttl = \"30s\" }\nidempotency = {}\n";
+    // As in the example manifest: accounts readable and changeable by their owner or an admin,
+    // reads of one user cached, creates and updates idempotent, logins throttled.
+    let owned = "auth = { owner = \"id\" }\ncache = { ttl = \"30s\" }\nidempotency = {}\n";
+    let admin = "auth = { roles = [\"admin\"] }\n";
+    let throttled = format!("login_throttle = {throttle}\n");
     for (path, methods, policies) in [
-        ("/v1/users", r#"["GET", "POST"]"#, "idempotency = {}\n"),
-        ("/v1/users/{id}", r#"["GET", "PATCH", "DELETE"]"#, cached),
-        ("/v1/login", r#"["POST"]"#, ""),
-        ("/v1/me", r#"["GET"]"#, ""),
-        ("/v2/users", r#"["GET", "POST"]"#, "idempotency = {}\n"),
-        ("/v2/users/{id}", r#"["GET", "PATCH", "DELETE"]"#, cached),
+        ("/v1/users", r#"["POST"]"#, "idempotency = {}\n"),
+        ("/v1/users", r#"["GET"]"#, admin),
+        ("/v1/users/{id}", r#"["GET", "PATCH", "DELETE"]"#, owned),
+        ("/v1/login", r#"["POST"]"#, throttled.as_str()),
+        ("/v1/me", r#"["GET"]"#, "auth = {}\n"),
+        ("/v2/users", r#"["POST"]"#, "idempotency = {}\n"),
+        ("/v2/users", r#"["GET"]"#, admin),
+        ("/v2/users/{id}", r#"["GET", "PATCH", "DELETE"]"#, owned),
+        ("/v2/login", r#"["POST"]"#, throttled.as_str()),
+        ("/v2/token/refresh", r#"["POST"]"#, ""),
+        ("/v2/logout", r#"["POST"]"#, "auth = {}\n"),
     ] {
         m.push_str(&format!(
             "[[routes]]\npath = \"{path}\"\nmethods = {methods}\nfunction = \"users\"\n{policies}"
         ));
     }
     m
+}
+
+/// The password every test account gets.
+pub const PASSWORD: &str = "correct horse";
+
+/// Creates an account (POST /v2/users) and returns its id.
+pub async fn sign_up(s: &Server, email: &str) -> String {
+    let resp = reqwest::Client::new()
+        .post(s.url("/v2/users"))
+        .json(&serde_json::json!({"email": email, "name": email, "password": PASSWORD}))
+        .send()
+        .await
+        .expect("sign up");
+    assert_eq!(resp.status(), 201, "sign up {email}");
+    let body: serde_json::Value = resp.json().await.expect("json");
+    body["id"].as_str().expect("id").to_string()
+}
+
+/// Logs in through POST /v2/login and returns the whole token response.
+pub async fn login_v2(s: &Server, email: &str) -> serde_json::Value {
+    let resp = reqwest::Client::new()
+        .post(s.url("/v2/login"))
+        .json(&serde_json::json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(resp.status(), 200, "login {email}");
+    resp.json().await.expect("json")
+}
+
+/// An access token for `email`.
+pub async fn token(s: &Server, email: &str) -> String {
+    login_v2(s, email).await["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_string()
+}
+
+/// A fresh loopback address (127.x.y.z, never 127.0.0.1) to send from. Login throttling counts
+/// failures per client address, in Redis when the server has it; Redis outlives a test, so a
+/// test whose logins fail sends from an address no other test (or earlier run) used.
+pub fn loopback() -> std::net::IpAddr {
+    let mut b = [0u8; 3];
+    getrandom::fill(&mut b).expect("random");
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, b[0].max(1), b[1], b[2].max(2)))
+}
+
+/// A client that sends `token` as its bearer token on every request, from a fresh loopback
+/// address.
+pub fn bearer_client(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("header value"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .local_address(loopback())
+        .build()
+        .expect("client")
+}
+
+/// Creates `email`, makes it an admin with `wasmgate roles grant`, and returns (its id, an
+/// admin token).
+pub async fn admin(s: &Server, email: &str) -> (String, String) {
+    let id = sign_up(s, email).await;
+    s.cli(&["roles", "grant", &id, "admin"]);
+    (id.clone(), token(s, email).await)
 }
 
 /// GET `url` and its JSON body.

@@ -31,7 +31,7 @@ async fn reads_are_cached_and_writes_purge_them() {
     let dir = tempfile::tempdir().expect("tmp");
     let db = format!("sqlite://{}", dir.path().join("users.db").display());
     let s = Server::start_with_args(&users_manifest(), &["--database-url", &db]);
-    let c = reqwest::Client::new();
+    let c = wasmgate_tests::bearer_client(&wasmgate_tests::admin(&s, "root@example.com").await.1);
 
     // An idempotent create: the retry replays the same user instead of a 409 duplicate.
     let first = create(&c, &s, "signup-1", "ada@example.com").await;
@@ -101,7 +101,7 @@ async fn a_write_on_one_process_reaches_the_other() {
         Server::start_with_args(&users_manifest(), &args),
         Server::start_with_args(&users_manifest(), &args),
     );
-    let c = reqwest::Client::new();
+    let c = wasmgate_tests::bearer_client(&wasmgate_tests::admin(&a, "root@example.com").await.1);
     let email = format!("grace{}@example.com", wasmgate_tests::unique_suffix());
     let user: Value = create(&c, &a, "k", &email)
         .await

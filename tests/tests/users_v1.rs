@@ -67,7 +67,11 @@ async fn problem(resp: reqwest::Response, status: u16) -> Value {
 }
 
 async fn contract(s: &Server) {
-    let c = reqwest::Client::new();
+    // An operator's account, made admin with `wasmgate roles grant`: every route below that
+    // needs a token gets this one, so the shapes and statuses are exactly v1's; who else may
+    // call each route is tested in tests/tests/access.rs.
+    let (root, admin_token) = wasmgate_tests::admin(s, "root@example.com").await;
+    let c = wasmgate_tests::bearer_client(&admin_token);
     let url = |p: &str| s.url(p);
 
     // POST /v1/users
@@ -186,8 +190,8 @@ async fn contract(s: &Server) {
     keys.sort();
     assert_eq!(keys, ["next_cursor", "users"]);
     assert_eq!(page1["users"].as_array().expect("array").len(), 2);
-    assert_eq!(page1["users"][0]["id"], id.as_str(), "oldest first");
-    assert_eq!(page1["users"][1]["id"], other["id"]);
+    assert_eq!(page1["users"][0]["id"], root.as_str(), "oldest first");
+    assert_eq!(page1["users"][1]["id"], id.as_str());
     let cursor = page1["next_cursor"].as_str().expect("a cursor");
     let page2 = get_json(&c, &url(&format!("/v1/users?limit=2&cursor={cursor}"))).await;
     let names: Vec<_> = page2["users"]
@@ -196,7 +200,8 @@ async fn contract(s: &Server) {
         .iter()
         .map(|u| u["name"].clone())
         .collect();
-    assert_eq!(names, [json!("U0"), json!("U1")]);
+    assert_eq!(names, [json!("Grace"), json!("U0")]);
+    assert_eq!(page2["users"][0]["id"], other["id"]);
     let last = get_json(
         &c,
         &url(&format!(
@@ -205,16 +210,16 @@ async fn contract(s: &Server) {
         )),
     )
     .await;
-    assert_eq!(last["users"].as_array().expect("array").len(), 1);
+    assert_eq!(last["users"].as_array().expect("array").len(), 2);
     assert_eq!(last["next_cursor"], Value::Null);
     let all = get_json(&c, &url("/v1/users")).await;
     assert_eq!(
         all["users"].as_array().expect("array").len(),
-        5,
-        "default limit 20 holds all 5"
+        6,
+        "default limit 20 holds all 6"
     );
     let capped = get_json(&c, &url("/v1/users?limit=1000")).await;
-    assert_eq!(capped["users"].as_array().expect("array").len(), 5);
+    assert_eq!(capped["users"].as_array().expect("array").len(), 6);
     problem(
         c.get(url("/v1/users?cursor=zz"))
             .send()
@@ -264,7 +269,9 @@ async fn contract(s: &Server) {
     let wrong = problem(wrong, 401).await;
     let unknown = problem(
         c.post(url("/v1/login"))
-            .json(&json!({"email": "nobody@example.com", "password": "wrong password"}))
+            // A new unknown email each run: failed logins are counted per account in Redis,
+            // which outlives the test.
+            .json(&json!({"email": format!("nobody{}@example.com", wasmgate_tests::unique_suffix()), "password": "wrong password"}))
             .send()
             .await
             .expect("login"),
@@ -275,9 +282,11 @@ async fn contract(s: &Server) {
         wrong, unknown,
         "the same body for a wrong password and an unknown email"
     );
-    problem(c.get(url("/v1/me")).send().await.expect("me"), 401).await;
+    let public = reqwest::Client::new();
+    problem(public.get(url("/v1/me")).send().await.expect("me"), 401).await;
     problem(
-        c.get(url("/v1/me"))
+        public
+            .get(url("/v1/me"))
             .bearer_auth("not-a-token")
             .send()
             .await
@@ -317,7 +326,7 @@ async fn v1_contract_on_postgres_and_redis() {
 #[tokio::test]
 async fn bad_input_is_a_clear_400_never_a_500() {
     let (s, _dir) = embedded();
-    let c = reqwest::Client::new();
+    let c = wasmgate_tests::bearer_client(&wasmgate_tests::admin(&s, "root@example.com").await.1);
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "unknown field",
@@ -381,8 +390,8 @@ async fn bad_input_is_a_clear_400_never_a_500() {
     let page = get_json(&c, &s.url("/v1/users")).await;
     assert_eq!(
         page["users"].as_array().expect("array").len(),
-        1,
-        "the table is still there"
+        2,
+        "the table is still there (the admin and bobby)"
     );
 }
 

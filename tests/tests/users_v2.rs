@@ -28,7 +28,7 @@ async fn v2_shape_etag_and_if_match() {
     let dir = tempfile::tempdir().expect("tmp");
     let db = format!("sqlite://{}", dir.path().join("u.db").display());
     let s = Server::start_with_args(&users_manifest(), &["--database-url", &db]);
-    let c = reqwest::Client::new();
+    let c = wasmgate_tests::bearer_client(&wasmgate_tests::admin(&s, "root@example.com").await.1);
     let (location, etag, body) = create_v2(&c, &s, "lin@example.com").await;
     let mut keys: Vec<_> = body.as_object().expect("object").keys().cloned().collect();
     keys.sort();
@@ -118,7 +118,7 @@ async fn parallel_patches_with_one_if_match_yield_exactly_one_200_on_postgres() 
             &redis_url(),
         ],
     );
-    let c = reqwest::Client::new();
+    let c = wasmgate_tests::bearer_client(&wasmgate_tests::admin(&s, "root@example.com").await.1);
     let (location, etag, _) = create_v2(&c, &s, "race2@example.com").await;
     let tasks: Vec<_> = (0..8)
         .map(|i| {

@@ -1,13 +1,11 @@
-//! Passwords (Argon2id) and sessions (random tokens in the cache capability, with a TTL).
-
-use std::time::Duration;
+//! Passwords (Argon2id) and who may do what. Tokens are issued and verified by the host (the
+//! `auth` capability and the routes' `auth` policies); this function only checks the principal
+//! the host hands it, as a second line of defence.
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use wasmgate_sdk::{Body, HeaderValue, Problem, Request, Response, StatusCode, cache};
-
-/// How long a session lasts.
-pub const SESSION_TTL: Duration = Duration::from_secs(24 * 3600);
+use wasmgate_sdk::auth::{self, Principal, Tokens};
+use wasmgate_sdk::{Body, HeaderValue, Problem, Request, Response, StatusCode};
 
 /// Verified against when the email is unknown, so a login for a missing account costs the same
 /// as one with a wrong password and timing does not reveal who has an account. Same parameters
@@ -48,29 +46,41 @@ pub fn challenge(mut resp: Response<Body>) -> Response<Body> {
     resp
 }
 
-/// Starts a session for `user_id`; returns the token and its expiry (µs since the epoch).
-pub fn start_session(user_id: &str) -> Result<(String, i64), Problem> {
-    let token = crate::store::random_hex(32);
-    cache::set(
-        &format!("session:{token}"),
-        user_id.as_bytes(),
-        Some(SESSION_TTL),
-    )?;
-    let expires = crate::store::now_micros() + i64::try_from(SESSION_TTL.as_micros()).unwrap_or(0);
-    Ok((token, expires))
+/// The role that may read and change every account (granted with `wasmgate roles grant`).
+pub const ADMIN: &str = "admin";
+
+/// The verified caller; 401 without one. The host refuses such requests before the function
+/// runs on routes with an `auth` policy: this is the second check, in case a manifest forgets.
+pub fn caller(req: &Request<Body>) -> Result<Principal, Problem> {
+    auth::principal(req).ok_or_else(|| unauthorized("a valid bearer token is required"))
 }
 
-/// The user id behind the request's bearer token, if it is a live session.
-pub fn session_user(req: &Request<Body>) -> Result<Option<String>, Problem> {
-    let Some(token) = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty() && t.len() <= 128)
-    else {
-        return Ok(None);
-    };
-    Ok(cache::get_string(&format!("session:{token}"))?)
+/// The caller may act on account `id`: it is theirs, or they are an admin.
+pub fn owner_or_admin(req: &Request<Body>, id: &str) -> Result<Principal, Problem> {
+    let p = caller(req)?;
+    if p.subject == id || p.has_role(ADMIN) {
+        Ok(p)
+    } else {
+        Err(forbidden(
+            "only the account's owner or an admin may do this",
+        ))
+    }
+}
+
+pub fn admin(req: &Request<Body>) -> Result<Principal, Problem> {
+    let p = caller(req)?;
+    if p.has_role(ADMIN) {
+        Ok(p)
+    } else {
+        Err(forbidden("only an admin may do this"))
+    }
+}
+
+pub fn forbidden(detail: &str) -> Problem {
+    Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden").with_detail(detail)
+}
+
+/// A new session for `user_id`, its tokens issued by the host.
+pub fn start_session(user_id: &str) -> Result<Tokens, Problem> {
+    Ok(auth::issue(user_id, &[])?)
 }

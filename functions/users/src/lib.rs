@@ -2,10 +2,10 @@
 //!
 //! One function serves `/v1/...` (frozen contract, see tests/tests/users_v1.rs) and `/v2/...`
 //! (the evolving one: display name, updated_at, versions with ETag/If-Match). Storage goes
-//! through the `db` capability (SQL portable across SQLite and PostgreSQL), sessions through
-//! `cache`.
+//! through the `db` capability (SQL portable across SQLite and PostgreSQL); tokens are issued
+//! and verified by the host (`auth`), which also decides who may call each route.
 //!
-//! Layout: `store` (the users table), `auth` (passwords and sessions), `v1` (the v1 routes and
+//! Layout: `store` (the users table), `auth` (passwords, access checks, sessions), `v1` (the v1 routes and
 //! their exact shapes), `v2`.
 
 mod auth;

@@ -28,6 +28,28 @@ struct UserV1<'a> {
     created_at: String,
 }
 
+/// Milliseconds since the epoch (as the host's token times are) in the same format.
+pub fn rfc3339_ms(ms: u64) -> String {
+    rfc3339(i64::try_from(ms).unwrap_or(i64::MAX).saturating_mul(1000))
+}
+
+/// Checks a login body's email and password: the user, or `None` for wrong credentials. Always
+/// one Argon2 verification, known email or not, so timing does not reveal who has an account.
+pub async fn login(req: &mut Request<Body>) -> std::result::Result<Option<User>, Problem> {
+    let login: Login = read_json(req).await?;
+    let user = store::by_email(&login.email)?;
+    let ok = auth::verify(
+        &login.password,
+        user.as_ref().map(|u| u.password_hash.as_str()),
+    );
+    Ok(user.filter(|_| ok))
+}
+
+/// The one answer to wrong credentials, whatever was wrong.
+pub fn login_failed() -> Response<Body> {
+    auth::challenge(auth::unauthorized("wrong email or password").into_response())
+}
+
 pub fn rfc3339(micros: i64) -> String {
     chrono::DateTime::from_timestamp_micros(micros)
         .unwrap_or_default()
@@ -196,6 +218,7 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             ))
         }
         (Method::GET, "/v1/users", _) => {
+            auth::admin(&req)?;
             let (users, next) = page(&req)?;
             let shaped: Vec<_> = users.iter().map(shape).collect();
             Ok(json(
@@ -204,6 +227,7 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             ))
         }
         (Method::GET, "/v1/users/{id}", Some(id)) => {
+            auth::owner_or_admin(&req, &id)?;
             // Tagged either way: a cached 404 is purged too when the id appears.
             let resp = match store::by_id(&id)? {
                 Some(user) => json(StatusCode::OK, &shape(&user)),
@@ -212,6 +236,7 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             Ok(response_cache::tag(resp, &[&store::tag(&id)]))
         }
         (Method::PATCH, "/v1/users/{id}", Some(id)) => {
+            auth::owner_or_admin(&req, &id)?;
             let patch: PatchUser = read_json(&mut req).await?;
             if patch.name.is_none() && patch.email.is_none() {
                 return Err(invalid("give name and/or email"));
@@ -235,34 +260,24 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             let user = store::by_id(&id)?.ok_or_else(not_found)?;
             Ok(json(StatusCode::OK, &shape(&user)))
         }
-        (Method::DELETE, "/v1/users/{id}", Some(id)) => delete(&id),
+        (Method::DELETE, "/v1/users/{id}", Some(id)) => {
+            auth::owner_or_admin(&req, &id)?;
+            delete(&id)
+        }
         (Method::POST, "/v1/login", _) => {
-            let login: Login = read_json(&mut req).await?;
-            let user = store::by_email(&login.email)?;
-            // Always one Argon2 verification, known email or not.
-            if !auth::verify(
-                &login.password,
-                user.as_ref().map(|u| u.password_hash.as_str()),
-            ) {
-                return Ok(auth::challenge(
-                    auth::unauthorized("wrong email or password").into_response(),
-                ));
-            }
-            let Some(user) = user else {
-                return Ok(auth::challenge(
-                    auth::unauthorized("wrong email or password").into_response(),
-                ));
+            let Some(user) = login(&mut req).await? else {
+                return Ok(login_failed());
             };
-            let (token, expires) = auth::start_session(&user.id)?;
+            let tokens = auth::start_session(&user.id)?;
             Ok(json(
                 StatusCode::OK,
-                &serde_json::json!({ "token": token, "expires_at": rfc3339(expires) }),
+                &serde_json::json!({ "token": tokens.access_token, "expires_at": rfc3339_ms(tokens.access_expires_at) }),
             ))
         }
         (Method::GET, "/v1/me", _) => {
-            let user = match auth::session_user(&req)? {
-                Some(id) => store::by_id(&id)?,
-                None => None,
+            let user = match auth::caller(&req) {
+                Ok(p) => store::by_id(&p.subject)?,
+                Err(_) => None,
             };
             match user {
                 Some(u) => Ok(json(StatusCode::OK, &shape(&u))),

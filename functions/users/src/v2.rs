@@ -10,7 +10,8 @@ use wasmgate_sdk::{
 
 use crate::store::{self, User};
 use crate::v1::{
-    check_email, check_name, check_password, delete, not_found, page, rfc3339, with_location,
+    check_email, check_name, check_password, delete, login, login_failed, not_found, page, rfc3339,
+    rfc3339_ms, with_location,
 };
 use crate::{auth, invalid};
 use wasmgate_sdk::response_cache;
@@ -72,6 +73,34 @@ struct PatchUser {
     display_name: Option<Option<String>>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Refresh {
+    refresh_token: String,
+}
+
+/// An OAuth 2.0-style token response (RFC 6749 section 5.1), with absolute expiry times too.
+fn token_response(t: &wasmgate_sdk::auth::Tokens) -> Response<Body> {
+    let now_ms = crate::store::now_micros() / 1000;
+    let expires_in =
+        (i64::try_from(t.access_expires_at).unwrap_or(i64::MAX) - now_ms).max(0) / 1000;
+    let mut resp = json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "access_token": t.access_token,
+            "token_type": "Bearer",
+            "expires_in": expires_in,
+            "expires_at": rfc3339_ms(t.access_expires_at),
+            "refresh_token": t.refresh_token,
+            "refresh_expires_at": rfc3339_ms(t.refresh_expires_at),
+        }),
+    );
+    // Tokens are credentials: no cache may keep them (RFC 6749 section 5.1).
+    resp.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-store"));
+    resp
+}
+
 fn precondition_failed() -> Problem {
     Problem::new(
         StatusCode::PRECONDITION_FAILED,
@@ -119,6 +148,7 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             ))
         }
         (Method::GET, "/v2/users", _) => {
+            auth::admin(&req)?;
             let (users, next) = page(&req)?;
             let shaped: Vec<_> = users.iter().map(shape).collect();
             Ok(json(
@@ -127,6 +157,7 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             ))
         }
         (Method::GET, "/v2/users/{id}", Some(id)) => {
+            auth::owner_or_admin(&req, &id)?;
             let resp = match store::by_id(&id)? {
                 Some(user) => respond(StatusCode::OK, &user),
                 None => not_found().into_response(),
@@ -134,6 +165,7 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             Ok(response_cache::tag(resp, &[&store::tag(&id)]))
         }
         (Method::PATCH, "/v2/users/{id}", Some(id)) => {
+            auth::owner_or_admin(&req, &id)?;
             let expected = if_match(&req)?;
             let patch: PatchUser = read_json(&mut req).await?;
             if patch.name.is_none() && patch.email.is_none() && patch.display_name.is_none() {
@@ -167,7 +199,37 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             let user = store::by_id(&id)?.ok_or_else(not_found)?;
             Ok(respond(StatusCode::OK, &user))
         }
-        (Method::DELETE, "/v2/users/{id}", Some(id)) => delete(&id),
+        (Method::DELETE, "/v2/users/{id}", Some(id)) => {
+            auth::owner_or_admin(&req, &id)?;
+            delete(&id)
+        }
+        (Method::POST, "/v2/login", _) => {
+            let Some(user) = login(&mut req).await? else {
+                return Ok(login_failed());
+            };
+            Ok(token_response(&auth::start_session(&user.id)?))
+        }
+        (Method::POST, "/v2/token/refresh", _) => {
+            let body: Refresh = read_json(&mut req).await?;
+            match wasmgate_sdk::auth::refresh(&body.refresh_token) {
+                Ok(tokens) => Ok(token_response(&tokens)),
+                Err(wasmgate_sdk::auth::Error::Refused) => Ok(auth::challenge(
+                    auth::unauthorized("the refresh token is not valid; log in again")
+                        .into_response(),
+                )),
+                Err(e) => Err(e.into()),
+            }
+        }
+        (Method::POST, "/v2/logout", _) => {
+            let p = auth::caller(&req)?;
+            let Some(session) = p.session else {
+                return Err(invalid("this token has no session to end"));
+            };
+            wasmgate_sdk::auth::revoke(&session)?;
+            let mut resp = Response::new(Body::empty());
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            Ok(resp)
+        }
         _ => Err(Problem::not_found()),
     }
 }

@@ -10,6 +10,7 @@
 //!
 //! They are composed by hand in [`Backends`] (process-wide) and [`RequestCaps`] (per request).
 
+pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod db;
@@ -65,14 +66,16 @@ pub enum Capability {
     Cache,
     Lock,
     ResponseCache,
+    Auth,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 4] = [
+    pub const ALL: [Capability; 5] = [
         Capability::Db,
         Capability::Cache,
         Capability::Lock,
         Capability::ResponseCache,
+        Capability::Auth,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,6 +84,7 @@ impl Capability {
             Capability::Cache => "cache",
             Capability::Lock => "lock",
             Capability::ResponseCache => "response-cache",
+            Capability::Auth => "auth",
         }
     }
 }
@@ -97,6 +101,7 @@ pub fn link(linker: &mut Linker<GuestState>, grants: &Grants) -> wasmtime::Resul
             Capability::Cache => cache::link(linker)?,
             Capability::Lock => lock::link(linker)?,
             Capability::ResponseCache => response_cache::link(linker)?,
+            Capability::Auth => auth::link(linker)?,
         }
     }
     Ok(())
@@ -121,7 +126,7 @@ pub fn check_grants(engine: &Engine, component: &Component, grants: &Grants) -> 
             }
             None => {
                 return Err(format!(
-                    "it imports `{name}`, which wasmgate does not provide; the capabilities are db, cache, lock and response-cache"
+                    "it imports `{name}`, which wasmgate does not provide; the capabilities are db, cache, lock, response-cache and auth"
                 ));
             }
         }
@@ -139,6 +144,10 @@ pub struct Backends {
     pub response_cache: crate::response_cache::ResponseCache,
     /// For host features that share state across processes (shared rate limits).
     pub redis: Option<redis::aio::ConnectionManager>,
+    /// A client for subscriptions (each needs a connection of its own).
+    pub redis_client: Option<redis::Client>,
+    /// Tokens and roles; opened by the loader when a route or a function uses them.
+    pub auth: Option<crate::auth::Auth>,
 }
 
 /// One backend's state for `/readyz`.
@@ -158,6 +167,11 @@ impl Backends {
             .as_deref()
             .map(cache::redis_manager)
             .transpose()?;
+        let redis_client = config
+            .redis_url
+            .as_deref()
+            .map(cache::redis_client)
+            .transpose()?;
         let response_cache = match (&redis, config.redis_url.as_deref()) {
             (Some(conn), Some(url)) => crate::response_cache::ResponseCache::with_redis(
                 cache::redis_client(url)?,
@@ -171,6 +185,8 @@ impl Backends {
             lock: lock::Lock::new(redis.clone()),
             response_cache,
             redis,
+            redis_client,
+            auth: None,
         })
     }
 
@@ -184,6 +200,7 @@ impl Backends {
                 self.response_cache.clone(),
                 function,
             ),
+            auth: auth::FunctionAuth::new(self.auth.clone()),
         }
     }
 
@@ -226,6 +243,7 @@ pub struct FunctionCaps {
     cache: cache::FunctionCache,
     lock: lock::FunctionLock,
     response_cache: response_cache::FunctionResponseCache,
+    auth: auth::FunctionAuth,
 }
 
 impl FunctionCaps {
@@ -236,6 +254,7 @@ impl FunctionCaps {
             cache: self.cache.instance(),
             lock: self.lock.instance(),
             response_cache: self.response_cache.instance(),
+            auth: self.auth.instance(),
         }
     }
 }
@@ -246,4 +265,5 @@ pub struct RequestCaps {
     pub cache: cache::RequestCache,
     pub lock: lock::RequestLock,
     pub response_cache: response_cache::RequestResponseCache,
+    pub auth: auth::RequestAuth,
 }

@@ -4,8 +4,9 @@
 //! the request (method, path, query, content type, body). A retry with the same key and the
 //! same request gets the stored response with `Idempotent-Replayed: true`, without running the
 //! function; the same key with another request gets 422, and while the first still runs, 409.
-//! Keys are scoped per route and per principal (the `Authorization` header, hashed), so two
-//! clients cannot see each other's responses. Failures (5xx, trap, timeout, a response too big
+//! Keys are scoped per route and per principal (the verified subject on routes with an `auth`
+//! policy, so a retry after a token refresh still replays; else the `Authorization` header,
+//! hashed), so two clients cannot see each other's responses. Failures (5xx, trap, timeout, a response too big
 //! to keep) are not stored: the key is released and a retry runs again.
 //!
 //! Once claimed, the run finishes and its response is stored even if the client goes away, so
@@ -107,12 +108,17 @@ impl IdempotencyPolicy {
                 .unwrap_or_default()
         };
         let method = head.method.as_str().as_bytes();
-        let scope = hash(&[
-            self.route.as_bytes(),
-            method,
-            header(header::AUTHORIZATION),
-            key.as_bytes(),
-        ]);
+        let principal = match head.extensions.get::<Arc<crate::auth::Principal>>() {
+            Some(p) => [
+                b"sub:".as_slice(),
+                p.issuer.as_bytes(),
+                b"\0",
+                p.subject.as_bytes(),
+            ]
+            .concat(),
+            None => header(header::AUTHORIZATION).to_vec(),
+        };
+        let scope = hash(&[self.route.as_bytes(), method, &principal, key.as_bytes()]);
         let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
         let fingerprint = hash(&[method, path.as_bytes(), header(header::CONTENT_TYPE), body]);
         (scope, fingerprint)

@@ -3,6 +3,8 @@
 //! the guest.
 //!
 //! Layout:
+//! - `auth`: who may call the route (bearer token verified in the host, roles, scopes, owner).
+//! - `login_throttle`: failed logins per account and per client address, with backoff.
 //! - `rate_limit`: GCRA requests per second and burst, per function or per client key; local
 //!   (governor) or shared through Redis.
 //! - `bulkhead`: max concurrent executions plus a bounded queue with a max wait.
@@ -13,8 +15,9 @@
 //! - `layer`: the tower layer/service every policy is wrapped in, written once.
 //! - `invoke`: the innermost service: one request through the function.
 //!
-//! Order, outermost first: rate limit, idempotency, response cache, bulkhead, invoke. A cache
-//! hit or a replay costs no bulkhead slot; a rate-limited request never touches the stores.
+//! Order, outermost first: auth, rate limit, login throttle, idempotency, response cache,
+//! bulkhead, invoke. A refused token costs microseconds and touches nothing else; a cache hit
+//! or a replay costs no bulkhead slot; a rate-limited request never touches the stores.
 //!
 //! The deadline is not a layer here: the guest runs in its own task (it may stream its body
 //! after answering), so the deadline lives with the store, in `runtime::invoke`, where it can
@@ -23,11 +26,13 @@
 //! State that must outlive a reload (the bulkhead's semaphore, the rate limiter's budget) is kept
 //! in [`PolicyState`], shared by all stacks built for the same function and the same settings.
 
+pub mod auth;
 pub mod bulkhead;
 mod gate;
 pub mod idempotency;
 mod invoke;
 mod layer;
+pub mod login_throttle;
 pub mod rate_limit;
 pub mod response_cache;
 
@@ -42,15 +47,19 @@ use crate::body_limit::LimitedBody;
 use crate::config::{BulkheadConfig, RateLimitConfig};
 use crate::runtime::Function;
 
+pub use auth::AuthPolicy;
 pub use bulkhead::Bulkhead;
 pub use idempotency::IdempotencyPolicy;
 use layer::PolicyLayer;
+pub use login_throttle::LoginThrottle;
 pub use rate_limit::RateLimiter;
 pub use response_cache::CachePolicy;
 
 /// The policies a route adds to its function's.
 #[derive(Default, Clone)]
 pub struct RoutePolicies {
+    pub auth: Option<Arc<AuthPolicy>>,
+    pub login_throttle: Option<Arc<LoginThrottle>>,
     pub idempotency: Option<Arc<IdempotencyPolicy>>,
     pub cache: Option<Arc<CachePolicy>>,
 }
@@ -65,6 +74,8 @@ pub type FunctionService = BoxCloneSyncService<GuestRequest, Response, Infallibl
 pub struct PolicyState {
     pub rate_limit: Option<(RateLimitConfig, Arc<RateLimiter>)>,
     pub bulkhead: (BulkheadConfig, Arc<Bulkhead>),
+    /// Failed-login counters of the function's login routes, in this process.
+    pub login_failures: Arc<crate::auth::throttle::MemoryThrottle>,
 }
 
 impl PolicyState {
@@ -96,18 +107,21 @@ impl PolicyState {
         Self {
             rate_limit,
             bulkhead,
+            login_failures: previous.map_or_else(Default::default, |p| p.login_failures.clone()),
         }
     }
 
     /// Builds the stack for one version of the function on one route. Order, outermost first:
-    /// rate limit, idempotency, response cache, bulkhead, invoke.
+    /// auth, rate limit, login throttle, idempotency, response cache, bulkhead, invoke.
     pub fn stack(&self, function: Function, route: &RoutePolicies) -> FunctionService {
         let service = ServiceBuilder::new()
+            .option_layer(route.auth.clone().map(PolicyLayer::new))
             .option_layer(
                 self.rate_limit
                     .as_ref()
                     .map(|(_, l)| PolicyLayer::new(l.clone())),
             )
+            .option_layer(route.login_throttle.clone().map(PolicyLayer::new))
             .option_layer(route.idempotency.clone().map(PolicyLayer::new))
             .option_layer(route.cache.clone().map(PolicyLayer::new))
             .layer(PolicyLayer::new(self.bulkhead.1.clone()))

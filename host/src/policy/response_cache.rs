@@ -72,9 +72,12 @@ impl CachePolicy {
         }
     }
 
-    /// The entry key, or `None` when this request must not use the cache.
-    fn key(&self, uri: &http::Uri, headers: &HeaderMap) -> Option<String> {
-        if headers.contains_key(header::AUTHORIZATION)
+    /// The entry key, or `None` when this request must not use the cache. A request with
+    /// credentials bypasses the cache, unless the route's `auth` policy has already decided it
+    /// may see the resource (`authorized`): then it shares the one cached copy.
+    fn key(&self, uri: &http::Uri, headers: &HeaderMap, authorized: bool) -> Option<String> {
+        if !authorized
+            && headers.contains_key(header::AUTHORIZATION)
             && !self.vary.contains(&header::AUTHORIZATION)
         {
             return None;
@@ -210,7 +213,11 @@ impl Policy for CachePolicy {
             Method::HEAD => true,
             _ => return forward(&mut next, req).await,
         };
-        let Some(key) = self.key(req.uri(), req.headers()) else {
+        let authorized = req
+            .extensions()
+            .get::<Arc<crate::auth::Principal>>()
+            .is_some();
+        let Some(key) = self.key(req.uri(), req.headers(), authorized) else {
             self.counters.bypass.increment(1);
             return forwarded(&mut next, req, "wasmgate; fwd=bypass").await;
         };
@@ -414,7 +421,7 @@ mod tests {
     fn keys_by_path_query_and_vary_only() {
         let p = policy(&["accept"]);
         let key = |uri: &str, h: &[(&'static str, &'static str)]| {
-            p.key(&uri.parse().expect("uri"), &headers(h))
+            p.key(&uri.parse().expect("uri"), &headers(h), false)
         };
         let base = key("/u/1?x=1", &[("accept", "a/b")]);
         assert!(base.is_some());
@@ -428,6 +435,16 @@ mod tests {
         assert_eq!(key("/u/1", &[("authorization", "Bearer t")]), None);
         let by_user = policy(&["authorization"]);
         let auth = headers(&[("authorization", "Bearer t")]);
-        assert!(by_user.key(&"/u/1".parse().expect("uri"), &auth).is_some());
+        assert!(
+            by_user
+                .key(&"/u/1".parse().expect("uri"), &auth, false)
+                .is_some()
+        );
+        assert!(
+            policy(&[])
+                .key(&"/u/1".parse().expect("uri"), &auth, true)
+                .is_some(),
+            "a request the auth policy let in shares the cached copy"
+        );
     }
 }

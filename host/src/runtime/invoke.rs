@@ -112,6 +112,7 @@ impl Function {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let f = &self.inner;
+        f.runs.increment(1);
         let deadline = Instant::now() + f.limits.timeout;
         let (mut store, warm) = match self.take_warm() {
             Some(w) => {

@@ -208,8 +208,11 @@ impl Runtime {
             path: path.to_path_buf(),
             reason: format!("{e:#}"),
         })?;
+        let runs = metrics::counter!("wasmgate_guest_runs_total",
+            "function" => name.to_string(), "version" => sha256[..12].to_string());
         Ok(Function {
             inner: Arc::new(FunctionInner {
+                runs,
                 name: name.to_string(),
                 sha256,
                 pre,
@@ -230,6 +233,9 @@ pub struct Function {
 }
 
 struct FunctionInner {
+    /// Requests that reached an instance (fresh or reused): what a policy that answers first
+    /// saves, and what `/metrics` shows of it.
+    runs: metrics::Counter,
     name: String,
     sha256: String,
     pre: ProxyPre<GuestState>,

@@ -1,0 +1,357 @@
+//! Bearer tokens into principals: wasmgate's own (EdDSA, keys from the key ring) and those of
+//! external providers (keys from their JWKS). Only asymmetric algorithms are accepted, and only
+//! the one each key is for: `none`, HMAC, and a token whose header names another algorithm
+//! than its key's are refused before any signature check.
+//!
+//! A verified token is cached under its SHA-256 until it expires, so the request path pays a
+//! hash and a lookup, not a signature check; revocation is checked on every request anyway.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use sha2::{Digest, Sha256};
+
+use super::AuthError;
+use super::config::{AuthConfig, ProviderConfig};
+use super::keys::KeyRing;
+use super::revocation::Revocations;
+use crate::response_cache::unix_ms;
+
+/// Verified tokens kept at most: beyond this the least used are verified again.
+const MAX_CACHED_TOKENS: u64 = 100_000;
+/// Tokens longer than this are refused unread.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+/// Who a verified token speaks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Principal {
+    pub subject: String,
+    pub roles: Vec<String>,
+    pub scopes: Vec<String>,
+    /// The token's `jti` (empty when a provider's token has none).
+    pub token_id: String,
+    /// The session (refresh-token family) of a token wasmgate issued.
+    pub session: Option<String>,
+    pub issuer: String,
+    /// When the token expires, in milliseconds since the epoch.
+    pub expires_at: u64,
+}
+
+impl Principal {
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+}
+
+/// Why a token was refused; the description goes to `WWW-Authenticate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    Malformed,
+    Algorithm,
+    UnknownIssuer,
+    UnknownKey,
+    Signature,
+    Expired,
+    NotYetValid,
+    Claims,
+    Revoked,
+}
+
+impl Rejection {
+    pub fn description(self) -> &'static str {
+        match self {
+            Rejection::Malformed => "the token is not a well-formed JWT",
+            Rejection::Algorithm => "the token's algorithm is not accepted",
+            Rejection::UnknownIssuer => "the token's issuer is not trusted",
+            Rejection::UnknownKey => "the token names an unknown key",
+            Rejection::Signature => "the token's signature is invalid",
+            Rejection::Expired => "the token has expired",
+            Rejection::NotYetValid => "the token is not valid yet",
+            Rejection::Claims => "the token's issuer, audience or subject is not accepted",
+            Rejection::Revoked => "the token has been revoked",
+        }
+    }
+}
+
+struct ProviderKey {
+    decoding: DecodingKey,
+    algorithms: Vec<Algorithm>,
+}
+
+struct Provider {
+    cfg: ProviderConfig,
+    keys: HashMap<String, ProviderKey>,
+    /// A JWKS of one key without a `kid` verifies tokens without one.
+    only: Option<ProviderKey>,
+}
+
+pub struct Verifier {
+    issuer: String,
+    audience: String,
+    leeway: Duration,
+    providers: Vec<Provider>,
+    verified: moka::sync::Cache<[u8; 32], Arc<Principal>>,
+}
+
+struct UntilExpiry(Duration);
+
+impl moka::Expiry<[u8; 32], Arc<Principal>> for UntilExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &Arc<Principal>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        let left = value.expires_at.saturating_sub(unix_ms());
+        Some(Duration::from_millis(left) + self.0)
+    }
+}
+
+/// The algorithms a JWK may verify: the one it names, else the usual one for its key type.
+/// Symmetric (`oct`) keys are refused: a shared secret does not belong in a public JWKS.
+fn algorithms(jwk: &jsonwebtoken::jwk::Jwk) -> Result<Vec<Algorithm>, String> {
+    let named = jwk
+        .common
+        .key_algorithm
+        .map(|a| Algorithm::try_from(a).map_err(|e| format!("unsupported alg: {e}")))
+        .transpose()?;
+    let usual = match &jwk.algorithm {
+        AlgorithmParameters::OctetKey(_) => {
+            return Err("symmetric (`oct`) keys are not accepted".into());
+        }
+        AlgorithmParameters::RSA(_) => vec![
+            Algorithm::RS256,
+            Algorithm::RS384,
+            Algorithm::RS512,
+            Algorithm::PS256,
+            Algorithm::PS384,
+            Algorithm::PS512,
+        ],
+        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+            EllipticCurve::P256 => vec![Algorithm::ES256],
+            EllipticCurve::P384 => vec![Algorithm::ES384],
+            _ => return Err("unsupported elliptic curve".into()),
+        },
+        AlgorithmParameters::OctetKeyPair(_) => vec![Algorithm::EdDSA],
+        _ => return Err("unsupported key type".into()),
+    };
+    match named {
+        Some(a) if usual.contains(&a) => Ok(vec![a]),
+        Some(a) => Err(format!("alg {a:?} does not fit the key type")),
+        None => Ok(usual),
+    }
+}
+
+fn load_provider(cfg: &ProviderConfig, base: &Path) -> Result<Provider, AuthError> {
+    let fail = |reason: String| AuthError::Provider {
+        issuer: cfg.issuer.clone(),
+        reason,
+    };
+    let path = base.join(&cfg.jwks_file);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| fail(format!("cannot read `{}`: {e}", path.display())))?;
+    let set: JwkSet = serde_json::from_str(&text)
+        .map_err(|e| fail(format!("`{}` is not a JWKS: {e}", path.display())))?;
+    let mut keys = HashMap::new();
+    let mut only = None;
+    for (i, jwk) in set.keys.iter().enumerate() {
+        let algorithms = algorithms(jwk).map_err(|e| fail(format!("keys[{i}]: {e}")))?;
+        let decoding = DecodingKey::from_jwk(jwk).map_err(|e| fail(format!("keys[{i}]: {e}")))?;
+        let key = ProviderKey {
+            decoding,
+            algorithms,
+        };
+        match &jwk.common.key_id {
+            Some(kid) => {
+                keys.insert(kid.clone(), key);
+            }
+            None if set.keys.len() == 1 => only = Some(key),
+            None => {
+                return Err(fail(format!(
+                    "keys[{i}] has no `kid`; a JWKS of several keys needs one on each"
+                )));
+            }
+        }
+    }
+    Ok(Provider {
+        cfg: cfg.clone(),
+        keys,
+        only,
+    })
+}
+
+/// The `iss` of a token, read without trusting it: it only picks which keys to check against.
+fn peek_issuer(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    #[derive(serde::Deserialize)]
+    struct Iss {
+        iss: Option<String>,
+    }
+    serde_json::from_slice::<Iss>(&bytes).ok()?.iss
+}
+
+fn rejection(e: &jsonwebtoken::errors::Error) -> Rejection {
+    match e.kind() {
+        ErrorKind::ExpiredSignature => Rejection::Expired,
+        ErrorKind::ImmatureSignature => Rejection::NotYetValid,
+        ErrorKind::InvalidSignature => Rejection::Signature,
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => Rejection::Algorithm,
+        ErrorKind::InvalidIssuer
+        | ErrorKind::InvalidAudience
+        | ErrorKind::InvalidSubject
+        | ErrorKind::MissingRequiredClaim(_) => Rejection::Claims,
+        _ => Rejection::Malformed,
+    }
+}
+
+fn strings(v: Option<&serde_json::Value>) -> Vec<String> {
+    match v {
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect(),
+        Some(serde_json::Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl Verifier {
+    pub fn new(cfg: &AuthConfig, base: &Path) -> Result<Self, AuthError> {
+        let providers = cfg
+            .providers
+            .iter()
+            .map(|p| load_provider(p, base))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            leeway: cfg.leeway,
+            providers,
+            verified: moka::sync::Cache::builder()
+                .max_capacity(MAX_CACHED_TOKENS)
+                .expire_after(UntilExpiry(cfg.leeway))
+                .build(),
+        })
+    }
+
+    fn validation(&self, algorithms: Vec<Algorithm>, issuer: &str, audience: &str) -> Validation {
+        let mut v = Validation::new(algorithms[0]);
+        v.algorithms = algorithms;
+        v.set_issuer(&[issuer]);
+        v.set_audience(&[audience]);
+        v.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        v.validate_nbf = true;
+        v.leeway = self.leeway.as_secs();
+        v
+    }
+
+    pub async fn verify(
+        &self,
+        token: &str,
+        keys: &KeyRing,
+        revoked: &Revocations,
+    ) -> Result<Arc<Principal>, Rejection> {
+        if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+            return Err(Rejection::Malformed);
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let principal = match self.verified.get(&digest) {
+            Some(p) => p,
+            None => {
+                let p = Arc::new(self.check(token, keys).await?);
+                self.verified.insert(digest, p.clone());
+                p
+            }
+        };
+        // `exp` to the millisecond, on a hit and a miss alike (the library's check is in whole
+        // seconds, which would let a token live up to a second past its `exp`).
+        let leeway = u64::try_from(self.leeway.as_millis()).unwrap_or(u64::MAX);
+        if principal.expires_at.saturating_add(leeway) <= unix_ms() {
+            return Err(Rejection::Expired);
+        }
+        if principal
+            .session
+            .as_deref()
+            .is_some_and(|s| revoked.is_revoked(s))
+        {
+            return Err(Rejection::Revoked);
+        }
+        Ok(principal)
+    }
+
+    /// The full check, for a token not seen yet.
+    async fn check(&self, token: &str, keys: &KeyRing) -> Result<Principal, Rejection> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
+            ErrorKind::InvalidAlgorithmName => Rejection::Algorithm,
+            _ => Rejection::Malformed,
+        })?;
+        let issuer = peek_issuer(token).ok_or(Rejection::Malformed)?;
+        let claims: serde_json::Value;
+        let mut roles_claim = "roles";
+        if issuer == self.issuer {
+            if header.alg != Algorithm::EdDSA {
+                return Err(Rejection::Algorithm);
+            }
+            let kid = header.kid.as_deref().ok_or(Rejection::UnknownKey)?;
+            let key = keys.find(kid).await.ok_or(Rejection::UnknownKey)?;
+            let v = self.validation(vec![Algorithm::EdDSA], &self.issuer, &self.audience);
+            claims = jsonwebtoken::decode::<serde_json::Value>(token, &key.decoding, &v)
+                .map_err(|e| rejection(&e))?
+                .claims;
+        } else {
+            let p = self
+                .providers
+                .iter()
+                .find(|p| p.cfg.issuer == issuer)
+                .ok_or(Rejection::UnknownIssuer)?;
+            let key = match header.kid.as_deref() {
+                Some(kid) => p.keys.get(kid),
+                None => p.only.as_ref(),
+            }
+            .ok_or(Rejection::UnknownKey)?;
+            if !key.algorithms.contains(&header.alg) {
+                return Err(Rejection::Algorithm);
+            }
+            let v = self.validation(key.algorithms.clone(), &p.cfg.issuer, &p.cfg.audience);
+            claims = jsonwebtoken::decode::<serde_json::Value>(token, &key.decoding, &v)
+                .map_err(|e| rejection(&e))?
+                .claims;
+            roles_claim = &p.cfg.roles_claim;
+        }
+        let text = |name: &str| {
+            claims
+                .get(name)
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        };
+        let subject = text("sub")
+            .filter(|s| !s.is_empty())
+            .ok_or(Rejection::Claims)?;
+        let exp = claims
+            .get("exp")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or(Rejection::Claims)?;
+        let session = if issuer == self.issuer {
+            Some(text("sid").ok_or(Rejection::Claims)?)
+        } else {
+            None
+        };
+        Ok(Principal {
+            subject,
+            roles: strings(claims.get(roles_claim)),
+            scopes: strings(claims.get("scope").or_else(|| claims.get("scp"))),
+            token_id: text("jti").unwrap_or_default(),
+            session,
+            issuer,
+            expires_at: exp.saturating_mul(1000),
+        })
+    }
+}

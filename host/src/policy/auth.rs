@@ -1,0 +1,158 @@
+//! Access control per route, the first policy after routing: a refused request costs a header
+//! parse and a cache lookup, and never reaches the response cache, the idempotency store, the
+//! bulkhead or an instance.
+//!
+//! The verified principal reaches the guest as `wasmgate-principal-*` headers (subject, roles,
+//! scopes, token id, session, issuer); the server removes every client-sent `wasmgate-*`
+//! header before this runs, so a guest can trust them.
+
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::response::Response;
+
+use super::GuestRequest;
+use super::layer::{Next, Policy, forward};
+use crate::auth::{Auth, Principal, Rejection, RouteAuthConfig};
+use crate::problem::Problem;
+use crate::request_id::RequestId;
+use crate::server::ROUTE_HEADER_PREFIX;
+
+pub const SUBJECT: HeaderName = HeaderName::from_static("wasmgate-principal-subject");
+pub const ROLES: HeaderName = HeaderName::from_static("wasmgate-principal-roles");
+pub const SCOPES: HeaderName = HeaderName::from_static("wasmgate-principal-scopes");
+pub const TOKEN_ID: HeaderName = HeaderName::from_static("wasmgate-principal-token-id");
+pub const SESSION: HeaderName = HeaderName::from_static("wasmgate-principal-session");
+pub const ISSUER: HeaderName = HeaderName::from_static("wasmgate-principal-issuer");
+
+/// One route's rule.
+pub struct AuthPolicy {
+    auth: Auth,
+    rule: RouteAuthConfig,
+    /// The header the server put the owner parameter in.
+    owner: Option<HeaderName>,
+}
+
+impl AuthPolicy {
+    pub fn new(auth: Auth, rule: &RouteAuthConfig) -> Self {
+        let owner = rule.owner.as_ref().and_then(|p| {
+            HeaderName::from_bytes(format!("{ROUTE_HEADER_PREFIX}param-{p}").as_bytes()).ok()
+        });
+        Self {
+            auth,
+            rule: rule.clone(),
+            owner,
+        }
+    }
+
+    /// May `p` make this request? `Err` says why not.
+    fn authorize(&self, p: &Principal, headers: &HeaderMap) -> Result<(), Problem> {
+        let admin = p.has_role(&self.auth.config().admin_role);
+        if !self.rule.roles.is_empty() && !self.rule.roles.iter().any(|r| p.has_role(r)) {
+            return Err(Problem::Forbidden {
+                detail: format!(
+                    "this route needs one of the roles: {}",
+                    self.rule.roles.join(", ")
+                ),
+                insufficient: true,
+            });
+        }
+        if let Some(missing) = self.rule.scopes.iter().find(|s| !p.scopes.contains(s)) {
+            return Err(Problem::Forbidden {
+                detail: format!("this route needs the scope `{missing}`"),
+                insufficient: true,
+            });
+        }
+        if let Some(h) = &self.owner
+            && !admin
+            && headers
+                .get(h)
+                .is_none_or(|v| v.as_bytes() != p.subject.as_bytes())
+        {
+            return Err(Problem::Forbidden {
+                detail: "only the owner of this resource or an admin may do this".into(),
+                insufficient: false,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What the `Authorization` header holds.
+enum Credentials<'a> {
+    None,
+    Bearer(&'a str),
+    /// A header that is there but not a usable bearer token.
+    Unusable,
+}
+
+fn credentials(headers: &HeaderMap) -> Credentials<'_> {
+    let mut all = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = all.next() else {
+        return Credentials::None;
+    };
+    if all.next().is_some() {
+        return Credentials::Unusable;
+    }
+    let Ok(text) = value.to_str() else {
+        return Credentials::Unusable;
+    };
+    match text.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Credentials::Bearer(token.trim())
+        }
+        _ => Credentials::Unusable,
+    }
+}
+
+/// Hands the principal to the guest; `Err` when a claim cannot travel as a header.
+fn tell_guest(headers: &mut HeaderMap, p: &Principal) -> Result<(), Rejection> {
+    let value = |s: &str| HeaderValue::from_bytes(s.as_bytes()).map_err(|_| Rejection::Claims);
+    headers.insert(SUBJECT, value(&p.subject)?);
+    headers.insert(ROLES, value(&p.roles.join(","))?);
+    headers.insert(SCOPES, value(&p.scopes.join(" "))?);
+    headers.insert(TOKEN_ID, value(&p.token_id)?);
+    headers.insert(ISSUER, value(&p.issuer)?);
+    if let Some(s) = &p.session {
+        headers.insert(SESSION, value(s)?);
+    }
+    Ok(())
+}
+
+impl Policy for AuthPolicy {
+    async fn call<S: Next>(self: Arc<Self>, mut req: GuestRequest, mut next: S) -> Response {
+        let token = match credentials(req.headers()) {
+            Credentials::Bearer(t) => t.to_string(),
+            Credentials::None | Credentials::Unusable if !self.rule.required => {
+                return forward(&mut next, req).await;
+            }
+            Credentials::None => {
+                return Problem::Unauthorized { rejection: None }
+                    .into_response_with(&RequestId::of(req.extensions()));
+            }
+            Credentials::Unusable => {
+                return Problem::Unauthorized {
+                    rejection: Some(Rejection::Malformed),
+                }
+                .into_response_with(&RequestId::of(req.extensions()));
+            }
+        };
+        let refuse = |problem: Problem, req: &GuestRequest| {
+            problem.into_response_with(&RequestId::of(req.extensions()))
+        };
+        let principal = match self.auth.verify(&token).await {
+            Ok(p) => p,
+            Err(r) => return refuse(Problem::Unauthorized { rejection: Some(r) }, &req),
+        };
+        if let Err(problem) = self.authorize(&principal, req.headers()) {
+            return refuse(problem, &req);
+        }
+        if let Err(r) = tell_guest(req.headers_mut(), &principal) {
+            return refuse(Problem::Unauthorized { rejection: Some(r) }, &req);
+        }
+        req.extensions_mut().insert(principal);
+        forward(&mut next, req).await
+    }
+}
