@@ -53,30 +53,32 @@ enum Command {
     Roles {
         #[command(subcommand)]
         action: RolesAction,
-        #[arg(
-            long,
-            short,
-            default_value = "wasmgate.toml",
-            env = "WASMGATE_MANIFEST"
-        )]
-        manifest: PathBuf,
         #[command(flatten)]
-        overrides: OverrideArgs,
+        target: Platform,
     },
     /// Signing keys of the tokens wasmgate issues.
     Keys {
         #[command(subcommand)]
         action: KeysAction,
-        #[arg(
-            long,
-            short,
-            default_value = "wasmgate.toml",
-            env = "WASMGATE_MANIFEST"
-        )]
-        manifest: PathBuf,
         #[command(flatten)]
-        overrides: OverrideArgs,
+        target: Platform,
     },
+}
+
+/// Which platform database an operator command works on: the manifest's, with the same
+/// overrides as `up`.
+#[derive(clap::Args)]
+struct Platform {
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "wasmgate.toml",
+        env = "WASMGATE_MANIFEST"
+    )]
+    manifest: PathBuf,
+    #[command(flatten)]
+    overrides: OverrideArgs,
 }
 
 #[derive(Subcommand)]
@@ -101,14 +103,14 @@ enum KeysAction {
 #[derive(clap::Args)]
 struct OverrideArgs {
     /// Directory for compiled components; overrides `[server] cache_dir`.
-    #[arg(long, env = "WASMGATE_CACHE_DIR")]
+    #[arg(long, global = true, env = "WASMGATE_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
     /// Database for the db capability (sqlite://path or postgres://...); overrides
     /// `[backends] database_url`.
-    #[arg(long, env = "WASMGATE_DATABASE_URL")]
+    #[arg(long, global = true, env = "WASMGATE_DATABASE_URL")]
     database_url: Option<String>,
     /// Redis for the cache and lock capabilities; overrides `[backends] redis_url`.
-    #[arg(long, env = "WASMGATE_REDIS_URL")]
+    #[arg(long, global = true, env = "WASMGATE_REDIS_URL")]
     redis_url: Option<String>,
 }
 
@@ -161,27 +163,23 @@ fn real_main() -> anyhow::Result<()> {
                 );
                 Ok(())
             }
-            Command::Roles {
-                action,
-                manifest,
-                overrides,
-            } => roles(action, &manifest, &overrides.into()).await,
-            Command::Keys {
-                action,
-                manifest,
-                overrides,
-            } => keys(action, &manifest, &overrides.into()).await,
+            Command::Roles { action, target } => roles(action, target.store().await?).await,
+            Command::Keys { action, target } => keys(action, target.store().await?).await,
         }
     })
 }
 
-async fn roles(
-    action: RolesAction,
-    manifest: &std::path::Path,
-    overrides: &loader::Overrides,
-) -> anyhow::Result<()> {
-    let store = loader::auth_store(manifest, overrides).await?;
-    let failed = |e| anyhow::anyhow!("the platform database refused the change: {e:?}");
+impl Platform {
+    async fn store(self) -> anyhow::Result<wasmgate::auth::store::Store> {
+        Ok(loader::auth_store(&self.manifest, &self.overrides.into()).await?)
+    }
+}
+
+fn failed(e: wasmgate::capabilities::db::DbError) -> anyhow::Error {
+    anyhow::anyhow!("the platform database refused the change: {e:?}")
+}
+
+async fn roles(action: RolesAction, store: wasmgate::auth::store::Store) -> anyhow::Result<()> {
     match action {
         RolesAction::Grant { subject, role } => {
             anyhow::ensure!(
@@ -217,13 +215,7 @@ async fn roles(
     Ok(())
 }
 
-async fn keys(
-    action: KeysAction,
-    manifest: &std::path::Path,
-    overrides: &loader::Overrides,
-) -> anyhow::Result<()> {
-    let store = loader::auth_store(manifest, overrides).await?;
-    let failed = |e| anyhow::anyhow!("the platform database refused the change: {e:?}");
+async fn keys(action: KeysAction, store: wasmgate::auth::store::Store) -> anyhow::Result<()> {
     match action {
         KeysAction::Rotate => {
             let key = wasmgate::auth::keys::generate();

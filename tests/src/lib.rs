@@ -417,6 +417,15 @@ pub fn users_manifest_with(extra: &str, throttle: &str) -> String {
     m
 }
 
+/// Starts `manifest` on the embedded default with a SQLite file of its own; returns the
+/// server, the directory that holds the file (keep it alive) and the database URL.
+pub fn start_embedded(manifest: &str) -> (Server, tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = format!("sqlite://{}", dir.path().join("data.db").display());
+    let server = Server::start_with_args(manifest, &["--database-url", &db]);
+    (server, dir, db)
+}
+
 /// The password every test account gets.
 pub const PASSWORD: &str = "correct horse";
 

@@ -196,9 +196,7 @@ async fn every_route(s: &Server, db: &str) {
 
 #[tokio::test]
 async fn every_users_route_checks_who_asks_on_the_embedded_default() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let db = format!("sqlite://{}", dir.path().join("users.db").display());
-    let s = Server::start_with_args(&users_manifest(), &["--database-url", &db]);
+    let (s, _dir, db) = wasmgate_tests::start_embedded(&users_manifest());
     every_route(&s, &db).await;
 }
 
@@ -214,9 +212,7 @@ async fn every_users_route_checks_who_asks_on_postgres_and_redis() {
 
 #[tokio::test]
 async fn an_authorized_read_is_served_from_the_shared_cache() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let db = format!("sqlite://{}", dir.path().join("users.db").display());
-    let s = Server::start_with_args(&users_manifest(), &["--database-url", &db]);
+    let (s, _dir, _) = wasmgate_tests::start_embedded(&users_manifest());
     let (_, admin_token) = admin(&s, "root@example.com").await;
     let id = sign_up(&s, "dana@example.com").await;
     let dana = bearer_client(&token(&s, "dana@example.com").await);

@@ -11,9 +11,7 @@ use serde_json::json;
 use wasmgate_tests::{PASSWORD, Server, fresh_postgres, redis_url, sign_up, users_manifest_with};
 
 fn embedded(throttle: &str) -> (Server, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tmp");
-    let db = format!("sqlite://{}", dir.path().join("users.db").display());
-    let s = Server::start_with_args(&users_manifest_with("", throttle), &["--database-url", &db]);
+    let (s, dir, _) = wasmgate_tests::start_embedded(&users_manifest_with("", throttle));
     (s, dir)
 }
 

@@ -16,9 +16,7 @@ use wasmgate_tests::{
 };
 
 fn embedded(extra: &str) -> (Server, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tmp");
-    let db = format!("sqlite://{}", dir.path().join("users.db").display());
-    let s = Server::start_with_args(&users_manifest_with(extra, "{}"), &["--database-url", &db]);
+    let (s, dir, _) = wasmgate_tests::start_embedded(&users_manifest_with(extra, "{}"));
     (s, dir)
 }
 

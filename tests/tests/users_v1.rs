@@ -7,12 +7,8 @@ use wasmgate_tests::{
 };
 
 fn embedded() -> (Server, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tmp");
-    let db = format!("sqlite://{}", dir.path().join("users.db").display());
-    (
-        Server::start_with_args(&users_manifest(), &["--database-url", &db]),
-        dir,
-    )
+    let (s, dir, _) = wasmgate_tests::start_embedded(&users_manifest());
+    (s, dir)
 }
 
 fn on_services() -> Server {

@@ -121,12 +121,30 @@ pub async fn issue(auth: &Auth, subject: &str, roles: &[String]) -> Result<Token
         roles: roles.to_vec(),
         revoked: false,
     };
+    next_tokens(auth, session, now, true).await
+}
+
+/// The session's next pair: a new refresh token stored (with the session itself when `new`),
+/// and an access token with the subject's roles as they are now.
+async fn next_tokens(
+    auth: &Auth,
+    session: Session,
+    now: i64,
+    new: bool,
+) -> Result<Tokens, TokenError> {
     let refresh_token = random(32);
     let refresh_expires = refresh_expiry(auth, now);
-    auth.store()
-        .create_session(&session, &hash(&refresh_token), now, refresh_expires)
-        .await?;
-    let roles = effective_roles(auth, subject, roles).await?;
+    let store = auth.store();
+    if new {
+        store
+            .create_session(&session, &hash(&refresh_token), now, refresh_expires)
+            .await?;
+    } else {
+        store
+            .add_refresh(&session.id, &hash(&refresh_token), refresh_expires)
+            .await?;
+    }
+    let roles = effective_roles(auth, &session.subject, &session.roles).await?;
     let (access_token, access_expires_at) = sign(auth, &session, &roles, now)?;
     Ok(Tokens {
         access_token,
@@ -153,18 +171,5 @@ pub async fn refresh(auth: &Auth, presented: &str) -> Result<Tokens, TokenError>
         }
         Redeemed::Refused => return Err(TokenError::Refused),
     };
-    let refresh_token = random(32);
-    let refresh_expires = refresh_expiry(auth, now);
-    auth.store()
-        .add_refresh(&session.id, &hash(&refresh_token), refresh_expires)
-        .await?;
-    let roles = effective_roles(auth, &session.subject, &session.roles).await?;
-    let (access_token, access_expires_at) = sign(auth, &session, &roles, now)?;
-    Ok(Tokens {
-        access_token,
-        access_expires_at,
-        refresh_token,
-        refresh_expires_at: u64::try_from(refresh_expires).unwrap_or(0),
-        session: session.id,
-    })
+    next_tokens(auth, session, now, false).await
 }
