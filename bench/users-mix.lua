@@ -4,13 +4,35 @@
 local ids = {}
 local counter = 0
 local tag = ""
-local threads = 0
+local threads = {}
+-- A global, so `done` can read each thread's copy with thread:get.
+failures = {}
 
 -- Runs in the main state once per thread: gives each thread its own id, so the emails its
 -- POSTs create never collide with another thread's (a collision would be a 409).
 function setup(thread)
-  threads = threads + 1
-  thread:set("tid", threads)
+  threads[#threads + 1] = thread
+  thread:set("tid", #threads)
+end
+
+-- Counts the answers that were not 2xx, by status, so a run with errors says which.
+function response(status, headers, body)
+  if status >= 300 then
+    local key = tostring(status)
+    failures[key] = (failures[key] or 0) + 1
+  end
+end
+
+function done(summary, latency, requests)
+  local seen = {}
+  for _, t in ipairs(threads) do
+    for status, n in pairs(t:get("failures") or {}) do
+      seen[status] = (seen[status] or 0) + n
+    end
+  end
+  for status, n in pairs(seen) do
+    io.write(string.format("non-2xx: %s x %d\n", status, n))
+  end
 end
 
 function init(args)
@@ -19,9 +41,14 @@ function init(args)
   math.randomseed(os.time() * 100 + tid)
 end
 
+-- wrk.format uses the headers it is given instead of the -H ones: copy those (the bearer token).
 local function write_headers()
   counter = counter + 1
-  return { ["Content-Type"] = "application/json", ["Idempotency-Key"] = tag .. "-" .. counter }
+  local headers = {}
+  for name, value in pairs(wrk.headers) do headers[name] = value end
+  headers["Content-Type"] = "application/json"
+  headers["Idempotency-Key"] = tag .. "-" .. counter
+  return headers
 end
 
 function request()

@@ -6,9 +6,11 @@
 //! when it starts), which covers a dropped subscription or a deployment without Redis. An entry
 //! only needs to live as long as the access tokens of its session can: access TTL plus leeway.
 
-use std::sync::{Arc, Weak};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use futures::StreamExt;
 
 use super::store::Store;
@@ -19,8 +21,12 @@ pub const CHANNEL: &str = "wasmgate:auth:revoked";
 /// How often each process reads recent revocations from the database.
 pub const POLL_EVERY: Duration = Duration::from_millis(500);
 
+/// Revoked sessions and until when they matter (ms). Read on every request, written on a
+/// logout: a map swapped whole on each change, so a read is one atomic load and a lookup.
 pub struct Revocations {
-    revoked: moka::sync::Cache<String, ()>,
+    revoked: ArcSwap<HashMap<String, u64>>,
+    /// Serializes writers (each copies the map).
+    writing: Mutex<()>,
     /// How long a revocation matters: the longest an access token lives, plus leeway.
     horizon: Duration,
 }
@@ -28,20 +34,40 @@ pub struct Revocations {
 impl Revocations {
     pub fn new(horizon: Duration) -> Self {
         Self {
-            revoked: moka::sync::Cache::builder()
-                .time_to_live(horizon)
-                .max_capacity(1_000_000)
-                .build(),
+            revoked: ArcSwap::from_pointee(HashMap::new()),
+            writing: Mutex::new(()),
             horizon,
         }
     }
 
     pub fn is_revoked(&self, session: &str) -> bool {
-        self.revoked.contains_key(session)
+        let map = self.revoked.load();
+        !map.is_empty() && map.contains_key(session)
     }
 
     pub fn add(&self, session: &str) {
-        self.revoked.insert(session.to_string(), ());
+        self.add_all(std::iter::once(session.to_string()));
+    }
+
+    /// Adds sessions, dropping those whose tokens have all expired by now.
+    fn add_all(&self, sessions: impl Iterator<Item = String>) {
+        let _writer = self
+            .writing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = unix_ms();
+        let until = now + u64::try_from(self.horizon.as_millis()).unwrap_or(u64::MAX);
+        let mut map: HashMap<String, u64> = self
+            .revoked
+            .load()
+            .iter()
+            .filter(|(_, t)| **t > now)
+            .map(|(k, t)| (k.clone(), *t))
+            .collect();
+        for s in sessions {
+            map.entry(s).or_insert(until);
+        }
+        self.revoked.store(Arc::new(map));
     }
 
     /// Reads what was revoked since `since_ms` from the database.
@@ -50,11 +76,12 @@ impl Revocations {
         store: &Store,
         since_ms: u64,
     ) -> Result<(), crate::capabilities::db::DbError> {
-        for (id, _) in store
+        let found = store
             .revoked_since(i64::try_from(since_ms).unwrap_or(i64::MAX))
-            .await?
-        {
-            self.add(&id);
+            .await?;
+        let known = self.revoked.load();
+        if found.iter().any(|(id, _)| !known.contains_key(id)) {
+            self.add_all(found.into_iter().map(|(id, _)| id));
         }
         Ok(())
     }

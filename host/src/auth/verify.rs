@@ -3,8 +3,9 @@
 //! the one each key is for: `none`, HMAC, and a token whose header names another algorithm
 //! than its key's are refused before any signature check.
 //!
-//! A verified token is cached under its SHA-256 until it expires, so the request path pays a
-//! hash and a lookup, not a signature check; revocation is checked on every request anyway.
+//! A verified token is cached (keyed by the token itself, so a lookup is a hash and one
+//! comparison, and no other token can ever match the entry) until it expires: the request path
+//! pays that, not a signature check. Expiry and revocation are checked on every request anyway.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http::{HeaderName, HeaderValue};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use sha2::{Digest, Sha256};
 
 use super::AuthError;
 use super::config::{AuthConfig, ProviderConfig};
@@ -42,7 +43,18 @@ pub struct Principal {
     pub issuer: String,
     /// When the token expires, in milliseconds since the epoch.
     pub expires_at: u64,
+    /// The headers that hand it to a guest, built once per token (see `policy::auth`).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
+
+/// Request headers that carry the principal to the guest. The server removes client-sent
+/// `wasmgate-*` headers, so a guest can trust these.
+pub const SUBJECT: HeaderName = HeaderName::from_static("wasmgate-principal-subject");
+pub const ROLES: HeaderName = HeaderName::from_static("wasmgate-principal-roles");
+pub const SCOPES: HeaderName = HeaderName::from_static("wasmgate-principal-scopes");
+pub const TOKEN_ID: HeaderName = HeaderName::from_static("wasmgate-principal-token-id");
+pub const SESSION: HeaderName = HeaderName::from_static("wasmgate-principal-session");
+pub const ISSUER: HeaderName = HeaderName::from_static("wasmgate-principal-issuer");
 
 impl Principal {
     pub fn has_role(&self, role: &str) -> bool {
@@ -97,15 +109,15 @@ pub struct Verifier {
     audience: String,
     leeway: Duration,
     providers: Vec<Provider>,
-    verified: moka::sync::Cache<[u8; 32], Arc<Principal>>,
+    verified: moka::sync::Cache<String, Arc<Principal>>,
 }
 
 struct UntilExpiry(Duration);
 
-impl moka::Expiry<[u8; 32], Arc<Principal>> for UntilExpiry {
+impl moka::Expiry<String, Arc<Principal>> for UntilExpiry {
     fn expire_after_create(
         &self,
-        _key: &[u8; 32],
+        _key: &String,
         value: &Arc<Principal>,
         _created_at: Instant,
     ) -> Option<Duration> {
@@ -262,12 +274,11 @@ impl Verifier {
         if token.is_empty() || token.len() > MAX_TOKEN_LEN {
             return Err(Rejection::Malformed);
         }
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let principal = match self.verified.get(&digest) {
+        let principal = match self.verified.get(token) {
             Some(p) => p,
             None => {
                 let p = Arc::new(self.check(token, keys).await?);
-                self.verified.insert(digest, p.clone());
+                self.verified.insert(token.to_string(), p.clone());
                 p
             }
         };
@@ -344,7 +355,7 @@ impl Verifier {
         } else {
             None
         };
-        Ok(Principal {
+        let mut p = Principal {
             subject,
             roles: strings(claims.get(roles_claim)),
             scopes: strings(claims.get("scope").or_else(|| claims.get("scp"))),
@@ -352,6 +363,26 @@ impl Verifier {
             session,
             issuer,
             expires_at: exp.saturating_mul(1000),
-        })
+            headers: Vec::new(),
+        };
+        p.headers = guest_headers(&p)?;
+        Ok(p)
     }
+}
+
+/// The principal as request headers; a claim that cannot travel as a header value (a control
+/// character) refuses the token.
+fn guest_headers(p: &Principal) -> Result<Vec<(HeaderName, HeaderValue)>, Rejection> {
+    let value = |s: &str| HeaderValue::from_bytes(s.as_bytes()).map_err(|_| Rejection::Claims);
+    let mut headers = vec![
+        (SUBJECT, value(&p.subject)?),
+        (ROLES, value(&p.roles.join(","))?),
+        (SCOPES, value(&p.scopes.join(" "))?),
+        (TOKEN_ID, value(&p.token_id)?),
+        (ISSUER, value(&p.issuer)?),
+    ];
+    if let Some(s) = &p.session {
+        headers.push((SESSION, value(s)?));
+    }
+    Ok(headers)
 }

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, header};
 use axum::response::Response;
 
 use super::GuestRequest;
@@ -17,13 +17,6 @@ use crate::auth::{Auth, Principal, Rejection, RouteAuthConfig};
 use crate::problem::Problem;
 use crate::request_id::RequestId;
 use crate::server::ROUTE_HEADER_PREFIX;
-
-pub const SUBJECT: HeaderName = HeaderName::from_static("wasmgate-principal-subject");
-pub const ROLES: HeaderName = HeaderName::from_static("wasmgate-principal-roles");
-pub const SCOPES: HeaderName = HeaderName::from_static("wasmgate-principal-scopes");
-pub const TOKEN_ID: HeaderName = HeaderName::from_static("wasmgate-principal-token-id");
-pub const SESSION: HeaderName = HeaderName::from_static("wasmgate-principal-session");
-pub const ISSUER: HeaderName = HeaderName::from_static("wasmgate-principal-issuer");
 
 /// One route's rule.
 pub struct AuthPolicy {
@@ -107,24 +100,10 @@ fn credentials(headers: &HeaderMap) -> Credentials<'_> {
     }
 }
 
-/// Hands the principal to the guest; `Err` when a claim cannot travel as a header.
-fn tell_guest(headers: &mut HeaderMap, p: &Principal) -> Result<(), Rejection> {
-    let value = |s: &str| HeaderValue::from_bytes(s.as_bytes()).map_err(|_| Rejection::Claims);
-    headers.insert(SUBJECT, value(&p.subject)?);
-    headers.insert(ROLES, value(&p.roles.join(","))?);
-    headers.insert(SCOPES, value(&p.scopes.join(" "))?);
-    headers.insert(TOKEN_ID, value(&p.token_id)?);
-    headers.insert(ISSUER, value(&p.issuer)?);
-    if let Some(s) = &p.session {
-        headers.insert(SESSION, value(s)?);
-    }
-    Ok(())
-}
-
 impl Policy for AuthPolicy {
     async fn call<S: Next>(self: Arc<Self>, mut req: GuestRequest, mut next: S) -> Response {
         let token = match credentials(req.headers()) {
-            Credentials::Bearer(t) => t.to_string(),
+            Credentials::Bearer(t) => t,
             Credentials::None | Credentials::Unusable if !self.rule.required => {
                 return forward(&mut next, req).await;
             }
@@ -142,15 +121,16 @@ impl Policy for AuthPolicy {
         let refuse = |problem: Problem, req: &GuestRequest| {
             problem.into_response_with(&RequestId::of(req.extensions()))
         };
-        let principal = match self.auth.verify(&token).await {
+        let principal = match self.auth.verify(token).await {
             Ok(p) => p,
             Err(r) => return refuse(Problem::Unauthorized { rejection: Some(r) }, &req),
         };
         if let Err(problem) = self.authorize(&principal, req.headers()) {
             return refuse(problem, &req);
         }
-        if let Err(r) = tell_guest(req.headers_mut(), &principal) {
-            return refuse(Problem::Unauthorized { rejection: Some(r) }, &req);
+        let headers = req.headers_mut();
+        for (name, value) in &principal.headers {
+            headers.insert(name.clone(), value.clone());
         }
         req.extensions_mut().insert(principal);
         forward(&mut next, req).await
