@@ -154,6 +154,7 @@ idempotency = {{}}
     up = [wasmgate, "up", "--manifest", manifest, "--listen", f"127.0.0.1:{port}",
           "--cache-dir", cache, "--database-url", db, "--redis-url", redis]
     gate = Proc(up)
+    opened = None
     try:
         if not wait_ok(f"http://127.0.0.1:{port}/healthz"):
             skipped.append("user-management mix: wasmgate did not start")
@@ -197,7 +198,6 @@ idempotency = {{}}
             r.update(name=row_name, rss_kib=rss_kib((opened if url == open_one else gate).p.pid), note="")
             rows.append(r)
             print(f"  {row_name}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']}", file=sys.stderr)
-        opened.stop()
         args = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", "-H", bearer,
                 "-s", ROOT / "bench/users-mix.lua", base, "--", ids]
         out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
@@ -210,6 +210,8 @@ idempotency = {{}}
               file=sys.stderr)
     finally:
         gate.stop()
+        if opened:
+            opened.stop()
         subprocess.run(["psql", base_url, "-qc", f"DROP DATABASE IF EXISTS {name}"], capture_output=True)
 
 

@@ -407,3 +407,80 @@ async fn an_external_providers_tokens_verify_from_its_jwks() {
     .expect("sign");
     expect_401(&own, &hs, "HS256").await;
 }
+
+/// Serves `jwks` (swappable) over plain HTTP and counts the fetches.
+async fn jwks_server(
+    jwks: std::sync::Arc<std::sync::Mutex<String>>,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (jwks, fetches) = (jwks.clone(), fetches.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let body = jwks.lock().expect("jwks").clone();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}/jwks")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_providers_jwks_url_is_fetched_and_fetched_again_for_a_new_key() {
+    let (k1, x1) = fresh_ed25519();
+    let (k2, x2) = fresh_ed25519();
+    let jwk = |kid: &str, x: &str| json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": x});
+    let jwks = std::sync::Arc::new(std::sync::Mutex::new(
+        json!({"keys": [jwk("idp-1", &x1)]}).to_string(),
+    ));
+    let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let url = jwks_server(jwks.clone(), fetches.clone()).await;
+    let issuer = "https://idp.example";
+    let extra = format!(
+        "[[auth.providers]]\nissuer = \"{issuer}\"\njwks_url = \"{url}\"\naudience = \"users-api\"\njwks_refresh = \"1h\"\n"
+    );
+    let (s, _dir, _) = wasmgate_tests::start_embedded(&users_manifest_with(&extra, "{}"));
+    let id = sign_up(&s, "jo@example.com").await;
+    let own = s.url(&format!("/v1/users/{id}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = json!({"iss": issuer, "sub": id, "aud": "users-api", "exp": now + 300});
+    let mint = |kid: &str, key: &EncodingKey| {
+        jsonwebtoken::encode(&with_kid(Algorithm::EdDSA, Some(kid)), &claims, key).expect("sign")
+    };
+    assert_eq!(status_with(&own, &mint("idp-1", &k1)).await, 200);
+    let count = || fetches.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(count(), 1, "fetched once, at start");
+
+    // The provider publishes a second key; a token signed with it fetches the set again.
+    *jwks.lock().expect("jwks") =
+        json!({"keys": [jwk("idp-1", &x1), jwk("idp-2", &x2)]}).to_string();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(status_with(&own, &mint("idp-2", &k2)).await, 200);
+    assert_eq!(count(), 2);
+    // Made-up key ids do not make the host hammer the provider.
+    for i in 0..20 {
+        expect_401(&own, &mint(&format!("made-up-{i}"), &k2), "unknown kid").await;
+    }
+    assert!(count() <= 3, "{} fetches", count());
+}

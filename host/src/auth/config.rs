@@ -51,19 +51,32 @@ impl Default for AuthConfig {
     }
 }
 
-/// An external issuer: its tokens verify against its JWKS (a file, relative to the manifest).
+/// How often a provider's JWKS URL is fetched again: providers publish a new key well before
+/// they sign with it, and an unknown key id triggers a fetch anyway.
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(10 * 60);
+
+/// An external issuer: its tokens verify against its JWKS (a file relative to the manifest, or
+/// a URL).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     /// Must equal the tokens' `iss`.
     pub issuer: String,
     /// A JWKS document (`{"keys": [...]}`), read at start and on reload.
-    pub jwks_file: PathBuf,
+    pub jwks_file: Option<PathBuf>,
+    /// Or where the provider publishes it (`https://.../.well-known/jwks.json`).
+    pub jwks_url: Option<String>,
+    #[serde(default = "default_jwks_refresh", deserialize_with = "human_duration")]
+    pub jwks_refresh: Duration,
     /// Must appear in the tokens' `aud`: a token minted for another API is refused.
     pub audience: String,
     /// The claim holding the principal's roles (an array of strings).
     #[serde(default = "default_roles_claim")]
     pub roles_claim: String,
+}
+
+fn default_jwks_refresh() -> Duration {
+    DEFAULT_JWKS_REFRESH
 }
 
 fn default_roles_claim() -> String {
@@ -160,6 +173,21 @@ pub fn validate(cfg: &AuthConfig) -> Vec<String> {
         if p.audience.is_empty() {
             problems.push(format!("[auth] providers[{i}] needs an audience"));
         }
+        match (&p.jwks_file, &p.jwks_url) {
+            (Some(_), None) => {}
+            (None, Some(url)) if url.starts_with("https://") || url.starts_with("http://") => {}
+            (None, Some(url)) => problems.push(format!(
+                "[auth] providers[{i}] jwks_url `{url}` is not an http(s) URL"
+            )),
+            _ => problems.push(format!(
+                "[auth] providers[{i}] needs exactly one of jwks_file and jwks_url"
+            )),
+        }
+        if p.jwks_refresh.is_zero() {
+            problems.push(format!(
+                "[auth] providers[{i}] jwks_refresh is 0; set e.g. \"10m\""
+            ));
+        }
     }
     problems
 }
@@ -177,6 +205,27 @@ mod tests {
         let bad: AuthConfig =
             toml::from_str("access_ttl = \"1h\"\nrefresh_ttl = \"1m\"").expect("parses");
         assert_eq!(validate(&bad).len(), 1);
+        let providers: AuthConfig = toml::from_str(
+            r#"
+            [[providers]]
+            issuer = "https://a.example"
+            audience = "api"
+            [[providers]]
+            issuer = "https://b.example"
+            audience = "api"
+            jwks_url = "ftp://b.example/jwks"
+            "#,
+        )
+        .expect("parses");
+        let problems = validate(&providers).join("\n");
+        assert!(
+            problems.contains("providers[0] needs exactly one of jwks_file and jwks_url"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("providers[1] jwks_url `ftp://b.example/jwks` is not an http(s) URL"),
+            "{problems}"
+        );
         assert!(crate::config::parse_duration("15m").is_ok());
     }
 }

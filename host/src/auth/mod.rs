@@ -6,6 +6,7 @@
 //! - `store`: the auth tables in the platform database (keys, sessions, refresh tokens, roles).
 //! - `keys`: Ed25519 signing keys with ids, rotation, the JWKS.
 //! - `tokens`: issuing access tokens (JWT, EdDSA) and opaque, single-use refresh tokens.
+//! - `providers`: external OAuth 2.0 / OIDC issuers and their JWKS (a file or a URL).
 //! - `verify`: checking a bearer token (own or an external provider's) into a [`Principal`],
 //!   with a cache of verified tokens so the hot path costs a hash and a lookup.
 //! - `revocation`: revoked sessions, broadcast over Redis and polled from the database.
@@ -18,6 +19,7 @@ pub mod config;
 #[cfg(test)]
 mod conformance;
 pub mod keys;
+pub mod providers;
 pub mod revocation;
 pub mod store;
 pub mod throttle;
@@ -113,7 +115,7 @@ impl Auth {
             &revoked,
             redis.as_ref().map(|(client, _)| client.clone()),
         );
-        let verifier = verify::Verifier::new(cfg, base)?;
+        let verifier = verify::Verifier::new(cfg, base).await?;
         let inner = Arc::new(Inner {
             cfg: cfg.clone(),
             store,

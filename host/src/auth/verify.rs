@@ -1,5 +1,5 @@
 //! Bearer tokens into principals: wasmgate's own (EdDSA, keys from the key ring) and those of
-//! external providers (keys from their JWKS). Only asymmetric algorithms are accepted, and only
+//! external providers (keys from their JWKS, see `providers`). Only asymmetric algorithms are accepted, and only
 //! the one each key is for: `none`, HMAC, and a token whose header names another algorithm
 //! than its key's are refused before any signature check.
 //!
@@ -7,7 +7,6 @@
 //! comparison, and no other token can ever match the entry) until it expires: the request path
 //! pays that, not a signature check. Expiry and revocation are checked on every request anyway.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,12 +15,12 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{HeaderName, HeaderValue};
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, Validation};
 
 use super::AuthError;
-use super::config::{AuthConfig, ProviderConfig};
+use super::config::AuthConfig;
 use super::keys::KeyRing;
+use super::providers::Provider;
 use super::revocation::Revocations;
 use crate::response_cache::unix_ms;
 
@@ -92,23 +91,11 @@ impl Rejection {
     }
 }
 
-struct ProviderKey {
-    decoding: DecodingKey,
-    algorithms: Vec<Algorithm>,
-}
-
-struct Provider {
-    cfg: ProviderConfig,
-    keys: HashMap<String, ProviderKey>,
-    /// A JWKS of one key without a `kid` verifies tokens without one.
-    only: Option<ProviderKey>,
-}
-
 pub struct Verifier {
     issuer: String,
     audience: String,
     leeway: Duration,
-    providers: Vec<Provider>,
+    providers: Vec<Arc<Provider>>,
     verified: moka::sync::Cache<String, Arc<Principal>>,
 }
 
@@ -124,79 +111,6 @@ impl moka::Expiry<String, Arc<Principal>> for UntilExpiry {
         let left = value.expires_at.saturating_sub(unix_ms());
         Some(Duration::from_millis(left) + self.0)
     }
-}
-
-/// The algorithms a JWK may verify: the one it names, else the usual one for its key type.
-/// Symmetric (`oct`) keys are refused: a shared secret does not belong in a public JWKS.
-fn algorithms(jwk: &jsonwebtoken::jwk::Jwk) -> Result<Vec<Algorithm>, String> {
-    let named = jwk
-        .common
-        .key_algorithm
-        .map(|a| Algorithm::try_from(a).map_err(|e| format!("unsupported alg: {e}")))
-        .transpose()?;
-    let usual = match &jwk.algorithm {
-        AlgorithmParameters::OctetKey(_) => {
-            return Err("symmetric (`oct`) keys are not accepted".into());
-        }
-        AlgorithmParameters::RSA(_) => vec![
-            Algorithm::RS256,
-            Algorithm::RS384,
-            Algorithm::RS512,
-            Algorithm::PS256,
-            Algorithm::PS384,
-            Algorithm::PS512,
-        ],
-        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
-            EllipticCurve::P256 => vec![Algorithm::ES256],
-            EllipticCurve::P384 => vec![Algorithm::ES384],
-            _ => return Err("unsupported elliptic curve".into()),
-        },
-        AlgorithmParameters::OctetKeyPair(_) => vec![Algorithm::EdDSA],
-        _ => return Err("unsupported key type".into()),
-    };
-    match named {
-        Some(a) if usual.contains(&a) => Ok(vec![a]),
-        Some(a) => Err(format!("alg {a:?} does not fit the key type")),
-        None => Ok(usual),
-    }
-}
-
-fn load_provider(cfg: &ProviderConfig, base: &Path) -> Result<Provider, AuthError> {
-    let fail = |reason: String| AuthError::Provider {
-        issuer: cfg.issuer.clone(),
-        reason,
-    };
-    let path = base.join(&cfg.jwks_file);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| fail(format!("cannot read `{}`: {e}", path.display())))?;
-    let set: JwkSet = serde_json::from_str(&text)
-        .map_err(|e| fail(format!("`{}` is not a JWKS: {e}", path.display())))?;
-    let mut keys = HashMap::new();
-    let mut only = None;
-    for (i, jwk) in set.keys.iter().enumerate() {
-        let algorithms = algorithms(jwk).map_err(|e| fail(format!("keys[{i}]: {e}")))?;
-        let decoding = DecodingKey::from_jwk(jwk).map_err(|e| fail(format!("keys[{i}]: {e}")))?;
-        let key = ProviderKey {
-            decoding,
-            algorithms,
-        };
-        match &jwk.common.key_id {
-            Some(kid) => {
-                keys.insert(kid.clone(), key);
-            }
-            None if set.keys.len() == 1 => only = Some(key),
-            None => {
-                return Err(fail(format!(
-                    "keys[{i}] has no `kid`; a JWKS of several keys needs one on each"
-                )));
-            }
-        }
-    }
-    Ok(Provider {
-        cfg: cfg.clone(),
-        keys,
-        only,
-    })
 }
 
 /// The `iss` of a token, read without trusting it: it only picks which keys to check against.
@@ -236,12 +150,11 @@ fn strings(v: Option<&serde_json::Value>) -> Vec<String> {
 }
 
 impl Verifier {
-    pub fn new(cfg: &AuthConfig, base: &Path) -> Result<Self, AuthError> {
-        let providers = cfg
-            .providers
-            .iter()
-            .map(|p| load_provider(p, base))
-            .collect::<Result<Vec<_>, _>>()?;
+    pub async fn new(cfg: &AuthConfig, base: &Path) -> Result<Self, AuthError> {
+        let mut providers = Vec::new();
+        for p in &cfg.providers {
+            providers.push(Provider::open(p, base).await?);
+        }
         Ok(Self {
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
@@ -323,11 +236,10 @@ impl Verifier {
                 .iter()
                 .find(|p| p.cfg.issuer == issuer)
                 .ok_or(Rejection::UnknownIssuer)?;
-            let key = match header.kid.as_deref() {
-                Some(kid) => p.keys.get(kid),
-                None => p.only.as_ref(),
-            }
-            .ok_or(Rejection::UnknownKey)?;
+            let key = p
+                .key(header.kid.as_deref())
+                .await
+                .ok_or(Rejection::UnknownKey)?;
             if !key.algorithms.contains(&header.alg) {
                 return Err(Rejection::Algorithm);
             }
