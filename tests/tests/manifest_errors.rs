@@ -280,3 +280,41 @@ fn the_example_manifest_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn access_control_problems_are_named() {
+    let migrations = wasmgate_tests::repo().join("functions/users/migrations");
+    assert_refused(
+        &format!(
+            r#"
+            [functions.users]
+            wasm = "{{wasm:users}}"
+            capabilities = ["db", "response-cache"]
+            migrations = "{}"
+            [[routes]]
+            path = "/v1/users/{{id}}"
+            methods = ["GET"]
+            function = "users"
+            auth = {{ owner = "uid" }}
+            login_throttle = {{}}
+            [[routes]]
+            path = "/v1/open"
+            methods = ["GET"]
+            function = "users"
+            auth = {{ required = false, roles = ["admin"] }}
+            [[auth.providers]]
+            issuer = "https://idp.example"
+            audience = "api"
+            "#,
+            migrations.display()
+        ),
+        &[
+            "imports `wasmgate:platform/auth",
+            "add \"auth\" to its `capabilities`",
+            "auth.owner `uid` is not a parameter of the path",
+            "`login_throttle` applies to POST",
+            "auth with required = false cannot demand roles",
+            "providers[0] needs exactly one of jwks_file and jwks_url",
+        ],
+    );
+}
