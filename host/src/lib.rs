@@ -6,7 +6,9 @@
 //! Layout:
 //! - [`auth`]: tokens issued and verified in the host, revocations, roles, login throttling.
 //! - [`config`]: the manifest (`wasmgate.toml`), strict parsing and validation.
-//! - [`loader`]: manifest -> loaded functions + route table, or every problem at once.
+//! - [`loader`]: manifest -> the platform (engine, backends: once per process) and a deployment
+//!   (functions, routes), or every problem at once.
+//! - [`deploy`]: the deployer that outlives deployments (reload), version sets and the pick.
 //! - [`router`]: the route table (path + method -> version set).
 //! - [`capabilities`]: db, cache, lock and response-cache: WIT bindings, backends, grants.
 //! - [`runtime`]: wasmtime engine, compiled cache, per-request instances and their limits.
@@ -27,6 +29,7 @@ pub mod auth;
 pub mod body_limit;
 pub mod capabilities;
 pub mod config;
+pub mod deploy;
 pub mod idempotency;
 pub mod loader;
 pub mod policy;

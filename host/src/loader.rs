@@ -1,8 +1,11 @@
 //! From a manifest file to everything the server needs, or every reason it cannot start.
 //!
-//! All functions are loaded, their migrations applied and all routes built before anything
-//! serves; problems from the manifest, the `.wasm` files, migrations and the route table are
-//! gathered into one [`ManifestError`].
+//! Two steps, because they live for different times: [`Platform::open`] builds what lives as
+//! long as the process (the engine and its instance pool, the backends, auth), and [`build`]
+//! what one deployment needs (functions loaded, migrations applied, routes and their policy
+//! stacks). A reload runs only the second. All functions are loaded and all routes built before
+//! anything serves; problems from the manifest, the `.wasm` files, migrations and the route
+//! table are gathered into one [`ManifestError`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,17 +18,39 @@ use axum::http::Method;
 use crate::capabilities::db::migrations;
 use crate::capabilities::{Backends, BackendsConfig};
 use crate::config::{Manifest, ManifestError};
+use crate::deploy::{Version, VersionSet};
 use crate::policy::{
     AuthPolicy, CachePolicy, IdempotencyPolicy, LoginThrottle, PolicyState, RoutePolicies,
 };
-use crate::router::{RouteTable, Version, VersionSet};
+use crate::router::RouteTable;
 use crate::runtime::{Function, Limits, Runtime, RuntimeOptions, Source};
 
-/// A loaded manifest: the runtime that owns the engine, the backends, and the routes.
-pub struct Loaded {
-    pub manifest: Manifest,
+/// What lives as long as the process: the engine (and its instance pool), the backends (and
+/// with them the response cache's memory tier), auth. Built once from the manifest it started
+/// with; the settings it was built from cannot change without a restart.
+pub struct Platform {
     pub runtime: Runtime,
     pub backends: Backends,
+    /// The manifest sections this was built from, to tell a reload what it cannot change.
+    pub settings: Settings,
+}
+
+/// What a [`Platform`] was built from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub listen: std::net::SocketAddr,
+    pub max_instances: u32,
+    pub cache_dir: PathBuf,
+    /// The largest memory cap the pool's slots hold.
+    pub max_memory: u64,
+    pub database_url: String,
+    pub redis_url: Option<String>,
+    /// `[auth]`, as written (its Debug form: the section holds no secrets).
+    pub auth: String,
+}
+
+/// One deployment: the functions and the routes to them.
+pub struct Built {
     pub routes: RouteTable<VersionSet>,
     pub functions: BTreeMap<String, Function>,
     /// Per-function policy state, handed to the next reload so budgets and slots carry over.
@@ -74,47 +99,155 @@ fn backends_config(manifest: &Manifest, base: &Path, o: &Overrides) -> BackendsC
     b
 }
 
-/// Loads `path`. `previous` is the policy state of the deployment being replaced, if any.
+fn max_memory(manifest: &Manifest) -> u64 {
+    manifest
+        .functions
+        .values()
+        .map(|f| f.memory)
+        .max()
+        .unwrap_or(crate::config::DEFAULT_MEMORY)
+}
+
+impl Settings {
+    pub fn of(
+        manifest: &Manifest,
+        base: &Path,
+        overrides: &Overrides,
+        listen: Option<std::net::SocketAddr>,
+    ) -> Self {
+        let backends = backends_config(manifest, base, overrides);
+        Self {
+            listen: listen.unwrap_or(manifest.server.listen),
+            max_instances: manifest.server.max_instances,
+            cache_dir: overrides
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| base.join(&manifest.server.cache_dir)),
+            max_memory: max_memory(manifest),
+            database_url: backends.database_url,
+            redis_url: backends.redis_url,
+            auth: format!("{:?}", manifest.auth),
+        }
+    }
+
+    /// Why `next` cannot be applied to a platform built from `self`, if it cannot.
+    pub fn refuse(&self, next: &Settings) -> Vec<String> {
+        let restart = "is read at start; restart wasmgate to change it";
+        let mut problems = Vec::new();
+        if next.listen != self.listen {
+            problems.push(format!("[server] listen {restart}"));
+        }
+        if next.max_instances != self.max_instances || next.cache_dir != self.cache_dir {
+            problems.push(format!(
+                "[server] max_instances and cache_dir: this {restart}"
+            ));
+        }
+        if next.max_memory > self.max_memory {
+            problems.push(format!(
+                "a function's memory ({} bytes) is above what the instance pool was sized for at start ({} bytes); restart wasmgate to raise it",
+                next.max_memory, self.max_memory
+            ));
+        }
+        if next.database_url != self.database_url || next.redis_url != self.redis_url {
+            problems.push(format!("[backends] {restart}"));
+        }
+        if next.auth != self.auth {
+            problems.push(format!("[auth] {restart}"));
+        }
+        problems
+    }
+}
+
+/// Loads `path` whole: the platform, then the first deployment on it (for `wasmgate up` and
+/// `wasmgate check`).
 pub async fn load(
     path: &Path,
     overrides: &Overrides,
-    previous: &BTreeMap<String, Arc<PolicyState>>,
-) -> Result<Loaded, LoadError> {
+    listen: Option<std::net::SocketAddr>,
+) -> Result<(Manifest, Platform, Built), LoadError> {
     let manifest = Manifest::read(path)?;
-    let mut problems = manifest.validate();
     let base = path.parent().unwrap_or(Path::new("."));
-    let cache_dir = overrides
-        .cache_dir
-        .clone()
-        .unwrap_or_else(|| base.join(&manifest.server.cache_dir));
-    let runtime = Runtime::new(&RuntimeOptions {
-        // Zero is reported as a problem above; the engine still needs a pool to check the rest.
-        max_instances: manifest.server.max_instances.max(1),
-        max_memory: manifest
-            .functions
-            .values()
-            .map(|f| f.memory)
-            .max()
-            .unwrap_or(crate::config::DEFAULT_MEMORY),
-        cache_dir,
-    })?;
-    let backends_cfg = backends_config(&manifest, base, overrides);
-    let mut backends = Backends::connect(&backends_cfg).await?;
-    // The auth tables, keys and revocation list exist only when something uses them.
-    let uses_auth = manifest.routes.iter().any(|r| r.auth.is_some())
-        || manifest.functions.values().any(|f| {
-            f.capabilities
-                .contains(&crate::capabilities::Capability::Auth)
-        });
-    if uses_auth {
-        let redis = backends.redis_client.clone().zip(backends.redis.clone());
-        match crate::auth::Auth::open(&manifest.auth, base, backends.db.backend().clone(), redis)
-            .await
-        {
-            Ok(auth) => backends.auth = Some(auth),
-            Err(e) => problems.push(format!("[auth]: {e}")),
+    let (platform, mut problems) = Platform::open(&manifest, base, overrides, listen).await?;
+    match build(&platform, &manifest, base, &BTreeMap::new()).await {
+        Ok(built) if problems.is_empty() => Ok((manifest, platform, built)),
+        Ok(_) => Err(ManifestError {
+            path: path.to_path_buf(),
+            problems,
+        }
+        .into()),
+        Err(more) => {
+            problems.extend(more);
+            Err(ManifestError {
+                path: path.to_path_buf(),
+                problems,
+            }
+            .into())
         }
     }
+}
+
+impl Platform {
+    /// The engine, the backends and auth for `manifest`; also the problems found on the way
+    /// (the manifest's own, auth's), so they are reported with the rest.
+    pub async fn open(
+        manifest: &Manifest,
+        base: &Path,
+        overrides: &Overrides,
+        listen: Option<std::net::SocketAddr>,
+    ) -> Result<(Self, Vec<String>), LoadError> {
+        let mut problems = manifest.validate();
+        let settings = Settings::of(manifest, base, overrides, listen);
+        let runtime = Runtime::new(&RuntimeOptions {
+            // Zero is reported as a problem above; the engine still needs a pool to check the rest.
+            max_instances: settings.max_instances.max(1),
+            max_memory: settings.max_memory,
+            cache_dir: settings.cache_dir.clone(),
+        })?;
+        let backends_cfg = backends_config(manifest, base, overrides);
+        let mut backends = Backends::connect(&backends_cfg).await?;
+        // The auth tables, keys and revocation list exist only when something uses them.
+        let uses_auth = manifest.routes.iter().any(|r| r.auth.is_some())
+            || manifest.functions.values().any(|f| {
+                f.capabilities
+                    .contains(&crate::capabilities::Capability::Auth)
+            });
+        if uses_auth {
+            let redis = backends.redis_client.clone().zip(backends.redis.clone());
+            match crate::auth::Auth::open(
+                &manifest.auth,
+                base,
+                backends.db.backend().clone(),
+                redis,
+            )
+            .await
+            {
+                Ok(auth) => backends.auth = Some(auth),
+                Err(e) => problems.push(format!("[auth]: {e}")),
+            }
+        }
+        Ok((
+            Self {
+                runtime,
+                backends,
+                settings,
+            },
+            problems,
+        ))
+    }
+}
+
+/// Builds a deployment of `manifest` on `platform`: loads (or takes from the compiled cache)
+/// every function, applies migrations, builds the routes and their policy stacks. `previous`
+/// is the policy state of the deployment being replaced, so budgets and slots carry over.
+/// Returns every problem found, or the deployment.
+pub async fn build(
+    platform: &Platform,
+    manifest: &Manifest,
+    base: &Path,
+    previous: &BTreeMap<String, Arc<PolicyState>>,
+) -> Result<Built, Vec<String>> {
+    let (runtime, backends) = (&platform.runtime, &platform.backends);
+    let mut problems = Vec::new();
     let shared_throttle: Option<Arc<dyn crate::auth::throttle::ThrottleBackend>> =
         backends.redis.clone().map(|conn| {
             Arc::new(crate::auth::throttle::RedisThrottle::new(conn))
@@ -124,7 +257,7 @@ pub async fn load(
     let mut functions = BTreeMap::new();
     let mut policies = BTreeMap::new();
     for (name, f) in &manifest.functions {
-        if f.rate_limit.as_ref().is_some_and(|r| r.shared) && backends_cfg.redis_url.is_none() {
+        if f.rate_limit.as_ref().is_some_and(|r| r.shared) && backends.redis.is_none() {
             problems.push(format!(
                 "[functions.{name}] rate_limit.shared needs Redis; set [backends] redis_url or pass --redis-url"
             ));
@@ -224,6 +357,7 @@ pub async fn load(
                 Arc::new(CachePolicy::new(
                     backends.response_cache.clone(),
                     &r.function,
+                    &function.sha256()[..12],
                     cfg,
                 ))
             }),
@@ -247,16 +381,9 @@ pub async fn load(
     }
 
     if !problems.is_empty() {
-        return Err(ManifestError {
-            path: path.to_path_buf(),
-            problems,
-        }
-        .into());
+        return Err(problems);
     }
-    Ok(Loaded {
-        manifest,
-        runtime,
-        backends,
+    Ok(Built {
         routes,
         functions,
         policies,

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
+use wasmgate::deploy::Deployer;
 use wasmgate::{loader, server};
 
 #[derive(Parser)]
@@ -153,13 +154,12 @@ fn real_main() -> anyhow::Result<()> {
                 manifest,
                 overrides,
             } => {
-                let loaded =
-                    loader::load(&manifest, &overrides.into(), &Default::default()).await?;
+                let (m, _, built) = loader::load(&manifest, &overrides.into(), None).await?;
                 println!(
                     "manifest `{}` is valid: {} function(s), {} route(s)",
                     manifest.display(),
-                    loaded.functions.len(),
-                    loaded.manifest.routes.len()
+                    built.functions.len(),
+                    m.routes.len()
                 );
                 Ok(())
             }
@@ -240,67 +240,39 @@ async fn up(
     overrides: loader::Overrides,
 ) -> anyhow::Result<()> {
     let metrics = install_metrics()?;
-    let loaded = loader::load(&manifest, &overrides, &Default::default()).await?;
-    let addr = listen.unwrap_or(loaded.manifest.server.listen);
+    let deployer = Deployer::start(&manifest, overrides, listen, Some(metrics)).await?;
+    let addr = deployer.settings().listen;
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("failed to listen on {addr}"))?;
     let local = listener.local_addr().context("listener has no address")?;
-    let state = server::AppState::new(
-        server::Deployment {
-            routes: loaded.routes,
-            backends: loaded.backends,
-        },
-        Some(metrics),
-    );
-    tokio::spawn(reload_on_sighup(
-        manifest,
-        overrides,
-        state.clone(),
-        loaded.runtime,
-        loaded.policies,
-    ));
+    let state = deployer.state();
+    tokio::spawn(reload_on_sighup(deployer));
     // Tests and scripts wait for this exact line.
     println!("wasmgate listening on http://{local}");
-    tracing::info!(%local, functions = loaded.functions.len(), "serving");
+    tracing::info!(%local, "serving");
     server::run(listener, state, shutdown_signal())
         .await
         .context("server failed")
 }
 
-/// On SIGHUP, loads the manifest again and swaps the deployment in; requests in flight finish
-/// on the version they started on. A manifest with problems is refused and the current
-/// deployment keeps serving.
-async fn reload_on_sighup(
-    manifest: PathBuf,
-    overrides: loader::Overrides,
-    state: std::sync::Arc<server::AppState>,
-    mut runtime: wasmgate::runtime::Runtime,
-    mut policies: std::collections::BTreeMap<String, std::sync::Arc<wasmgate::policy::PolicyState>>,
-) {
+/// On SIGHUP, applies the manifest again (the deployer's reload: same engine and backends, the
+/// deployment swapped whole); requests in flight finish on the version they started on. A
+/// manifest with problems is refused and the current deployment keeps serving.
+async fn reload_on_sighup(deployer: std::sync::Arc<Deployer>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP; reload needs a restart");
         return;
     };
     while hup.recv().await.is_some() {
-        match loader::load(&manifest, &overrides, &policies).await {
-            Ok(loaded) => {
-                state.swap(server::Deployment {
-                    routes: loaded.routes,
-                    backends: loaded.backends,
-                });
-                // The old engine lives on in the old functions until their requests finish.
-                runtime = loaded.runtime;
-                policies = loaded.policies;
-                tracing::info!(functions = loaded.functions.len(), "reloaded manifest");
-            }
+        match deployer.reload().await {
+            Ok(functions) => tracing::info!(functions, "reloaded manifest"),
             Err(e) => {
                 tracing::error!(error = %e, "reload refused; still serving the previous manifest")
             }
         }
     }
-    drop(runtime);
 }
 
 /// Installs the Prometheus recorder; latency buckets cover a cached hit to a slow guest.

@@ -1,77 +1,12 @@
 //! The route table: path + method -> target.
 //!
-//! Generic over the target so it is tested without wasm; the server's target is a version set
-//! (today one version; canary weights come with the versions issue). Paths use `{param}` segments
+//! Generic over the target so it is tested without wasm; the server's target is a
+//! [`crate::deploy::VersionSet`]. Paths use `{param}` segments
 //! and may end in `/*` to match a prefix. A static segment wins over a parameter (`/users/me`
 //! before `/users/{id}`); two routes that could match the same request with the same method are
 //! refused when the table is built, naming both.
 
 use axum::http::Method;
-
-use crate::policy::FunctionService;
-use crate::runtime::Function;
-
-/// One deployed version: the function, its policy stack and its metric handles, built once at
-/// load so the request path neither formats labels nor looks metrics up.
-#[derive(Clone)]
-pub struct Version {
-    pub function: Function,
-    pub service: FunctionService,
-    pub metrics: VersionMetrics,
-}
-
-#[derive(Clone)]
-pub struct VersionMetrics {
-    /// `function` and `version` label values (the version is the sha256's first 12 digits).
-    pub function: std::sync::Arc<str>,
-    pub version: std::sync::Arc<str>,
-    pub ok: metrics::Counter,
-    pub duration: metrics::Histogram,
-}
-
-impl Version {
-    pub fn new(function: Function, service: FunctionService) -> Self {
-        let name: std::sync::Arc<str> = function.name().into();
-        let version: std::sync::Arc<str> = function.sha256()[..12].into();
-        let metrics = VersionMetrics {
-            ok: metrics::counter!("wasmgate_requests_total", "function" => name.clone(), "version" => version.clone(), "outcome" => "ok"),
-            duration: metrics::histogram!("wasmgate_request_duration_seconds", "function" => name.clone(), "version" => version.clone()),
-            function: name,
-            version,
-        };
-        Self {
-            function,
-            service,
-            metrics,
-        }
-    }
-}
-
-impl std::fmt::Debug for Version {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.function.fmt(f)
-    }
-}
-
-/// What a route points at: the versions of one function and their traffic weights. Today a set
-/// holds one version; canary splits add more without changing the table.
-#[derive(Debug, Clone)]
-pub struct VersionSet {
-    versions: Vec<(u32, Version)>,
-}
-
-impl VersionSet {
-    pub fn single(version: Version) -> Self {
-        Self {
-            versions: vec![(100, version)],
-        }
-    }
-
-    /// The version this request runs on.
-    pub fn pick(&self) -> &Version {
-        &self.versions[0].1
-    }
-}
 
 /// A built, immutable route table.
 #[derive(Debug)]

@@ -1,8 +1,10 @@
 //! The HTTP front: axum listener, the request path, and the host's own endpoints.
 //!
-//! Request path: route match -> body limit -> the version's policy stack (rate limit ->
-//! idempotency -> response cache -> bulkhead -> invoke) -> response. The current deployment (routes and backends) is swapped
-//! whole on reload; a request keeps the deployment it started with.
+//! Request path: route match -> version pick -> body limit -> the version's policy stack (auth
+//! -> rate limit -> login throttle -> idempotency -> response cache -> bulkhead -> invoke) ->
+//! response, which names the version that served it (`wasmgate-version`). The deployment
+//! (routes and the versions behind them) is swapped whole on reload; a request keeps the
+//! deployment it started with. The backends live as long as the process.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,9 +23,10 @@ use tower::ServiceExt;
 
 use crate::body_limit::LimitedBody;
 use crate::capabilities::Backends;
+use crate::deploy::{VERSION_HEADER, VersionSet};
 use crate::problem::{Outcome, Problem};
 use crate::request_id::RequestId;
-use crate::router::{Match, RouteTable, VersionSet};
+use crate::router::{Match, RouteTable};
 
 /// Header prefix the host uses to tell the guest about the matched route. Client-sent headers
 /// with this prefix are removed so a guest can trust them.
@@ -32,19 +35,26 @@ pub const ROUTE_HEADER_PREFIX: &str = "wasmgate-";
 /// What serves requests: swapped whole on reload.
 pub struct Deployment {
     pub routes: RouteTable<VersionSet>,
-    pub backends: Backends,
+    /// How many functions it serves.
+    pub functions: usize,
 }
 
 /// Shared by every request.
 pub struct AppState {
     current: ArcSwap<Deployment>,
+    backends: Backends,
     metrics: Option<PrometheusHandle>,
 }
 
 impl AppState {
-    pub fn new(deployment: Deployment, metrics: Option<PrometheusHandle>) -> Arc<Self> {
+    pub fn new(
+        deployment: Deployment,
+        backends: Backends,
+        metrics: Option<PrometheusHandle>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             current: ArcSwap::from_pointee(deployment),
+            backends,
             metrics,
         })
     }
@@ -87,7 +97,7 @@ async fn healthz() -> impl IntoResponse {
 /// backend that is down is named, so an operator sees which one; `/healthz` stays 200 meanwhile
 /// because the process itself is fine and restarting it would not help.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let backends = state.current.load().backends.readiness().await;
+    let backends = state.backends.readiness().await;
     let ready = backends.iter().all(|b| b.ready);
     let body = serde_json::json!({
         "status": if ready { "ready" } else { "unavailable" },
@@ -107,7 +117,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 /// The public keys of the tokens this host issues, for anyone verifying them (RFC 7517). Keys
 /// rotate; clients may cache this for a few minutes.
 async fn jwks(State(state): State<Arc<AppState>>) -> Response {
-    match &state.current.load().backends.auth {
+    match &state.backends.auth {
         Some(auth) => (
             [
                 (header::CACHE_CONTROL, "public, max-age=300"),
@@ -145,7 +155,11 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
             target,
             pattern,
             params,
-        } => (target.pick().clone(), pattern.to_string(), params),
+        } => (
+            target.pick(req.headers(), req.extensions()).clone(),
+            pattern.to_string(),
+            params,
+        ),
     };
     let limit = version.function.limits().max_body;
     let metrics = version.metrics;
@@ -168,6 +182,9 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
         }
     };
 
+    let mut resp = resp;
+    resp.headers_mut()
+        .insert(VERSION_HEADER, version.header.clone());
     match resp.extensions().get::<Outcome>() {
         None => metrics.ok.increment(1),
         // Rejections are the rare path: only they build labels per request.

@@ -37,6 +37,9 @@ const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 pub struct CachePolicy {
     cache: ResponseCache,
     function: Arc<str>,
+    /// Entries are kept per version: two versions may answer the same request differently.
+    /// Tags stay per function, so a purge reaches every version's entries.
+    version: Arc<str>,
     ttl: Duration,
     not_found_ttl: Duration,
     vary: Vec<HeaderName>,
@@ -51,11 +54,17 @@ struct Counters {
 }
 
 impl CachePolicy {
-    pub fn new(cache: ResponseCache, function: &str, cfg: &RouteCacheConfig) -> Self {
+    pub fn new(
+        cache: ResponseCache,
+        function: &str,
+        version: &str,
+        cfg: &RouteCacheConfig,
+    ) -> Self {
         let counter = |result: &'static str| metrics::counter!("wasmgate_response_cache_total", "function" => function.to_string(), "result" => result);
         Self {
             cache,
             function: function.into(),
+            version: version.into(),
             ttl: cfg.ttl,
             not_found_ttl: cfg.not_found_ttl.min(cfg.ttl),
             vary: cfg
@@ -94,7 +103,12 @@ impl CachePolicy {
                 h.update(v.as_bytes());
             }
         }
-        Some(format!("{}:{}", self.function, hex::encode(h.finalize())))
+        Some(format!(
+            "{}:{}:{}",
+            self.function,
+            self.version,
+            hex::encode(h.finalize())
+        ))
     }
 
     /// How long the guest's response may be kept, if at all, and whether it may be handed to
@@ -323,6 +337,7 @@ mod tests {
         CachePolicy::new(
             ResponseCache::in_memory(),
             "users",
+            "0123456789ab",
             &RouteCacheConfig {
                 ttl: Duration::from_secs(30),
                 vary: vary.iter().map(|s| s.to_string()).collect(),
