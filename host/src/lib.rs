@@ -9,6 +9,7 @@
 //! - [`loader`]: manifest -> the platform (engine, backends: once per process) and a deployment
 //!   (functions, routes), or every problem at once.
 //! - [`deploy`]: the deployer that outlives deployments (reload), version sets and the pick.
+//! - [`registry`]: modules, versions, deployments and their history in the platform database.
 //! - [`router`]: the route table (path + method -> version set).
 //! - [`capabilities`]: db, cache, lock and response-cache: WIT bindings, backends, grants.
 //! - [`runtime`]: wasmtime engine, compiled cache, per-request instances and their limits.
@@ -34,6 +35,7 @@ pub mod idempotency;
 pub mod loader;
 pub mod policy;
 pub mod problem;
+pub mod registry;
 pub mod request_id;
 pub mod response_cache;
 pub mod router;

@@ -1,0 +1,212 @@
+//! The registry's conformance suite, on SQLite and on a real PostgreSQL (a fresh database next
+//! to `DATABASE_URL`'s).
+
+use super::{Registry, RegistryError, Spec, VersionRow, Weighted};
+use crate::capabilities::db::Db;
+use crate::capabilities::db::conformance::fresh_postgres;
+
+async fn open(url: &str) -> Registry {
+    Registry::open(Db::connect(url).await.expect("db").backend().clone())
+        .await
+        .expect("registry tables")
+}
+
+fn version(label: &str, sha256: &str) -> VersionRow {
+    VersionRow {
+        function: "users".into(),
+        label: label.into(),
+        sha256: sha256.into(),
+        settings: "{}".into(),
+        created_by: "ops".into(),
+        created_at: 1,
+    }
+}
+
+fn split(weights: &[(&str, u32)]) -> Spec {
+    Spec {
+        versions: weights
+            .iter()
+            .map(|(l, w)| Weighted {
+                label: (*l).into(),
+                weight: *w,
+            })
+            .collect(),
+        sticky: None,
+    }
+}
+
+async fn suite(r: Registry) {
+    // Modules: content-addressed, stored once, read back byte for byte.
+    let a = r.put_module(b"\0asm-v1").await.expect("put");
+    assert_eq!(r.put_module(b"\0asm-v1").await.expect("again"), a);
+    let b = r.put_module(b"\0asm-v2").await.expect("put");
+    assert_eq!(
+        r.module(&a).await.expect("get").as_deref(),
+        Some(&b"\0asm-v1"[..])
+    );
+    assert_eq!(r.module("nope").await.expect("get"), None);
+
+    // Versions: need their module, labels are never reused.
+    r.create_version(&version("v1", &a)).await.expect("v1");
+    r.create_version(&version("v2", &b)).await.expect("v2");
+    assert!(matches!(
+        r.create_version(&version("v1", &b)).await,
+        Err(RegistryError::Exists(_))
+    ));
+    assert!(matches!(
+        r.create_version(&version("v3", "missing")).await,
+        Err(RegistryError::NotFound(_))
+    ));
+    assert!(matches!(
+        r.create_version(&version("a b", &a)).await,
+        Err(RegistryError::Invalid(_))
+    ));
+    let labels: Vec<String> = r
+        .versions("users")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|v| v.label)
+        .collect();
+    assert_eq!(labels, ["v1", "v2"]);
+
+    // Deployments: generations, stale changes refused, bad splits refused.
+    assert_eq!(r.deployment("users").await.expect("none"), None);
+    let g1 = r
+        .set_deployment("users", None, &split(&[("v1", 100)]), "ops", "first")
+        .await
+        .expect("deploy");
+    assert_eq!(g1, 1);
+    assert!(matches!(
+        r.set_deployment("users", None, &split(&[("v2", 100)]), "ops", "racing")
+            .await,
+        Err(RegistryError::Stale {
+            expected: None,
+            actual: Some(1)
+        })
+    ));
+    let g2 = r
+        .set_deployment(
+            "users",
+            Some(1),
+            &split(&[("v1", 90), ("v2", 10)]),
+            "ops",
+            "canary",
+        )
+        .await
+        .expect("canary");
+    assert_eq!(g2, 2);
+    assert!(matches!(
+        r.set_deployment("users", Some(1), &split(&[("v2", 100)]), "bob", "late")
+            .await,
+        Err(RegistryError::Stale {
+            expected: Some(1),
+            actual: Some(2)
+        })
+    ));
+    for bad in [
+        split(&[("v1", 90)]),
+        split(&[("v1", 50), ("v1", 50)]),
+        split(&[("v9", 100)]),
+    ] {
+        assert!(
+            r.set_deployment("users", Some(2), &bad, "ops", "bad")
+                .await
+                .is_err(),
+            "{bad:?}"
+        );
+    }
+    let mut sticky = split(&[("v1", 50), ("v2", 50)]);
+    sticky.sticky = Some("teapot".into());
+    assert!(matches!(
+        r.set_deployment("users", Some(2), &sticky, "ops", "bad")
+            .await,
+        Err(RegistryError::Invalid(_))
+    ));
+    let live = r.deployment("users").await.expect("get").expect("live");
+    assert_eq!(
+        (live.generation, live.spec.clone()),
+        (2, split(&[("v1", 90), ("v2", 10)]))
+    );
+
+    // Rollback: the previous split, as a new generation; the history keeps every change.
+    assert_eq!(
+        r.rollback("users", "ops", "errors up")
+            .await
+            .expect("rollback"),
+        3
+    );
+    assert_eq!(
+        r.deployment("users")
+            .await
+            .expect("get")
+            .expect("live")
+            .spec,
+        split(&[("v1", 100)])
+    );
+    let history = r.history("users").await.expect("history");
+    let reasons: Vec<&str> = history.iter().map(|h| h.reason.as_str()).collect();
+    assert_eq!(
+        reasons,
+        ["rollback to generation 1: errors up", "canary", "first"]
+    );
+    assert!(matches!(
+        r.rollback("other", "ops", "x").await,
+        Err(RegistryError::NotFound(_))
+    ));
+    assert_eq!(r.deployments(None).await.expect("all").len(), 1);
+}
+
+#[tokio::test]
+async fn sqlite_conforms() {
+    let dir = tempfile::tempdir().expect("tmp");
+    suite(
+        open(&format!(
+            "sqlite://{}",
+            dir.path().join("registry.db").display()
+        ))
+        .await,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_conforms() {
+    suite(open(&fresh_postgres().await).await).await;
+}
+
+#[tokio::test]
+async fn concurrent_changes_from_one_generation_let_exactly_one_through() {
+    let url = fresh_postgres().await;
+    let r = open(&url).await;
+    let a = r.put_module(b"m").await.expect("put");
+    r.create_version(&version("v1", &a)).await.expect("v1");
+    r.create_version(&version("v2", &a)).await.expect("v2");
+    r.set_deployment("users", None, &split(&[("v1", 100)]), "ops", "first")
+        .await
+        .expect("deploy");
+    // Eight "processes", each with its own pool, all based on generation 1.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let r = open(&url).await;
+        tasks.push(tokio::spawn(async move {
+            r.set_deployment(
+                "users",
+                Some(1),
+                &split(&[("v1", 100 - i), ("v2", i)]),
+                "ops",
+                "race",
+            )
+            .await
+        }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(2) => won += 1,
+            Err(RegistryError::Stale { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+}

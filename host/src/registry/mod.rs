@@ -1,0 +1,462 @@
+//! The registry: modules, versions, the live deployment of each function and the history of
+//! every change, in the platform database (SQLite by default, PostgreSQL in production, so every
+//! replica sees the same one).
+//!
+//! Modules are content-addressed: stored once under their sha256, with their bytes, so a replica
+//! that starts later can load them (each process compiles from the bytes itself; compiled
+//! artifacts never come from shared storage). A version names a module for a function with a
+//! label and the settings it runs with. A deployment is the function's versions and their
+//! weights, with a generation number: a change names the generation it was based on and is
+//! refused when another change came first, so two operators never overwrite each other
+//! silently. Every change is appended to the history with who made it and why.
+//!
+//! Not wired into serving yet: the admin API and CLI that write it, and the deployer that reads
+//! it, are the next parts of the deployments work.
+
+#[cfg(test)]
+mod conformance;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::capabilities::db::migrations::{Migration, MigrationError};
+use crate::capabilities::db::{DbBackend, DbError, Value};
+
+/// The migrations namespace of these tables (function names cannot contain `_`).
+const OWNER: &str = "_wasmgate_registry";
+
+/// Versions one deployment may split traffic between.
+pub const MAX_VERSIONS_PER_DEPLOYMENT: usize = 4;
+
+fn ddl(blob: &str) -> String {
+    format!(
+        "CREATE TABLE wasmgate_modules (
+           sha256 TEXT PRIMARY KEY,
+           bytes {blob} NOT NULL,
+           size BIGINT NOT NULL,
+           created_at BIGINT NOT NULL
+         );
+         CREATE TABLE wasmgate_versions (
+           function TEXT NOT NULL,
+           label TEXT NOT NULL,
+           sha256 TEXT NOT NULL,
+           settings TEXT NOT NULL,
+           created_by TEXT NOT NULL,
+           created_at BIGINT NOT NULL,
+           PRIMARY KEY (function, label)
+         );
+         CREATE TABLE wasmgate_deployments (
+           function TEXT PRIMARY KEY,
+           generation BIGINT NOT NULL,
+           spec TEXT NOT NULL,
+           updated_by TEXT NOT NULL,
+           updated_at BIGINT NOT NULL
+         );
+         CREATE TABLE wasmgate_history (
+           function TEXT NOT NULL,
+           generation BIGINT NOT NULL,
+           spec TEXT NOT NULL,
+           reason TEXT NOT NULL,
+           actor TEXT NOT NULL,
+           at BIGINT NOT NULL,
+           PRIMARY KEY (function, generation)
+         );"
+    )
+}
+
+/// How a deployment splits a function's traffic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// `(label, weight)`, weights summing to 100.
+    pub versions: Vec<Weighted>,
+    /// `header:<name>`, `cookie:<name>` or `client-ip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Weighted {
+    pub label: String,
+    pub weight: u32,
+}
+
+impl Spec {
+    /// Why this split cannot be deployed, if it cannot.
+    pub fn check(&self) -> Result<(), RegistryError> {
+        let invalid = |why: String| Err(RegistryError::Invalid(why));
+        if self.versions.is_empty() || self.versions.len() > MAX_VERSIONS_PER_DEPLOYMENT {
+            return invalid(format!(
+                "a deployment splits traffic between 1 and {MAX_VERSIONS_PER_DEPLOYMENT} versions"
+            ));
+        }
+        let total: u32 = self.versions.iter().map(|v| v.weight).sum();
+        if total != 100 {
+            return invalid(format!("weights must sum to 100, not {total}"));
+        }
+        let mut labels: Vec<&str> = self.versions.iter().map(|v| v.label.as_str()).collect();
+        labels.sort_unstable();
+        if labels.windows(2).any(|w| w[0] == w[1]) {
+            return invalid("a version appears twice".into());
+        }
+        if let Some(k) = &self.sticky {
+            crate::deploy::StickyKey::parse(k).map_err(RegistryError::Invalid)?;
+        }
+        Ok(())
+    }
+}
+
+/// A version as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionRow {
+    pub function: String,
+    pub label: String,
+    pub sha256: String,
+    /// The settings it runs with (capabilities and limits), as JSON.
+    pub settings: String,
+    pub created_by: String,
+    pub created_at: i64,
+}
+
+/// A function's live deployment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploymentRow {
+    pub function: String,
+    pub generation: i64,
+    pub spec: Spec,
+    pub updated_by: String,
+    pub updated_at: i64,
+}
+
+/// One change, as the history keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryRow {
+    pub generation: i64,
+    pub spec: Spec,
+    pub reason: String,
+    pub actor: String,
+    pub at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    Exists(String),
+    /// The change was based on generation `expected`; the deployment is at `actual` now.
+    #[error(
+        "the deployment changed since generation {expected:?} (it is at {actual:?}); read it again"
+    )]
+    Stale {
+        expected: Option<i64>,
+        actual: Option<i64>,
+    },
+    #[error("the registry is unavailable: {0:?}")]
+    Db(DbError),
+    #[error("a stored deployment is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<DbError> for RegistryError {
+    fn from(e: DbError) -> Self {
+        Self::Db(e)
+    }
+}
+
+type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+#[derive(Clone)]
+pub struct Registry {
+    db: Arc<dyn DbBackend>,
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Text(s) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::Int64(n) => *n,
+        _ => 0,
+    }
+}
+
+fn spec_of(v: &Value) -> Result<Spec> {
+    serde_json::from_str(&text(v)).map_err(|e| RegistryError::Corrupt(e.to_string()))
+}
+
+fn now_ms() -> i64 {
+    crate::auth::now_ms()
+}
+
+impl Registry {
+    /// Creates the tables if needed (once, under the migrations lock).
+    pub async fn open(db: Arc<dyn DbBackend>) -> Result<Self, MigrationError> {
+        let blob = if db.kind() == "postgres" {
+            "BYTEA"
+        } else {
+            "BLOB"
+        };
+        db.migrate(OWNER, &[Migration::new("0001_registry", ddl(blob))])
+            .await?;
+        Ok(Self { db })
+    }
+
+    /// Stores a module's bytes under their sha256 (once; storing them again is a no-op) and
+    /// returns the sha256.
+    pub async fn put_module(&self, bytes: &[u8]) -> Result<String> {
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        self.db
+            .execute(
+                "INSERT INTO wasmgate_modules (sha256, bytes, size, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (sha256) DO NOTHING",
+                vec![
+                    Value::Text(sha256.clone()),
+                    Value::Bytes(bytes.to_vec()),
+                    Value::Int64(i64::try_from(bytes.len()).unwrap_or(i64::MAX)),
+                    Value::Int64(now_ms()),
+                ],
+            )
+            .await?;
+        Ok(sha256)
+    }
+
+    pub async fn module(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
+        let rows = self
+            .db
+            .query(
+                "SELECT bytes FROM wasmgate_modules WHERE sha256 = $1",
+                vec![Value::Text(sha256.into())],
+            )
+            .await?;
+        Ok(rows
+            .rows
+            .into_iter()
+            .next()
+            .and_then(|r| match r.into_iter().next() {
+                Some(Value::Bytes(b)) => Some(b),
+                _ => None,
+            }))
+    }
+
+    /// Names a stored module as `label` of `function`. Labels are never reused: a version is
+    /// what it was when it was created.
+    pub async fn create_version(&self, v: &VersionRow) -> Result<()> {
+        if v.label.is_empty() || v.label.len() > 64 || v.label.contains(['=', ' ', ',']) {
+            return Err(RegistryError::Invalid(
+                "a label is 1 to 64 characters without spaces, commas or `=`".into(),
+            ));
+        }
+        if self.module(&v.sha256).await?.is_none() {
+            return Err(RegistryError::NotFound(format!("module {}", v.sha256)));
+        }
+        let inserted = self
+            .db
+            .execute(
+                "INSERT INTO wasmgate_versions (function, label, sha256, settings, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (function, label) DO NOTHING",
+                vec![
+                    Value::Text(v.function.clone()),
+                    Value::Text(v.label.clone()),
+                    Value::Text(v.sha256.clone()),
+                    Value::Text(v.settings.clone()),
+                    Value::Text(v.created_by.clone()),
+                    Value::Int64(v.created_at),
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            return Err(RegistryError::Exists(format!(
+                "version {} of {}",
+                v.label, v.function
+            )));
+        }
+        Ok(())
+    }
+
+    pub async fn versions(&self, function: &str) -> Result<Vec<VersionRow>> {
+        let rows = self
+            .db
+            .query(
+                "SELECT function, label, sha256, settings, created_by, created_at FROM wasmgate_versions WHERE function = $1 ORDER BY created_at, label",
+                vec![Value::Text(function.into())],
+            )
+            .await?;
+        Ok(rows
+            .rows
+            .iter()
+            .map(|r| VersionRow {
+                function: text(&r[0]),
+                label: text(&r[1]),
+                sha256: text(&r[2]),
+                settings: text(&r[3]),
+                created_by: text(&r[4]),
+                created_at: int(&r[5]),
+            })
+            .collect())
+    }
+
+    pub async fn deployment(&self, function: &str) -> Result<Option<DeploymentRow>> {
+        Ok(self.deployments(Some(function)).await?.into_iter().next())
+    }
+
+    /// Every function's live deployment (what a starting or polling replica serves).
+    pub async fn deployments(&self, function: Option<&str>) -> Result<Vec<DeploymentRow>> {
+        let select =
+            "SELECT function, generation, spec, updated_by, updated_at FROM wasmgate_deployments";
+        let rows = match function {
+            Some(f) => {
+                self.db
+                    .query(
+                        &format!("{select} WHERE function = $1"),
+                        vec![Value::Text(f.into())],
+                    )
+                    .await?
+            }
+            None => {
+                self.db
+                    .query(&format!("{select} ORDER BY function"), vec![])
+                    .await?
+            }
+        };
+        rows.rows
+            .iter()
+            .map(|r| {
+                Ok(DeploymentRow {
+                    function: text(&r[0]),
+                    generation: int(&r[1]),
+                    spec: spec_of(&r[2])?,
+                    updated_by: text(&r[3]),
+                    updated_at: int(&r[4]),
+                })
+            })
+            .collect()
+    }
+
+    /// Deploys `spec` for `function` if the live deployment is still at `expected` (`None`:
+    /// there is none yet), records it in the history, and returns the new generation. The
+    /// versions it names must exist.
+    pub async fn set_deployment(
+        &self,
+        function: &str,
+        expected: Option<i64>,
+        spec: &Spec,
+        actor: &str,
+        reason: &str,
+    ) -> Result<i64> {
+        spec.check()?;
+        let known = self.versions(function).await?;
+        if let Some(missing) = spec
+            .versions
+            .iter()
+            .find(|w| !known.iter().any(|v| v.label == w.label))
+        {
+            return Err(RegistryError::NotFound(format!(
+                "version {} of {function}",
+                missing.label
+            )));
+        }
+        let json = serde_json::to_string(spec).expect("a spec serializes");
+        let now = now_ms();
+        let mut tx = self.db.begin().await?;
+        let (changed, generation) = match expected {
+            None => (
+                tx.execute(
+                    "INSERT INTO wasmgate_deployments (function, generation, spec, updated_by, updated_at) VALUES ($1, 1, $2, $3, $4) ON CONFLICT (function) DO NOTHING",
+                    vec![
+                        Value::Text(function.into()),
+                        Value::Text(json.clone()),
+                        Value::Text(actor.into()),
+                        Value::Int64(now),
+                    ],
+                )
+                .await?,
+                1,
+            ),
+            Some(g) => (
+                tx.execute(
+                    "UPDATE wasmgate_deployments SET generation = $1, spec = $2, updated_by = $3, updated_at = $4 WHERE function = $5 AND generation = $6",
+                    vec![
+                        Value::Int64(g + 1),
+                        Value::Text(json.clone()),
+                        Value::Text(actor.into()),
+                        Value::Int64(now),
+                        Value::Text(function.into()),
+                        Value::Int64(g),
+                    ],
+                )
+                .await?,
+                g + 1,
+            ),
+        };
+        if changed == 0 {
+            drop(tx);
+            let actual = self.deployment(function).await?.map(|d| d.generation);
+            return Err(RegistryError::Stale { expected, actual });
+        }
+        tx.execute(
+            "INSERT INTO wasmgate_history (function, generation, spec, reason, actor, at) VALUES ($1, $2, $3, $4, $5, $6)",
+            vec![
+                Value::Text(function.into()),
+                Value::Int64(generation),
+                Value::Text(json),
+                Value::Text(reason.into()),
+                Value::Text(actor.into()),
+                Value::Int64(now),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(generation)
+    }
+
+    /// The function's changes, newest first.
+    pub async fn history(&self, function: &str) -> Result<Vec<HistoryRow>> {
+        let rows = self
+            .db
+            .query(
+                "SELECT generation, spec, reason, actor, at FROM wasmgate_history WHERE function = $1 ORDER BY generation DESC",
+                vec![Value::Text(function.into())],
+            )
+            .await?;
+        rows.rows
+            .iter()
+            .map(|r| {
+                Ok(HistoryRow {
+                    generation: int(&r[0]),
+                    spec: spec_of(&r[1])?,
+                    reason: text(&r[2]),
+                    actor: text(&r[3]),
+                    at: int(&r[4]),
+                })
+            })
+            .collect()
+    }
+
+    /// Restores the deployment before the live one, as a new change (the history keeps both).
+    pub async fn rollback(&self, function: &str, actor: &str, reason: &str) -> Result<i64> {
+        let history = self.history(function).await?;
+        let (Some(live), Some(previous)) = (history.first(), history.get(1)) else {
+            return Err(RegistryError::NotFound(format!(
+                "a deployment of {function} before the live one"
+            )));
+        };
+        // The one before the live deployment's own spec: a rollback of a rollback goes further
+        // back only if asked again.
+        self.set_deployment(
+            function,
+            Some(live.generation),
+            &previous.spec,
+            actor,
+            &format!("rollback to generation {}: {reason}", previous.generation),
+        )
+        .await
+    }
+}
