@@ -4,6 +4,7 @@
 //! request in a fresh, limited instance, and owns everything that must be fast or trustworthy.
 //!
 //! Layout:
+//! - [`admin`]: the admin API (versions, traffic, rollback, history) on its own listener.
 //! - [`auth`]: tokens issued and verified in the host, revocations, roles, login throttling.
 //! - [`config`]: the manifest (`wasmgate.toml`), strict parsing and validation.
 //! - [`loader`]: manifest -> the platform (engine, backends: once per process) and a deployment
@@ -26,6 +27,7 @@
 //! The binary (`main.rs`) parses flags, sets up logging, binds the socket and calls
 //! [`server::run`]; nothing in the library reads the environment or argv.
 
+pub mod admin;
 pub mod auth;
 pub mod body_limit;
 pub mod capabilities;

@@ -49,10 +49,23 @@ pub struct Settings {
     pub auth: String,
 }
 
+/// A function's live deployment from the registry, with the bytes of each version it names.
+pub struct Live {
+    pub spec: crate::registry::Spec,
+    /// `(label, module bytes)` for every version in `spec`.
+    pub modules: Vec<(String, Vec<u8>)>,
+}
+
+/// A function's versions in one deployment: `(weight, function, label)`, and the sticky key.
+pub struct Loaded {
+    pub versions: Vec<(u32, Function, String)>,
+    pub sticky: Option<crate::deploy::StickyKey>,
+}
+
 /// One deployment: the functions and the routes to them.
 pub struct Built {
     pub routes: RouteTable<VersionSet>,
-    pub functions: BTreeMap<String, Function>,
+    pub functions: BTreeMap<String, Loaded>,
     /// Per-function policy state, handed to the next reload so budgets and slots carry over.
     pub policies: BTreeMap<String, Arc<PolicyState>>,
 }
@@ -168,7 +181,15 @@ pub async fn load(
     let manifest = Manifest::read(path)?;
     let base = path.parent().unwrap_or(Path::new("."));
     let (platform, mut problems) = Platform::open(&manifest, base, overrides, listen).await?;
-    match build(&platform, &manifest, base, &BTreeMap::new()).await {
+    match build(
+        &platform,
+        &manifest,
+        base,
+        &BTreeMap::new(),
+        &BTreeMap::new(),
+    )
+    .await
+    {
         Ok(built) if problems.is_empty() => Ok((manifest, platform, built)),
         Ok(_) => Err(ManifestError {
             path: path.to_path_buf(),
@@ -237,14 +258,17 @@ impl Platform {
 }
 
 /// Builds a deployment of `manifest` on `platform`: loads (or takes from the compiled cache)
-/// every function, applies migrations, builds the routes and their policy stacks. `previous`
-/// is the policy state of the deployment being replaced, so budgets and slots carry over.
-/// Returns every problem found, or the deployment.
+/// every function, applies migrations, builds the routes and their policy stacks. A function
+/// with a `live` deployment in the registry serves the versions it names (with the manifest's
+/// settings for that function) instead of the manifest's `wasm`. `previous` is the policy state
+/// of the deployment being replaced, so budgets and slots carry over. Returns every problem
+/// found, or the deployment.
 pub async fn build(
     platform: &Platform,
     manifest: &Manifest,
     base: &Path,
     previous: &BTreeMap<String, Arc<PolicyState>>,
+    live: &BTreeMap<String, Live>,
 ) -> Result<Built, Vec<String>> {
     let (runtime, backends) = (&platform.runtime, &platform.backends);
     let mut problems = Vec::new();
@@ -279,15 +303,29 @@ pub async fn build(
             instance_reuse: f.instance_reuse,
         };
         let caps = backends.configure(name);
-        match runtime.load(name, &base.join(&f.wasm), limits, &f.capabilities, caps) {
+        let loaded = match live.get(name) {
+            None => runtime
+                .load(name, &base.join(&f.wasm), limits, &f.capabilities, caps)
+                .map(|loaded| Loaded {
+                    versions: vec![(100, loaded, "manifest".to_string())],
+                    sticky: None,
+                })
+                .map_err(|e| e.to_string()),
+            Some(l) => load_live(runtime, name, l, limits, &f.capabilities, &caps),
+        };
+        match loaded {
             Ok(loaded) => {
-                tracing::info!(
-                    function = %name,
-                    sha256 = %loaded.sha256(),
-                    from = if loaded.source() == Source::Cache { "cache" } else { "compiled" },
-                    load_ms = format_args!("{:.1}", as_ms(loaded.load_time())),
-                    "loaded function"
-                );
+                for (weight, v, label) in &loaded.versions {
+                    tracing::info!(
+                        function = %name,
+                        version = %label,
+                        weight,
+                        sha256 = %v.sha256(),
+                        from = if v.source() == Source::Cache { "cache" } else { "compiled" },
+                        load_ms = format_args!("{:.1}", as_ms(v.load_time())),
+                        "loaded function"
+                    );
+                }
                 functions.insert(name.clone(), loaded);
             }
             Err(e) => problems.push(format!("[functions.{name}]: {e}")),
@@ -324,59 +362,74 @@ pub async fn build(
     for (i, r) in manifest.routes.iter().enumerate() {
         // Unknown functions were reported by validation; a function that failed to load was
         // reported above. Either way this route cannot be built.
-        let (Some(function), Some(policy)) =
-            (functions.get(&r.function), policies.get(&r.function))
+        let (Some(loaded), Some(policy)) = (functions.get(&r.function), policies.get(&r.function))
         else {
             continue;
         };
-        let route_policies = RoutePolicies {
-            auth: r
-                .auth
-                .as_ref()
-                .zip(backends.auth.clone())
-                .map(|(rule, auth)| Arc::new(AuthPolicy::new(auth, rule))),
-            login_throttle: r.login_throttle.as_ref().map(|cfg| {
-                Arc::new(LoginThrottle::new(
-                    &r.function,
-                    cfg,
-                    policy.login_failures.clone(),
-                    shared_throttle.clone(),
-                ))
-            }),
-            idempotency: r.idempotency.as_ref().zip(idempotency_store.clone()).map(
-                |(cfg, store)| {
-                    Arc::new(IdempotencyPolicy::new(
-                        store,
-                        &r.path,
+        // Who may call, and login throttling, belong to the route; the cache and idempotency
+        // policies to each version (its entries, its timeout).
+        let auth = r
+            .auth
+            .as_ref()
+            .zip(backends.auth.clone())
+            .map(|(rule, auth)| Arc::new(AuthPolicy::new(auth, rule)));
+        let login_throttle = r.login_throttle.as_ref().map(|cfg| {
+            Arc::new(LoginThrottle::new(
+                &r.function,
+                cfg,
+                policy.login_failures.clone(),
+                shared_throttle.clone(),
+            ))
+        });
+        let version = |function: &Function| {
+            let route_policies = RoutePolicies {
+                auth: auth.clone(),
+                login_throttle: login_throttle.clone(),
+                idempotency: r.idempotency.as_ref().zip(idempotency_store.clone()).map(
+                    |(cfg, store)| {
+                        Arc::new(IdempotencyPolicy::new(
+                            store,
+                            &r.path,
+                            cfg,
+                            function.limits().timeout,
+                        ))
+                    },
+                ),
+                cache: r.cache.as_ref().map(|cfg| {
+                    Arc::new(CachePolicy::new(
+                        backends.response_cache.clone(),
+                        &r.function,
+                        &function.sha256()[..12],
                         cfg,
-                        function.limits().timeout,
                     ))
-                },
+                }),
+            };
+            Version::new(
+                function.clone(),
+                policy.stack(function.clone(), &route_policies),
+            )
+        };
+        let set = match loaded.versions.as_slice() {
+            [(_, only, _)] => Ok(VersionSet::single(version(only))),
+            many => VersionSet::weighted(
+                many.iter()
+                    .map(|(w, f, _)| (*w, version(f), f.sha256().to_string()))
+                    .collect(),
+                loaded.sticky.clone(),
             ),
-            cache: r.cache.as_ref().map(|cfg| {
-                Arc::new(CachePolicy::new(
-                    backends.response_cache.clone(),
-                    &r.function,
-                    &function.sha256()[..12],
-                    cfg,
-                ))
-            }),
         };
         let methods: Vec<Method> = r
             .methods
             .iter()
             .filter_map(|m| Method::from_str(&m.to_ascii_uppercase()).ok())
             .collect();
-        if let Err(p) = routes.add(
-            &r.path,
-            &methods,
-            VersionSet::single(Version::new(
-                function.clone(),
-                policy.stack(function.clone(), &route_policies),
-            )),
-            &r.label(i),
-        ) {
-            problems.push(p);
+        match set {
+            Ok(set) => {
+                if let Err(p) = routes.add(&r.path, &methods, set, &r.label(i)) {
+                    problems.push(p);
+                }
+            }
+            Err(e) => problems.push(format!("{}: {e}", r.label(i))),
         }
     }
 
@@ -388,6 +441,39 @@ pub async fn build(
         functions,
         policies,
     })
+}
+
+/// Loads every version a live registry deployment names, with the function's settings from the
+/// manifest (capabilities and limits).
+fn load_live(
+    runtime: &Runtime,
+    name: &str,
+    live: &Live,
+    limits: Limits,
+    grants: &crate::capabilities::Grants,
+    caps: &crate::capabilities::FunctionCaps,
+) -> Result<Loaded, String> {
+    let sticky = live
+        .spec
+        .sticky
+        .as_deref()
+        .map(crate::deploy::StickyKey::parse)
+        .transpose()?;
+    let mut versions = Vec::new();
+    for w in &live.spec.versions {
+        let bytes = live
+            .modules
+            .iter()
+            .find(|(label, _)| *label == w.label)
+            .map(|(_, b)| b)
+            .ok_or_else(|| format!("the registry has no module for version {}", w.label))?;
+        let origin = PathBuf::from(format!("{name}@{}", w.label));
+        let f = runtime
+            .load_bytes(name, &origin, bytes, limits, grants, caps.clone())
+            .map_err(|e| e.to_string())?;
+        versions.push((w.weight, f, w.label.clone()));
+    }
+    Ok(Loaded { versions, sticky })
 }
 
 fn as_ms(d: Duration) -> f64 {

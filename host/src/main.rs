@@ -40,6 +40,8 @@ enum Command {
         #[arg(long, env = "WASMGATE_LISTEN")]
         listen: Option<SocketAddr>,
         #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
         overrides: OverrideArgs,
     },
     /// Load the manifest and every function, report problems, and exit without serving.
@@ -101,6 +103,44 @@ enum KeysAction {
     List,
 }
 
+/// The admin API: on only with a token, and never on the public listener.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Where the admin API listens (keep it private: loopback or an internal network).
+    #[arg(long, env = "WASMGATE_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
+    admin_listen: SocketAddr,
+    /// A file holding the admin API's bearer token (at least 16 characters); or set
+    /// WASMGATE_ADMIN_TOKEN. Without a token the admin API is off.
+    #[arg(long, env = "WASMGATE_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+}
+
+/// Shortest admin token accepted: long enough that guessing it is hopeless.
+const MIN_ADMIN_TOKEN: usize = 16;
+
+impl AdminArgs {
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        let token = match &self.admin_token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| {
+                        format!("failed to read the admin token file `{}`", path.display())
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => std::env::var("WASMGATE_ADMIN_TOKEN").ok(),
+        };
+        if let Some(t) = &token {
+            anyhow::ensure!(
+                t.len() >= MIN_ADMIN_TOKEN,
+                "the admin token must be at least {MIN_ADMIN_TOKEN} characters"
+            );
+        }
+        Ok(token)
+    }
+}
+
 #[derive(clap::Args)]
 struct OverrideArgs {
     /// Directory for compiled components; overrides `[server] cache_dir`.
@@ -148,8 +188,9 @@ fn real_main() -> anyhow::Result<()> {
             Command::Up {
                 manifest,
                 listen,
+                admin,
                 overrides,
-            } => up(manifest, listen, overrides.into()).await,
+            } => up(manifest, listen, admin, overrides.into()).await,
             Command::Check {
                 manifest,
                 overrides,
@@ -237,8 +278,10 @@ async fn keys(action: KeysAction, store: wasmgate::auth::store::Store) -> anyhow
 async fn up(
     manifest: PathBuf,
     listen: Option<SocketAddr>,
+    admin: AdminArgs,
     overrides: loader::Overrides,
 ) -> anyhow::Result<()> {
+    let admin_token = admin.token()?;
     let metrics = install_metrics()?;
     let deployer = Deployer::start(&manifest, overrides, listen, Some(metrics)).await?;
     let addr = deployer.settings().listen;
@@ -247,6 +290,33 @@ async fn up(
         .with_context(|| format!("failed to listen on {addr}"))?;
     let local = listener.local_addr().context("listener has no address")?;
     let state = deployer.state();
+    match admin_token {
+        Some(token) => {
+            let admin_listener =
+                TcpListener::bind(admin.admin_listen)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "failed to listen on {} for the admin API",
+                            admin.admin_listen
+                        )
+                    })?;
+            let admin_local = admin_listener
+                .local_addr()
+                .context("admin listener has no address")?;
+            let router = wasmgate::admin::router(deployer.clone(), &token);
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(admin_listener, router).await {
+                    tracing::error!(error = %e, "admin API stopped");
+                }
+            });
+            // Printed before the public line, which tests and scripts wait for.
+            println!("wasmgate admin listening on http://{admin_local}");
+        }
+        None => {
+            tracing::info!("admin API off: no token (--admin-token-file or WASMGATE_ADMIN_TOKEN)")
+        }
+    }
     tokio::spawn(reload_on_sighup(deployer));
     // Tests and scripts wait for this exact line.
     println!("wasmgate listening on http://{local}");

@@ -99,6 +99,8 @@ pub struct Server {
     dir: tempfile::TempDir,
     /// The `--database-url`/`--redis-url` it was started with, for [`Server::cli`].
     overrides: Vec<String>,
+    /// The admin API's base URL, when it was started with a token.
+    pub admin: Option<String>,
 }
 
 impl Server {
@@ -134,8 +136,13 @@ impl Server {
             .expect("starting wasmgate");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        let admin = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let admin_seen = admin.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("wasmgate admin listening on ") {
+                    *admin_seen.lock().expect("admin url") = Some(url.to_string());
+                }
                 if let Some(url) = line.strip_prefix("wasmgate listening on ") {
                     let _ = tx.send(url.to_string());
                 }
@@ -157,7 +164,16 @@ impl Server {
             base,
             log,
             dir,
-            overrides: args.iter().map(|a| a.to_string()).collect(),
+            overrides: args
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .chunks(2)
+                .filter(|kv| matches!(kv[0].as_str(), "--database-url" | "--redis-url"))
+                .flatten()
+                .cloned()
+                .collect(),
+            admin: admin.lock().expect("admin url").clone(),
         }
     }
 
@@ -424,6 +440,14 @@ pub fn start_embedded(manifest: &str) -> (Server, tempfile::TempDir, String) {
     let db = format!("sqlite://{}", dir.path().join("data.db").display());
     let server = Server::start_with_args(manifest, &["--database-url", &db]);
     (server, dir, db)
+}
+
+/// The version a component serves as: the first 12 hex digits of its sha256, as the
+/// `wasmgate-version` response header and the metrics name it.
+pub fn version_of(name: &str) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(wasm(name)).expect("wasm");
+    hex::encode(sha2::Sha256::digest(bytes))[..12].to_string()
 }
 
 /// The password every test account gets.

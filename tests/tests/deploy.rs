@@ -4,8 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-use wasmgate_tests::{Server, wasm};
+use wasmgate_tests::{Server, version_of};
 
 fn manifest(function_wasm: &str) -> String {
     format!(
@@ -20,11 +19,6 @@ fn manifest(function_wasm: &str) -> String {
         cache = {{ ttl = "60s" }}
         "#
     )
-}
-
-fn version_of(name: &str) -> String {
-    let bytes = std::fs::read(wasm(name)).expect("wasm");
-    hex::encode(Sha256::digest(bytes))[..12].to_string()
 }
 
 async fn get(c: &reqwest::Client, url: &str) -> (u16, String, String) {

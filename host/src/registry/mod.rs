@@ -150,9 +150,7 @@ pub enum RegistryError {
     #[error("{0} already exists")]
     Exists(String),
     /// The change was based on generation `expected`; the deployment is at `actual` now.
-    #[error(
-        "the deployment changed since generation {expected:?} (it is at {actual:?}); read it again"
-    )]
+    #[error("the change was based on {}, but the deployment is at {}; read it again and retry", generation(.expected), generation(.actual))]
     Stale {
         expected: Option<i64>,
         actual: Option<i64>,
@@ -167,6 +165,10 @@ impl From<DbError> for RegistryError {
     fn from(e: DbError) -> Self {
         Self::Db(e)
     }
+}
+
+fn generation(g: &Option<i64>) -> String {
+    g.map_or("no deployment".into(), |g| format!("generation {g}"))
 }
 
 type Result<T, E = RegistryError> = std::result::Result<T, E>;

@@ -171,21 +171,37 @@ impl Runtime {
         grants: &Grants,
         caps: FunctionCaps,
     ) -> Result<Function, LoadError> {
-        let started = Instant::now();
         let wasm = std::fs::read(path).map_err(|source| LoadError::Read {
             path: path.to_path_buf(),
             source,
         })?;
+        self.load_bytes(name, path, &wasm, limits, grants, caps)
+    }
+
+    /// As [`Runtime::load`], from bytes already in memory (a module from the registry);
+    /// `origin` names them in errors. Compiles on the calling thread: callers on the request
+    /// path run it on a blocking thread.
+    pub fn load_bytes(
+        &self,
+        name: &str,
+        origin: &Path,
+        wasm: &[u8],
+        limits: Limits,
+        grants: &Grants,
+        caps: FunctionCaps,
+    ) -> Result<Function, LoadError> {
+        let path = origin;
+        let started = Instant::now();
         // `\0asm` then version 1, layer 0: a core module. Components use layer 1.
         if wasm.get(0..8) == Some(b"\0asm\x01\x00\x00\x00") {
             return Err(LoadError::CoreModule {
                 path: path.to_path_buf(),
             });
         }
-        let sha256 = hex::encode(Sha256::digest(&wasm));
+        let sha256 = hex::encode(Sha256::digest(wasm));
         let (component, source) =
             self.cache
-                .load(&self.engine, &sha256, &wasm)
+                .load(&self.engine, &sha256, wasm)
                 .map_err(|e| LoadError::Invalid {
                     path: path.to_path_buf(),
                     reason: format!("{e:#}"),

@@ -1,0 +1,415 @@
+//! The admin API: versions and traffic, on a listener of its own (never the public port),
+//! behind a bearer token. JSON in and out, problem+json errors.
+//!
+//! Routes, under `/admin/v1/functions/{function}`:
+//! - `POST versions?label=v2`: upload a component (the body, at most [`MAX_MODULE`] bytes) as a
+//!   new version. It is compiled and checked against the function's grants off the request
+//!   path, one compile at a time; invalid wasm, a core module, the wrong world or an ungranted
+//!   import is a 400 naming the reason. The module is stored content-addressed.
+//! - `GET versions`: the function's versions.
+//! - `GET deployment`: the live split, its generation as the `ETag`.
+//! - `PUT deployment`: a new split (`{"versions": [{"label", "weight"}], "sticky", "reason"}`),
+//!   based on the generation in `If-Match` (none for the first); a stale one is 412.
+//! - `POST rollback`: the previous deployment, as a new generation.
+//! - `GET history`: every change, newest first.
+//!
+//! Every change goes through the deployer's reload, the same call SIGHUP makes, and is served
+//! before the response returns.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::deploy::Deployer;
+use crate::registry::{RegistryError, Spec, VersionRow, Weighted};
+use crate::runtime::Limits;
+
+/// Largest component accepted.
+pub const MAX_MODULE: usize = 64 * 1024 * 1024;
+/// Compiles at once: cranelift takes a core each, and serving must keep the rest.
+const COMPILES: usize = 1;
+
+struct Admin {
+    deployer: Arc<Deployer>,
+    token: [u8; 32],
+    compiles: Semaphore,
+}
+
+/// An admin error as problem+json.
+struct Failure(StatusCode, &'static str, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let Failure(status, slug, detail) = self;
+        let body = serde_json::json!({
+            "type": format!("{}{slug}", crate::problem::TYPE_BASE),
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": detail,
+        });
+        let mut resp = (status, axum::Json(body)).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"wasmgate-admin\""),
+            );
+        }
+        resp
+    }
+}
+
+impl From<RegistryError> for Failure {
+    fn from(e: RegistryError) -> Self {
+        let detail = e.to_string();
+        match e {
+            RegistryError::Invalid(_) => Failure(StatusCode::BAD_REQUEST, "invalid", detail),
+            RegistryError::NotFound(_) => Failure(StatusCode::NOT_FOUND, "not-found", detail),
+            RegistryError::Exists(_) => Failure(StatusCode::CONFLICT, "exists", detail),
+            RegistryError::Stale { .. } => {
+                Failure(StatusCode::PRECONDITION_FAILED, "stale-generation", detail)
+            }
+            RegistryError::Db(_) | RegistryError::Corrupt(_) => {
+                tracing::error!(error = %detail, "registry call failed");
+                Failure(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "registry-unavailable",
+                    "the registry cannot be reached; retry".into(),
+                )
+            }
+        }
+    }
+}
+
+type Answer = Result<Response, Failure>;
+
+/// The admin routes, each behind the token.
+pub fn router(deployer: Arc<Deployer>, token: &str) -> Router {
+    let admin = Arc::new(Admin {
+        deployer,
+        token: Sha256::digest(token.as_bytes()).into(),
+        compiles: Semaphore::new(COMPILES),
+    });
+    Router::new()
+        .route(
+            "/admin/v1/functions/{function}/versions",
+            get(versions).post(upload),
+        )
+        .route(
+            "/admin/v1/functions/{function}/deployment",
+            get(deployment).put(deploy),
+        )
+        .route("/admin/v1/functions/{function}/rollback", post(rollback))
+        .route("/admin/v1/functions/{function}/history", get(history))
+        .layer(middleware::from_fn_with_state(admin.clone(), authorize))
+        .with_state(admin)
+}
+
+/// Compares digests of the presented and the configured token (same length, whatever was sent).
+async fn authorize(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())));
+    if presented != Some(admin.token) {
+        return Failure(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the admin API needs its bearer token".into(),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+fn actor(headers: &HeaderMap) -> String {
+    headers
+        .get("x-wasmgate-actor")
+        .and_then(|v| v.to_str().ok())
+        .filter(|a| !a.is_empty() && a.len() <= 128)
+        .unwrap_or("admin")
+        .to_string()
+}
+
+/// The function's manifest entry, or 404.
+fn function_config(
+    admin: &Admin,
+    function: &str,
+) -> Result<crate::config::FunctionConfig, Failure> {
+    let manifest = admin.deployer.manifest().map_err(|e| {
+        Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "manifest-unreadable",
+            e.to_string(),
+        )
+    })?;
+    manifest.functions.get(function).cloned().ok_or_else(|| {
+        Failure(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("the manifest defines no function `{function}`"),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+struct UploadQuery {
+    label: String,
+}
+
+async fn upload(
+    State(admin): State<Arc<Admin>>,
+    Path(function): Path<String>,
+    Query(q): Query<UploadQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Answer {
+    let cfg = function_config(&admin, &function)?;
+    let bytes = http_body_util::Limited::new(body, MAX_MODULE)
+        .collect()
+        .await
+        .map_err(|_| {
+            Failure(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "module-too-large",
+                format!("a module may be at most {MAX_MODULE} bytes"),
+            )
+        })?
+        .to_bytes();
+    // Compile and check it as it would run, off the request path, one at a time.
+    let permit = admin.compiles.acquire().await.map_err(|_| {
+        Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting-down",
+            "the server is stopping".into(),
+        )
+    })?;
+    let (deployer, name, wasm) = (admin.deployer.clone(), function.clone(), bytes.clone());
+    let checked = tokio::task::spawn_blocking(move || {
+        let platform = deployer.platform();
+        let limits = Limits {
+            timeout: cfg.timeout,
+            memory: cfg.memory,
+            max_body: cfg.max_body,
+            instance_reuse: cfg.instance_reuse,
+        };
+        platform
+            .runtime
+            .load_bytes(
+                &name,
+                std::path::Path::new("the uploaded module"),
+                &wasm,
+                limits,
+                &cfg.capabilities,
+                platform.backends.configure(&name),
+            )
+            .map(|_| ())
+    })
+    .await;
+    drop(permit);
+    match checked {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(Failure(
+                StatusCode::BAD_REQUEST,
+                "invalid-module",
+                e.to_string(),
+            ));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "module check panicked");
+            return Err(Failure(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the module could not be checked".into(),
+            ));
+        }
+    }
+    let registry = admin.deployer.registry();
+    let sha256 = registry.put_module(&bytes).await?;
+    let row = VersionRow {
+        function: function.clone(),
+        label: q.label.clone(),
+        sha256: sha256.clone(),
+        settings: "{}".into(),
+        created_by: actor(&headers),
+        created_at: crate::auth::now_ms(),
+    };
+    registry.create_version(&row).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({"function": function, "label": q.label, "sha256": sha256})),
+    )
+        .into_response())
+}
+
+async fn versions(State(admin): State<Arc<Admin>>, Path(function): Path<String>) -> Answer {
+    let rows = admin.deployer.registry().versions(&function).await?;
+    let list: Vec<_> = rows
+        .iter()
+        .map(|v| {
+            serde_json::json!({"label": v.label, "sha256": v.sha256, "created_by": v.created_by, "created_at": v.created_at})
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({"function": function, "versions": list})).into_response())
+}
+
+fn deployment_response(function: &str, generation: i64, spec: &Spec) -> Response {
+    let mut resp = axum::Json(serde_json::json!({
+        "function": function,
+        "generation": generation,
+        "versions": spec.versions.iter().map(|w| serde_json::json!({"label": w.label, "weight": w.weight})).collect::<Vec<_>>(),
+        "sticky": spec.sticky,
+    }))
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{generation}\"")) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
+
+async fn deployment(State(admin): State<Arc<Admin>>, Path(function): Path<String>) -> Answer {
+    match admin.deployer.registry().deployment(&function).await? {
+        Some(d) => Ok(deployment_response(&function, d.generation, &d.spec)),
+        None => Err(Failure(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!(
+                "`{function}` has no deployment in the registry; it serves the manifest's `wasm`"
+            ),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployRequest {
+    versions: Vec<Weighted>,
+    sticky: Option<String>,
+    reason: Option<String>,
+}
+
+/// The generation `If-Match` names (`"3"` or `3`); none without the header.
+fn expected_generation(headers: &HeaderMap) -> Result<Option<i64>, Failure> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .map(|s| s.trim().trim_start_matches("W/").trim_matches('"'))
+        .and_then(|s| s.parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            Failure(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "If-Match must name a generation, as the deployment's ETag does".into(),
+            )
+        })
+}
+
+/// Applies the registry's new state; if it cannot be served, restores the previous one and says
+/// why.
+async fn apply(admin: &Admin, function: &str, actor: &str) -> Result<(), Failure> {
+    if let Err(e) = admin.deployer.reload().await {
+        let _ = admin
+            .deployer
+            .registry()
+            .rollback(
+                function,
+                actor,
+                "automatic: the change could not be applied",
+            )
+            .await;
+        let _ = admin.deployer.reload().await;
+        return Err(Failure(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not-applied",
+            format!("the change was undone: {e}"),
+        ));
+    }
+    Ok(())
+}
+
+async fn deploy(
+    State(admin): State<Arc<Admin>>,
+    Path(function): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Answer {
+    function_config(&admin, &function)?;
+    let req: DeployRequest = serde_json::from_slice(&body).map_err(|e| {
+        Failure(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("invalid JSON: {e}"),
+        )
+    })?;
+    let expected = expected_generation(&headers)?;
+    let spec = Spec {
+        versions: req.versions,
+        sticky: req.sticky,
+    };
+    let who = actor(&headers);
+    let reason = req.reason.unwrap_or_else(|| "traffic change".into());
+    let generation = admin
+        .deployer
+        .registry()
+        .set_deployment(&function, expected, &spec, &who, &reason)
+        .await?;
+    apply(&admin, &function, &who).await?;
+    Ok(deployment_response(&function, generation, &spec))
+}
+
+async fn rollback(
+    State(admin): State<Arc<Admin>>,
+    Path(function): Path<String>,
+    headers: HeaderMap,
+) -> Answer {
+    let who = actor(&headers);
+    let registry = admin.deployer.registry();
+    let generation = registry.rollback(&function, &who, "rollback").await?;
+    apply(&admin, &function, &who).await?;
+    let spec = registry
+        .deployment(&function)
+        .await?
+        .map(|d| d.spec)
+        .unwrap_or(Spec {
+            versions: Vec::new(),
+            sticky: None,
+        });
+    Ok(deployment_response(&function, generation, &spec))
+}
+
+async fn history(State(admin): State<Arc<Admin>>, Path(function): Path<String>) -> Answer {
+    let rows = admin.deployer.registry().history(&function).await?;
+    let list: Vec<_> = rows
+        .iter()
+        .map(|h| {
+            serde_json::json!({
+                "generation": h.generation,
+                "versions": h.spec.versions.iter().map(|w| serde_json::json!({"label": w.label, "weight": w.weight})).collect::<Vec<_>>(),
+                "sticky": h.spec.sticky,
+                "reason": h.reason,
+                "actor": h.actor,
+                "at": h.at,
+            })
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({"function": function, "history": list})).into_response())
+}

@@ -1,0 +1,295 @@
+//! The admin API: versions uploaded, checked and stored in the registry, traffic split by
+//! weight, stale changes refused, rollback in one call, everything behind a token and off the
+//! public port, and the registry's deployment served again after a restart.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+use wasmgate_tests::{Server, expect_problem, version_of, wasm};
+
+const TOKEN: &str = "admin-token-for-the-tests";
+
+const MANIFEST: &str = r#"
+    [functions.pages]
+    wasm = "{wasm:cachey}"
+    capabilities = ["cache", "response-cache"]
+    [[routes]]
+    path = "/c/{name}"
+    methods = ["GET"]
+    function = "pages"
+    "#;
+
+struct Admin {
+    base: String,
+    c: reqwest::Client,
+}
+
+impl Admin {
+    fn url(&self, path: &str) -> String {
+        format!("{}/admin/v1/functions/pages{path}", self.base)
+    }
+
+    async fn upload(&self, label: &str, bytes: Vec<u8>) -> reqwest::Response {
+        self.c
+            .post(self.url(&format!("/versions?label={label}")))
+            .bearer_auth(TOKEN)
+            .body(bytes)
+            .send()
+            .await
+            .expect("upload")
+    }
+
+    async fn deploy(&self, generation: Option<i64>, versions: Value) -> reqwest::Response {
+        let mut req = self
+            .c
+            .put(self.url("/deployment"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"versions": versions, "reason": "test"}));
+        if let Some(g) = generation {
+            req = req.header("if-match", format!("\"{g}\""));
+        }
+        req.send().await.expect("deploy")
+    }
+}
+
+/// Which versions served `n` requests, by their `wasmgate-version`.
+async fn served(s: &Server, n: usize) -> BTreeMap<String, usize> {
+    let c = reqwest::Client::new();
+    let mut seen = BTreeMap::new();
+    for i in 0..n {
+        let resp = c.get(s.url(&format!("/c/p{i}"))).send().await.expect("get");
+        assert_eq!(resp.status(), 200);
+        let v = resp.headers()["wasmgate-version"]
+            .to_str()
+            .expect("ascii")
+            .to_string();
+        *seen.entry(v).or_insert(0) += 1;
+    }
+    seen
+}
+
+fn start(dir: &std::path::Path) -> Server {
+    let token = dir.join("admin-token");
+    std::fs::write(&token, TOKEN).expect("token file");
+    let db = format!("sqlite://{}", dir.join("platform.db").display());
+    Server::start_with_args(
+        MANIFEST,
+        &[
+            "--database-url",
+            &db,
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--admin-token-file",
+            token.to_str().expect("utf-8 path"),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn versions_traffic_and_rollback_through_the_admin_api() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = start(dir.path());
+    let admin = Admin {
+        base: s.admin.clone().expect("the admin API is on"),
+        c: reqwest::Client::new(),
+    };
+    let (v1, v2) = (version_of("cachey"), version_of("hello"));
+
+    // Only with the token, and never on the public port.
+    let no_token = admin
+        .c
+        .get(admin.url("/versions"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(
+        no_token.headers()["www-authenticate"],
+        "Bearer realm=\"wasmgate-admin\""
+    );
+    expect_problem_admin(no_token, 401, "unauthorized").await;
+    let wrong = admin
+        .c
+        .get(admin.url("/versions"))
+        .bearer_auth("not-the-token-at-all")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(wrong.status(), 401);
+    let public = reqwest::get(s.url("/admin/v1/functions/pages/versions"))
+        .await
+        .expect("get");
+    expect_problem(public, 404, "route-not-found").await;
+
+    // Uploads are checked before they are kept.
+    let bad = admin.upload("broken", b"not wasm at all".to_vec()).await;
+    let body = expect_problem_admin(bad, 400, "invalid-module").await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("not a valid wasm component")),
+        "{body}"
+    );
+    let core = admin.upload("core", b"\0asm\x01\0\0\0".to_vec()).await;
+    let body = expect_problem_admin(core, 400, "invalid-module").await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("core wasm module")),
+        "{body}"
+    );
+    let unknown = admin
+        .c
+        .post(format!(
+            "{}/admin/v1/functions/ghost/versions?label=v1",
+            admin.base
+        ))
+        .bearer_auth(TOKEN)
+        .body(std::fs::read(wasm("hello")).expect("wasm"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(unknown.status(), 404);
+    let up = admin
+        .upload("v1", std::fs::read(wasm("cachey")).expect("wasm"))
+        .await;
+    assert_eq!(up.status(), 201);
+    let up: Value = up.json().await.expect("json");
+    assert_eq!(up["sha256"].as_str().map(|s| &s[..12]), Some(v1.as_str()));
+    assert_eq!(
+        admin
+            .upload("v2", std::fs::read(wasm("hello")).expect("wasm"))
+            .await
+            .status(),
+        201
+    );
+    expect_problem_admin(
+        admin
+            .upload("v2", std::fs::read(wasm("hello")).expect("wasm"))
+            .await,
+        409,
+        "exists",
+    )
+    .await;
+
+    // The first deployment, then a 50/50 split: each change is served when it returns.
+    let first = admin
+        .deploy(None, json!([{"label": "v1", "weight": 100}]))
+        .await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["etag"], "\"1\"");
+    assert_eq!(served(&s, 20).await, BTreeMap::from([(v1.clone(), 20)]));
+    let split = admin
+        .deploy(
+            Some(1),
+            json!([{"label": "v1", "weight": 50}, {"label": "v2", "weight": 50}]),
+        )
+        .await;
+    assert_eq!(split.status(), 200);
+    let seen = served(&s, 200).await;
+    assert!(
+        seen.get(&v1).is_some_and(|n| *n > 60) && seen.get(&v2).is_some_and(|n| *n > 60),
+        "{seen:?}"
+    );
+
+    // A change based on an old generation, bad weights, an unknown version: refused.
+    expect_problem_admin(
+        admin
+            .deploy(Some(1), json!([{"label": "v2", "weight": 100}]))
+            .await,
+        412,
+        "stale-generation",
+    )
+    .await;
+    expect_problem_admin(
+        admin
+            .deploy(Some(2), json!([{"label": "v2", "weight": 90}]))
+            .await,
+        400,
+        "invalid",
+    )
+    .await;
+    expect_problem_admin(
+        admin
+            .deploy(Some(2), json!([{"label": "v9", "weight": 100}]))
+            .await,
+        404,
+        "not-found",
+    )
+    .await;
+
+    // Rollback: the previous split in one call.
+    let back = admin
+        .c
+        .post(admin.url("/rollback"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("rollback");
+    assert_eq!(back.status(), 200);
+    assert_eq!(back.headers()["etag"], "\"3\"");
+    assert_eq!(served(&s, 20).await, BTreeMap::from([(v1.clone(), 20)]));
+    let history: Value = admin
+        .c
+        .get(admin.url("/history"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("history")
+        .json()
+        .await
+        .expect("json");
+    let reasons: Vec<&str> = history["history"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|h| h["reason"].as_str().expect("reason"))
+        .collect();
+    assert_eq!(
+        reasons,
+        ["rollback to generation 1: rollback", "test", "test"]
+    );
+
+    // A restart serves the registry's deployment, and keeps its history.
+    drop(s);
+    let s = start(dir.path());
+    assert_eq!(served(&s, 5).await, BTreeMap::from([(v1, 5)]));
+    let deployment: Value = admin_of(&s)
+        .c
+        .get(admin_of(&s).url("/deployment"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(deployment["generation"], 3);
+}
+
+fn admin_of(s: &Server) -> Admin {
+    Admin {
+        base: s.admin.clone().expect("admin"),
+        c: reqwest::Client::new(),
+    }
+}
+
+/// An admin problem: problem+json with the status and type slug (no request id: the admin API
+/// is not the request path).
+async fn expect_problem_admin(resp: reqwest::Response, status: u16, slug: &str) -> Value {
+    assert_eq!(resp.status().as_u16(), status);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(
+        body["type"],
+        format!("urn:wasmgate:problem:{slug}"),
+        "{body}"
+    );
+    body
+}
+
+#[test]
+fn without_a_token_the_admin_api_is_off() {
+    let s = Server::start(MANIFEST);
+    assert!(s.admin.is_none());
+    assert!(s.log().contains("admin API off"), "{}", s.log());
+}
