@@ -293,3 +293,71 @@ fn without_a_token_the_admin_api_is_off() {
     assert!(s.admin.is_none());
     assert!(s.log().contains("admin API off"), "{}", s.log());
 }
+
+/// Starts two processes on one fresh PostgreSQL (and Redis, when `redis`), the first with the
+/// admin API; deploys `hello` as v2 through it and returns how long the second took to serve it.
+async fn converge(redis: bool) -> std::time::Duration {
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, TOKEN).expect("token file");
+    let db = wasmgate_tests::fresh_postgres();
+    let redis_url = wasmgate_tests::redis_url();
+    let mut shared = vec!["--database-url", db.as_str()];
+    if redis {
+        shared.extend(["--redis-url", redis_url.as_str()]);
+    }
+    let mut with_admin = shared.clone();
+    with_admin.extend([
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--admin-token-file",
+        token.to_str().expect("utf-8 path"),
+    ]);
+    let a = Server::start_with_args(MANIFEST, &with_admin);
+    let b = Server::start_with_args(MANIFEST, &shared);
+    let admin = admin_of(&a);
+    let hello = version_of("hello");
+    assert_eq!(
+        admin
+            .upload("v2", std::fs::read(wasm("hello")).expect("wasm"))
+            .await
+            .status(),
+        201
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(
+        admin
+            .deploy(None, json!([{"label": "v2", "weight": 100}]))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        served(&a, 1).await,
+        BTreeMap::from([(hello.clone(), 1)]),
+        "the process that took the call serves it at once"
+    );
+    while !served(&b, 1).await.contains_key(&hello) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "b still serves the old version"
+        );
+    }
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn a_change_through_one_process_is_served_by_another_within_a_second() {
+    let took = converge(true).await;
+    eprintln!(
+        "with Redis notices, the other process served the new version {took:?} after the admin call"
+    );
+}
+
+#[tokio::test]
+async fn without_redis_the_registry_poll_converges_within_a_second_too() {
+    let took = converge(false).await;
+    eprintln!(
+        "polling the registry, the other process served the new version {took:?} after the admin call"
+    );
+}

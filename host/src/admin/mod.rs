@@ -68,6 +68,14 @@ impl IntoResponse for Failure {
                 HeaderValue::from_static("Bearer realm=\"wasmgate-admin\""),
             );
         }
+        if matches!(
+            status,
+            StatusCode::UNAUTHORIZED | StatusCode::PAYLOAD_TOO_LARGE
+        ) {
+            // Refused before its body was read: the connection cannot carry another request.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         resp
     }
 }
@@ -179,7 +187,8 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Answer {
-    let cfg = function_config(&admin, &function)?;
+    // The body first, even for an unknown function: an answer before it would leave the rest of
+    // the upload in the connection.
     let bytes = http_body_util::Limited::new(body, MAX_MODULE)
         .collect()
         .await
@@ -191,6 +200,7 @@ async fn upload(
             )
         })?
         .to_bytes();
+    let cfg = function_config(&admin, &function)?;
     // Compile and check it as it would run, off the request path, one at a time.
     let permit = admin.compiles.acquire().await.map_err(|_| {
         Failure(
@@ -373,6 +383,7 @@ async fn deploy(
         .set_deployment(&function, expected, &spec, &who, &reason)
         .await?;
     apply(&admin, &function, &who).await?;
+    admin.deployer.announce(&function, generation).await;
     Ok(deployment_response(&function, generation, &spec))
 }
 
@@ -385,6 +396,7 @@ async fn rollback(
     let registry = admin.deployer.registry();
     let generation = registry.rollback(&function, &who, "rollback").await?;
     apply(&admin, &function, &who).await?;
+    admin.deployer.announce(&function, generation).await;
     let spec = registry
         .deployment(&function)
         .await?

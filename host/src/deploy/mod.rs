@@ -6,17 +6,24 @@
 //!
 //! The [`Deployer`] outlives deployments: it owns the [`Platform`] (engine, instance pool,
 //! backends, auth: built once per process) and swaps only the route table and the versions
-//! behind it. A reload (SIGHUP today, the admin API later: the same call) builds the next
-//! deployment on the same platform and swaps it in atomically; requests in flight finish on the
-//! version they started on, and the response cache keeps its entries.
+//! behind it. A reload (SIGHUP, an admin API change, or a change another replica made: the same
+//! call) builds the next deployment on the same platform and swaps it in atomically; requests in
+//! flight finish on the version they started on, and the response cache keeps its entries.
+//!
+//! Replicas converge through the registry: a process that changes a deployment publishes a
+//! notice on Redis ([`CHANNEL`]); every process reloads when it hears one, and also compares the
+//! registry's generations with the ones it serves every [`POLL_WITH_REDIS`] (or
+//! [`POLL_WITHOUT_REDIS`] when there is no Redis), which covers a lost notice.
 
 mod version_set;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
-use tokio::sync::Mutex;
+use futures::StreamExt;
+use tokio::sync::{Mutex, Notify};
 
 pub use version_set::{StickyKey, VERSION_HEADER, Version, VersionMetrics, VersionSet};
 
@@ -25,6 +32,16 @@ use crate::loader::{self, Live, LoadError, Overrides, Platform, Settings};
 use crate::policy::PolicyState;
 use crate::registry::Registry;
 use crate::server::{AppState, Deployment};
+
+/// Deployment changes are announced here (`<function>:<generation>`).
+pub const CHANNEL: &str = "wasmgate:deploy:changed";
+/// How often a process compares the registry's generations with its own, with Redis notices.
+pub const POLL_WITH_REDIS: Duration = Duration::from_secs(5);
+/// The same without Redis: the poll is then what makes replicas converge within a second.
+pub const POLL_WITHOUT_REDIS: Duration = Duration::from_millis(250);
+
+/// The generation of every function's live deployment in the registry.
+type Generations = BTreeMap<String, i64>;
 
 /// Applies manifests to a running process.
 pub struct Deployer {
@@ -36,6 +53,8 @@ pub struct Deployer {
     state: Arc<AppState>,
     /// The live deployment's policy state (and one change at a time).
     policies: Mutex<BTreeMap<String, Arc<PolicyState>>>,
+    /// The registry generations the live deployment was built from.
+    applied: std::sync::Mutex<Generations>,
 }
 
 impl Deployer {
@@ -59,7 +78,7 @@ impl Deployer {
         let registry = Registry::open(platform.backends.db.backend().clone())
             .await
             .map_err(|e| fail(vec![format!("registry: {e}")]))?;
-        let live = live(&registry, &manifest)
+        let (live, generations) = live(&registry, &manifest)
             .await
             .map_err(|e| fail(vec![e]))?;
         let built = loader::build(&platform, &manifest, base, &BTreeMap::new(), &live)
@@ -74,7 +93,8 @@ impl Deployer {
             platform.backends.clone(),
             metrics,
         );
-        Ok(Arc::new(Self {
+        let redis = platform.backends.redis_client.clone();
+        let deployer = Arc::new(Self {
             path: path.to_path_buf(),
             overrides,
             listen,
@@ -82,7 +102,49 @@ impl Deployer {
             registry,
             state,
             policies: Mutex::new(built.policies),
-        }))
+            applied: std::sync::Mutex::new(generations),
+        });
+        tokio::spawn(watch(Arc::downgrade(&deployer), redis));
+        Ok(deployer)
+    }
+
+    /// Tells the other processes that `function`'s deployment changed (they also find out by
+    /// polling; this makes it milliseconds).
+    pub async fn announce(&self, function: &str, generation: i64) {
+        let Some(conn) = &self.platform.backends.redis else {
+            return;
+        };
+        let sent = tokio::time::timeout(
+            crate::capabilities::BACKEND_TIMEOUT,
+            redis::cmd("PUBLISH")
+                .arg(CHANNEL)
+                .arg(format!("{function}:{generation}"))
+                .query_async::<i64>(&mut conn.clone()),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(_))) {
+            tracing::warn!(
+                function,
+                generation,
+                "deployment change not announced; other processes find it by polling"
+            );
+        }
+    }
+
+    /// Whether the registry holds other generations than the ones served now.
+    async fn behind(&self) -> Result<bool, crate::registry::RegistryError> {
+        let now: Generations = self
+            .registry
+            .deployments(None)
+            .await?
+            .into_iter()
+            .map(|d| (d.function, d.generation))
+            .collect();
+        let applied = self
+            .applied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(now != *applied)
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -128,7 +190,7 @@ impl Deployer {
         if !problems.is_empty() {
             return Err(fail(problems).into());
         }
-        let live = live(&self.registry, &manifest)
+        let (live, generations) = live(&self.registry, &manifest)
             .await
             .map_err(|e| fail(vec![e]))?;
         let built = loader::build(&self.platform, &manifest, base, &policies, &live)
@@ -140,18 +202,29 @@ impl Deployer {
             functions,
         });
         *policies = built.policies;
+        *self
+            .applied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = generations;
         Ok(functions)
     }
 }
 
 /// The registry's live deployments of the manifest's functions, with their modules' bytes. The
 /// manifest decides which functions and routes exist; the registry, which versions serve them.
-async fn live(registry: &Registry, manifest: &Manifest) -> Result<BTreeMap<String, Live>, String> {
+async fn live(
+    registry: &Registry,
+    manifest: &Manifest,
+) -> Result<(BTreeMap<String, Live>, Generations), String> {
     let mut live = BTreeMap::new();
     let deployments = registry
         .deployments(None)
         .await
         .map_err(|e| format!("registry: {e}"))?;
+    let generations = deployments
+        .iter()
+        .map(|d| (d.function.clone(), d.generation))
+        .collect();
     for d in deployments {
         if !manifest.functions.contains_key(&d.function) {
             tracing::warn!(function = %d.function, "the registry deploys a function the manifest does not define; ignored");
@@ -183,5 +256,60 @@ async fn live(registry: &Registry, manifest: &Manifest) -> Result<BTreeMap<Strin
             },
         );
     }
-    Ok(live)
+    Ok((live, generations))
+}
+
+/// Keeps this process on the registry's deployments until the deployer is dropped: reloads when
+/// a notice arrives or a poll finds other generations.
+async fn watch(deployer: Weak<Deployer>, redis: Option<redis::Client>) {
+    let notice = Arc::new(Notify::new());
+    let every = if redis.is_some() {
+        POLL_WITH_REDIS
+    } else {
+        POLL_WITHOUT_REDIS
+    };
+    if let Some(client) = redis {
+        tokio::spawn(listen(client, notice.clone(), deployer.clone()));
+    }
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = notice.notified() => {}
+        }
+        let Some(d) = deployer.upgrade() else { return };
+        match d.behind().await {
+            Ok(true) => match d.reload().await {
+                Ok(_) => tracing::info!("applied a deployment change from the registry"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot apply the registry's deployment; still serving the previous one")
+                }
+            },
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot read the registry; will retry"),
+        }
+    }
+}
+
+/// Turns Redis notices into wake-ups of [`watch`], reconnecting with backoff.
+async fn listen(client: redis::Client, notice: Arc<Notify>, deployer: Weak<Deployer>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if let Ok(mut pubsub) = client.get_async_pubsub().await
+            && pubsub.subscribe(CHANNEL).await.is_ok()
+        {
+            backoff = Duration::from_millis(100);
+            let mut messages = pubsub.on_message();
+            while messages.next().await.is_some() {
+                if deployer.strong_count() == 0 {
+                    return;
+                }
+                notice.notify_one();
+            }
+        }
+        if deployer.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
