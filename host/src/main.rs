@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
+use wasmgate::admin::{self, client::AdminClient, client::ClientError};
 use wasmgate::deploy::Deployer;
 use wasmgate::{loader, server};
 
@@ -58,6 +59,62 @@ enum Command {
         action: RolesAction,
         #[command(flatten)]
         target: Platform,
+    },
+    /// Upload a component as a new version of a function and send it traffic (through the
+    /// admin API): all of it by default, or `--weight` percent beside the live versions.
+    Deploy {
+        function: String,
+        wasm: PathBuf,
+        /// The version's label (default: the first 12 digits of its sha256).
+        #[arg(long)]
+        label: Option<String>,
+        /// Percent of traffic for it; the live versions share the rest in their proportions.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=100))]
+        weight: u32,
+        /// Why (kept in the history).
+        #[arg(long, default_value = "deploy")]
+        reason: String,
+        #[command(flatten)]
+        api: AdminConn,
+    },
+    /// List a function's versions.
+    Versions {
+        function: String,
+        #[command(flatten)]
+        api: AdminConn,
+    },
+    /// Split a function's traffic: `wasmgate traffic users v1=90 v2=10 [--sticky header:x-user-id]`.
+    Traffic {
+        function: String,
+        /// `label=percent`, summing to 100.
+        #[arg(required = true, value_parser = parse_weight)]
+        weights: Vec<(String, u32)>,
+        /// Keep each client on one version: `header:<name>`, `cookie:<name>` or `client-ip`.
+        #[arg(long)]
+        sticky: Option<String>,
+        #[arg(long, default_value = "traffic change")]
+        reason: String,
+        #[command(flatten)]
+        api: AdminConn,
+    },
+    /// Send all of a function's traffic to one version.
+    Promote {
+        function: String,
+        label: String,
+        #[command(flatten)]
+        api: AdminConn,
+    },
+    /// Restore a function's previous deployment.
+    Rollback {
+        function: String,
+        #[command(flatten)]
+        api: AdminConn,
+    },
+    /// Every change to a function's deployment, newest first.
+    History {
+        function: String,
+        #[command(flatten)]
+        api: AdminConn,
     },
     /// Signing keys of the tokens wasmgate issues.
     Keys {
@@ -115,6 +172,194 @@ struct AdminArgs {
     admin_token_file: Option<PathBuf>,
 }
 
+/// Where the deployment commands find the admin API.
+#[derive(clap::Args)]
+struct AdminConn {
+    #[arg(
+        long,
+        env = "WASMGATE_ADMIN_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    admin_url: String,
+    /// The admin API's bearer token.
+    #[arg(long, env = "WASMGATE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl AdminConn {
+    fn client(&self) -> AdminClient {
+        AdminClient::new(&self.admin_url, &self.admin_token)
+    }
+
+    /// Prints `body` as JSON, or as the table `table` makes of it.
+    fn print(&self, body: &serde_json::Value, table: impl FnOnce(&serde_json::Value) -> String) {
+        if self.json {
+            println!("{body}");
+        } else {
+            print!("{}", table(body));
+        }
+    }
+}
+
+fn parse_weight(s: &str) -> Result<(String, u32), String> {
+    let (label, weight) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not label=percent"))?;
+    let weight: u32 = weight
+        .parse()
+        .map_err(|_| format!("`{weight}` is not a percent"))?;
+    Ok((label.to_string(), weight))
+}
+
+/// `v1 90%, v2 10%` (and the sticky key).
+fn split_line(deployment: &serde_json::Value) -> String {
+    let versions: Vec<String> = deployment["versions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|v| format!("{} {}%", v["label"].as_str().unwrap_or("?"), v["weight"]))
+                .collect()
+        })
+        .unwrap_or_default();
+    let sticky = deployment["sticky"]
+        .as_str()
+        .map(|k| format!(" (sticky by {k})"))
+        .unwrap_or_default();
+    format!("{}{sticky}", versions.join(", "))
+}
+
+fn deployment_table(d: &serde_json::Value) -> String {
+    format!(
+        "{} generation {}: {}\n",
+        d["function"].as_str().unwrap_or("?"),
+        d["generation"],
+        split_line(d)
+    )
+}
+
+async fn deployments(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Deploy {
+            function,
+            wasm,
+            label,
+            weight,
+            reason,
+            api,
+        } => {
+            let bytes = std::fs::read(&wasm)
+                .with_context(|| format!("failed to read `{}`", wasm.display()))?;
+            let label = label.unwrap_or_else(|| {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(&bytes))[..12].to_string()
+            });
+            let client = api.client();
+            let uploaded = client.upload(&function, &label, bytes).await?;
+            let split = match client.deployment(&function).await? {
+                Some((live, _)) => admin::client::with_canary(&live, &label, weight),
+                None if weight == 100 => vec![(label.clone(), 100)],
+                None => anyhow::bail!(
+                    "{function} has no deployment in the registry to share traffic with; deploy a version at 100% first"
+                ),
+            };
+            let deployed = client.traffic(&function, &split, None, &reason).await?;
+            api.print(
+                &serde_json::json!({"uploaded": uploaded, "deployment": deployed}),
+                |_| {
+                    format!(
+                        "uploaded {function} {label} (sha256 {})\n{}",
+                        uploaded["sha256"]
+                            .as_str()
+                            .map_or("?", |s| &s[..12.min(s.len())]),
+                        deployment_table(&deployed)
+                    )
+                },
+            );
+        }
+        Command::Versions { function, api } => {
+            let body = api.client().versions(&function).await?;
+            api.print(&body, |b| {
+                let mut out = format!("{:<16} {:<14} {:<12} CREATED\n", "LABEL", "SHA256", "BY");
+                for v in b["versions"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "{:<16} {:<14} {:<12} {}\n",
+                        v["label"].as_str().unwrap_or("?"),
+                        v["sha256"].as_str().map_or("?", |s| &s[..12.min(s.len())]),
+                        v["created_by"].as_str().unwrap_or("?"),
+                        when(&v["created_at"]),
+                    ));
+                }
+                out
+            });
+        }
+        Command::Traffic {
+            function,
+            weights,
+            sticky,
+            reason,
+            api,
+        } => {
+            let body = api
+                .client()
+                .traffic(&function, &weights, sticky.as_deref(), &reason)
+                .await?;
+            api.print(&body, deployment_table);
+        }
+        Command::Promote {
+            function,
+            label,
+            api,
+        } => {
+            let body = api
+                .client()
+                .traffic(
+                    &function,
+                    &[(label.clone(), 100)],
+                    None,
+                    &format!("promote {label}"),
+                )
+                .await?;
+            api.print(&body, deployment_table);
+        }
+        Command::Rollback { function, api } => {
+            let body = api.client().rollback(&function).await?;
+            api.print(&body, deployment_table);
+        }
+        Command::History { function, api } => {
+            let body = api.client().history(&function).await?;
+            api.print(&body, |b| {
+                let mut out = format!(
+                    "{:<4} {:<24} {:<12} {:<32} REASON\n",
+                    "GEN", "WHEN", "BY", "SPLIT"
+                );
+                for h in b["history"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "{:<4} {:<24} {:<12} {:<32} {}\n",
+                        h["generation"].to_string(),
+                        when(&h["at"]),
+                        h["actor"].as_str().unwrap_or("?"),
+                        split_line(h),
+                        h["reason"].as_str().unwrap_or(""),
+                    ));
+                }
+                out
+            });
+        }
+        _ => unreachable!("only deployment commands come here"),
+    }
+    Ok(())
+}
+
+/// Milliseconds since the epoch as UTC time.
+fn when(ms: &serde_json::Value) -> String {
+    ms.as_i64()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or("?".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
 /// Shortest admin token accepted: long enough that guessing it is hopeless.
 const MIN_ADMIN_TOKEN: usize = 16;
 
@@ -165,13 +410,18 @@ impl From<OverrideArgs> for loader::Overrides {
     }
 }
 
+/// Exit codes: 0 done; 1 refused or failed (the message says why); 2 bad usage (clap's);
+/// 3 the admin API could not be reached or failed, so retrying later may work.
 fn main() -> std::process::ExitCode {
     match real_main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The message already names the object and the fix; a backtrace would bury it.
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<ClientError>() {
+                Some(ClientError::Unavailable(_)) => std::process::ExitCode::from(3),
+                _ => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -205,6 +455,12 @@ fn real_main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Roles { action, target } => roles(action, target.store().await?).await,
+            c @ (Command::Deploy { .. }
+            | Command::Versions { .. }
+            | Command::Traffic { .. }
+            | Command::Promote { .. }
+            | Command::Rollback { .. }
+            | Command::History { .. }) => deployments(c).await,
             Command::Keys { action, target } => keys(action, target.store().await?).await,
         }
     })

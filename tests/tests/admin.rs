@@ -361,3 +361,202 @@ async fn without_redis_the_registry_poll_converges_within_a_second_too() {
         "polling the registry, the other process served the new version {took:?} after the admin call"
     );
 }
+
+/// Runs `wasmgate <args> --admin-url <admin> --admin-token <TOKEN>`: (exit code, stdout, stderr).
+fn cli(admin: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(wasmgate_tests::binary())
+        .args(args)
+        .args(["--admin-url", admin, "--admin-token", TOKEN])
+        .env_remove("WASMGATE_ADMIN_TOKEN")
+        .output()
+        .expect("running wasmgate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_cli_deploys_splits_promotes_and_rolls_back() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = start(dir.path());
+    let admin = s.admin.clone().expect("admin");
+    let (hello, cachey) = (wasm("hello"), wasm("cachey"));
+    let (hello, cachey) = (
+        hello.to_str().expect("path"),
+        cachey.to_str().expect("path"),
+    );
+
+    let (code, out, err) = cli(&admin, &["deploy", "pages", hello, "--label", "v2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("uploaded pages v2 (sha256 ") && out.contains("pages generation 1: v2 100%"),
+        "{out}"
+    );
+    let (code, out, err) = cli(
+        &admin,
+        &["deploy", "pages", cachey, "--label", "v3", "--weight", "10"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("pages generation 2: v2 90%, v3 10%"), "{out}");
+    let seen = served(&s, 100).await;
+    assert_eq!(seen.len(), 2, "both versions serve: {seen:?}");
+
+    let (code, out, _) = cli(
+        &admin,
+        &[
+            "traffic",
+            "pages",
+            "v2=50",
+            "v3=50",
+            "--sticky",
+            "header:x-user",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("pages generation 3: v2 50%, v3 50% (sticky by header:x-user)"),
+        "{out}"
+    );
+    let (code, out, _) = cli(&admin, &["promote", "pages", "v3"]);
+    assert_eq!((code, out.trim()), (0, "pages generation 4: v3 100%"));
+    assert_eq!(
+        served(&s, 10).await,
+        BTreeMap::from([(version_of("cachey"), 10)])
+    );
+    let (code, out, _) = cli(&admin, &["rollback", "pages"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("pages generation 5: v2 50%, v3 50%"), "{out}");
+
+    let (code, out, _) = cli(&admin, &["history", "pages"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 6, "a header and five changes:\n{out}");
+    assert!(out.contains("rollback to generation 3"), "{out}");
+    let (code, out, _) = cli(&admin, &["versions", "pages", "--json"]);
+    assert_eq!(code, 0);
+    let versions: Value = serde_json::from_str(&out).expect("--json prints JSON");
+    assert_eq!(versions["versions"].as_array().map(Vec::len), Some(2));
+
+    // Exit codes scripts can trust: 1 refused (with the API's reason), 2 usage, 3 unreachable.
+    let (code, _, err) = cli(&admin, &["traffic", "pages", "v2=90"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("weights must sum to 100"), "{err}");
+    let (code, _, err) = cli(&admin, &["deploy", "pages", hello, "--label", "v2"]);
+    assert_eq!(code, 1, "a reused label");
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(cli(&admin, &["traffic", "pages", "nonsense"]).0, 2);
+    let (code, _, err) = cli("http://127.0.0.1:1", &["versions", "pages"]);
+    assert_eq!(code, 3, "{err}");
+}
+
+/// The `wasmgate_instances_running` gauge of one version.
+async fn running(s: &Server, version: &str) -> f64 {
+    let text = reqwest::get(s.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .filter(|l| {
+            l.starts_with("wasmgate_instances_running{")
+                && l.contains(&format!("version=\"{version}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn requests_in_flight_during_a_swap_finish_on_their_version_which_then_drains() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, TOKEN).expect("token file");
+    let db = format!("sqlite://{}", dir.path().join("platform.db").display());
+    let manifest = MANIFEST.replace(
+        "capabilities = [\"cache\", \"response-cache\"]",
+        "capabilities = [\"cache\", \"response-cache\"]\n    bulkhead = { max_concurrency = 256, max_queue = 0 }",
+    );
+    let s = Server::start_with_args(
+        &manifest,
+        &[
+            "--database-url",
+            &db,
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--admin-token-file",
+            token.to_str().expect("path"),
+        ],
+    );
+    let admin = admin_of(&s);
+    let (old, new) = (version_of("cachey"), version_of("hello"));
+    assert_eq!(
+        admin
+            .upload("v1", std::fs::read(wasm("cachey")).expect("wasm"))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(
+        admin
+            .upload("v2", std::fs::read(wasm("hello")).expect("wasm"))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(
+        admin
+            .deploy(None, json!([{"label": "v1", "weight": 100}]))
+            .await
+            .status(),
+        200
+    );
+
+    let c = reqwest::Client::new();
+    let in_flight: Vec<_> = (0..200)
+        .map(|i| {
+            let (c, url) = (c.clone(), s.url(&format!("/c/slow{i}?delay=2000")));
+            tokio::spawn(async move {
+                let resp = c.get(url).send().await.expect("slow request");
+                let version = resp.headers()["wasmgate-version"]
+                    .to_str()
+                    .expect("ascii")
+                    .to_string();
+                (resp.status().as_u16(), version)
+            })
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    while running(&s, &old).await < 200.0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "not all 200 started: {}",
+            running(&s, &old).await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let swap = admin
+        .deploy(Some(1), json!([{"label": "v2", "weight": 100}]))
+        .await;
+    assert_eq!(swap.status(), 200);
+    assert_eq!(
+        served(&s, 5).await,
+        BTreeMap::from([(new, 5)]),
+        "new requests go to the new version"
+    );
+    for t in in_flight {
+        assert_eq!(
+            t.await.expect("task"),
+            (200, old.clone()),
+            "finished, on the version it started on"
+        );
+    }
+    let drained = std::time::Instant::now();
+    while running(&s, &old).await > 0.0 {
+        assert!(
+            drained.elapsed() < std::time::Duration::from_secs(1),
+            "the old version did not drain"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

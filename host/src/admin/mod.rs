@@ -16,6 +16,8 @@
 //! Every change goes through the deployer's reload, the same call SIGHUP makes, and is served
 //! before the response returns.
 
+pub mod client;
+
 use std::sync::Arc;
 
 use axum::Router;

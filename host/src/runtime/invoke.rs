@@ -142,7 +142,10 @@ impl Function {
         let timeout = f.limits.timeout;
         let this = self.clone();
         let id = request_id.clone();
+        let running = Running::start(&f.running);
         let task = tokio::spawn(async move {
+            // Counted until the task ends and its store (the instance and its slot) is dropped.
+            let _running = running;
             let mut proxy = None;
             let uses = warm.as_ref().map_or(0, |(_, n)| *n);
             let run = async {
@@ -242,6 +245,22 @@ impl Function {
             (_, None) => {}
         }
         Err(failure)
+    }
+}
+
+/// One running instance in `wasmgate_instances_running`, until dropped.
+struct Running(metrics::Gauge);
+
+impl Running {
+    fn start(gauge: &metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 

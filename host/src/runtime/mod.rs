@@ -226,8 +226,11 @@ impl Runtime {
         })?;
         let runs = metrics::counter!("wasmgate_guest_runs_total",
             "function" => name.to_string(), "version" => sha256[..12].to_string());
+        let running = metrics::gauge!("wasmgate_instances_running",
+            "function" => name.to_string(), "version" => sha256[..12].to_string());
         Ok(Function {
             inner: Arc::new(FunctionInner {
+                running,
                 runs,
                 name: name.to_string(),
                 sha256,
@@ -252,6 +255,9 @@ struct FunctionInner {
     /// Requests that reached an instance (fresh or reused): what a policy that answers first
     /// saves, and what `/metrics` shows of it.
     runs: metrics::Counter,
+    /// Instances of this version running a request now (each holds a pool slot): a version
+    /// that no longer gets traffic drains to 0.
+    running: metrics::Gauge,
     name: String,
     sha256: String,
     pre: ProxyPre<GuestState>,
