@@ -217,6 +217,20 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// The sum of a metric's samples in `/metrics` whose labels contain `labels`.
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Everything the server has logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

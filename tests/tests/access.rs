@@ -30,18 +30,8 @@ async fn refused(resp: reqwest::Response, status: u16) {
     expect_problem(resp, status, slug).await;
 }
 
-/// Sum of a metric's samples whose labels contain `labels`.
 async fn metric(s: &Server, name: &str, labels: &str) -> f64 {
-    let text = reqwest::get(s.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    s.metric(name, labels).await
 }
 
 fn forged(req: reqwest::RequestBuilder, subject: &str) -> reqwest::RequestBuilder {

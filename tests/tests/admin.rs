@@ -39,6 +39,12 @@ impl Admin {
             .expect("upload")
     }
 
+    /// Uploads the test fixture `name` as version `label`.
+    async fn upload_fixture(&self, label: &str, name: &str) -> reqwest::Response {
+        self.upload(label, std::fs::read(wasm(name)).expect("wasm"))
+            .await
+    }
+
     async fn deploy(&self, generation: Option<i64>, versions: Value) -> reqwest::Response {
         let mut req = self
             .c
@@ -68,21 +74,25 @@ async fn served(s: &Server, n: usize) -> BTreeMap<String, usize> {
     seen
 }
 
-fn start(dir: &std::path::Path) -> Server {
+/// Starts `manifest` with the admin API on (its token in a file in `dir`) and `backends`
+/// (`--database-url ...`, `--redis-url ...`).
+fn with_admin(dir: &std::path::Path, manifest: &str, backends: &[&str]) -> Server {
     let token = dir.join("admin-token");
     std::fs::write(&token, TOKEN).expect("token file");
+    let mut args = backends.to_vec();
+    args.extend([
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--admin-token-file",
+        token.to_str().expect("utf-8 path"),
+    ]);
+    Server::start_with_args(manifest, &args)
+}
+
+/// [`MANIFEST`] on a SQLite file in `dir`, with the admin API.
+fn start(dir: &std::path::Path) -> Server {
     let db = format!("sqlite://{}", dir.join("platform.db").display());
-    Server::start_with_args(
-        MANIFEST,
-        &[
-            "--database-url",
-            &db,
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--admin-token-file",
-            token.to_str().expect("utf-8 path"),
-        ],
-    )
+    with_admin(dir, MANIFEST, &["--database-url", &db])
 }
 
 #[tokio::test]
@@ -149,27 +159,12 @@ async fn versions_traffic_and_rollback_through_the_admin_api() {
         .await
         .expect("post");
     assert_eq!(unknown.status(), 404);
-    let up = admin
-        .upload("v1", std::fs::read(wasm("cachey")).expect("wasm"))
-        .await;
+    let up = admin.upload_fixture("v1", "cachey").await;
     assert_eq!(up.status(), 201);
     let up: Value = up.json().await.expect("json");
     assert_eq!(up["sha256"].as_str().map(|s| &s[..12]), Some(v1.as_str()));
-    assert_eq!(
-        admin
-            .upload("v2", std::fs::read(wasm("hello")).expect("wasm"))
-            .await
-            .status(),
-        201
-    );
-    expect_problem_admin(
-        admin
-            .upload("v2", std::fs::read(wasm("hello")).expect("wasm"))
-            .await,
-        409,
-        "exists",
-    )
-    .await;
+    assert_eq!(admin.upload_fixture("v2", "hello").await.status(), 201);
+    expect_problem_admin(admin.upload_fixture("v2", "hello").await, 409, "exists").await;
 
     // The first deployment, then a 50/50 split: each change is served when it returns.
     let first = admin
@@ -298,32 +293,17 @@ fn without_a_token_the_admin_api_is_off() {
 /// admin API; deploys `hello` as v2 through it and returns how long the second took to serve it.
 async fn converge(redis: bool) -> std::time::Duration {
     let dir = tempfile::tempdir().expect("tmp");
-    let token = dir.path().join("admin-token");
-    std::fs::write(&token, TOKEN).expect("token file");
     let db = wasmgate_tests::fresh_postgres();
     let redis_url = wasmgate_tests::redis_url();
     let mut shared = vec!["--database-url", db.as_str()];
     if redis {
         shared.extend(["--redis-url", redis_url.as_str()]);
     }
-    let mut with_admin = shared.clone();
-    with_admin.extend([
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--admin-token-file",
-        token.to_str().expect("utf-8 path"),
-    ]);
-    let a = Server::start_with_args(MANIFEST, &with_admin);
+    let a = with_admin(dir.path(), MANIFEST, &shared);
     let b = Server::start_with_args(MANIFEST, &shared);
     let admin = admin_of(&a);
     let hello = version_of("hello");
-    assert_eq!(
-        admin
-            .upload("v2", std::fs::read(wasm("hello")).expect("wasm"))
-            .await
-            .status(),
-        201
-    );
+    assert_eq!(admin.upload_fixture("v2", "hello").await.status(), 201);
     let started = std::time::Instant::now();
     assert_eq!(
         admin
@@ -452,58 +432,26 @@ async fn the_cli_deploys_splits_promotes_and_rolls_back() {
 
 /// The `wasmgate_instances_running` gauge of one version.
 async fn running(s: &Server, version: &str) -> f64 {
-    let text = reqwest::get(s.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .filter(|l| {
-            l.starts_with("wasmgate_instances_running{")
-                && l.contains(&format!("version=\"{version}\""))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    s.metric(
+        "wasmgate_instances_running",
+        &format!("version=\"{version}\""),
+    )
+    .await
 }
 
 #[tokio::test]
 async fn requests_in_flight_during_a_swap_finish_on_their_version_which_then_drains() {
     let dir = tempfile::tempdir().expect("tmp");
-    let token = dir.path().join("admin-token");
-    std::fs::write(&token, TOKEN).expect("token file");
     let db = format!("sqlite://{}", dir.path().join("platform.db").display());
     let manifest = MANIFEST.replace(
         "capabilities = [\"cache\", \"response-cache\"]",
         "capabilities = [\"cache\", \"response-cache\"]\n    bulkhead = { max_concurrency = 256, max_queue = 0 }",
     );
-    let s = Server::start_with_args(
-        &manifest,
-        &[
-            "--database-url",
-            &db,
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--admin-token-file",
-            token.to_str().expect("path"),
-        ],
-    );
+    let s = with_admin(dir.path(), &manifest, &["--database-url", &db]);
     let admin = admin_of(&s);
     let (old, new) = (version_of("cachey"), version_of("hello"));
-    assert_eq!(
-        admin
-            .upload("v1", std::fs::read(wasm("cachey")).expect("wasm"))
-            .await
-            .status(),
-        201
-    );
-    assert_eq!(
-        admin
-            .upload("v2", std::fs::read(wasm("hello")).expect("wasm"))
-            .await
-            .status(),
-        201
-    );
+    assert_eq!(admin.upload_fixture("v1", "cachey").await.status(), 201);
+    assert_eq!(admin.upload_fixture("v2", "hello").await.status(), 201);
     assert_eq!(
         admin
             .deploy(None, json!([{"label": "v1", "weight": 100}]))
