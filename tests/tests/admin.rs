@@ -508,3 +508,80 @@ async fn requests_in_flight_during_a_swap_finish_on_their_version_which_then_dra
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_under_load_fail_no_request() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = start(dir.path());
+    let admin = s.admin.clone().expect("admin");
+    let url = s.url("/c/load");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // 16 clients on keep-alive connections, as fast as they can.
+    let load: Vec<_> = (0..16)
+        .map(|_| {
+            let (url, stop) = (url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let c = reqwest::Client::new();
+                let (mut ok, mut failed, mut versions) =
+                    (0u32, Vec::new(), std::collections::BTreeSet::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match c.get(&url).send().await {
+                        Ok(r) if r.status() == 200 => {
+                            versions.insert(
+                                r.headers()["wasmgate-version"]
+                                    .to_str()
+                                    .expect("ascii")
+                                    .to_string(),
+                            );
+                            ok += 1;
+                        }
+                        Ok(r) => failed.push(r.status().to_string()),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed, versions)
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (hello, echo) = (
+        wasm("hello").display().to_string(),
+        wasm("echo").display().to_string(),
+    );
+    for args in [
+        vec!["deploy", "pages", &hello, "--label", "v2"],
+        vec!["deploy", "pages", &echo, "--label", "v3", "--weight", "50"],
+        vec!["promote", "pages", "v3"],
+        vec!["rollback", "pages"],
+    ] {
+        let args: Vec<String> = args.into_iter().map(str::to_string).collect();
+        let admin = admin.clone();
+        let (code, _, err) = tokio::task::spawn_blocking(move || {
+            cli(&admin, &args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await
+        .expect("cli");
+        assert_eq!(code, 0, "{err}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed, mut versions) = (0, Vec::new(), std::collections::BTreeSet::new());
+    for t in load {
+        let (o, f, v) = t.await.expect("client");
+        ok += o;
+        failed.extend(f);
+        versions.extend(v);
+    }
+    eprintln!("{ok} requests across four deployment changes, versions seen: {versions:?}");
+    assert!(
+        failed.is_empty(),
+        "failed: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(
+        versions.len(),
+        3,
+        "the manifest's, v2 and v3 all served: {versions:?}"
+    );
+    assert!(ok > 500, "{ok}");
+}
