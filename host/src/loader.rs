@@ -409,6 +409,7 @@ pub async fn build(
                 policy.stack(function.clone(), &route_policies),
             )
         };
+        let labels = loaded.versions.iter().map(|(_, _, l)| l.clone()).collect();
         let set = match loaded.versions.as_slice() {
             [(_, only, _)] => Ok(VersionSet::single(version(only))),
             many => VersionSet::weighted(
@@ -417,7 +418,8 @@ pub async fn build(
                     .collect(),
                 loaded.sticky.clone(),
             ),
-        };
+        }
+        .map(|set| set.with_labels(labels));
         let methods: Vec<Method> = r
             .methods
             .iter()

@@ -48,6 +48,8 @@ pub enum Problem {
     LoginThrottled {
         retry_after: std::time::Duration,
     },
+    /// A preview header without a valid preview token, or naming no deployed version.
+    PreviewRefused,
     Internal,
 }
 
@@ -80,6 +82,7 @@ impl Problem {
             Problem::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Problem::Forbidden { .. } => StatusCode::FORBIDDEN,
             Problem::LoginThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Problem::PreviewRefused => StatusCode::FORBIDDEN,
         }
     }
 
@@ -105,6 +108,7 @@ impl Problem {
             Problem::Unauthorized { .. } => "unauthorized",
             Problem::Forbidden { .. } => "forbidden",
             Problem::LoginThrottled { .. } => "login-throttled",
+            Problem::PreviewRefused => "preview-refused",
             Problem::Internal => "internal",
         }
     }
@@ -130,6 +134,7 @@ impl Problem {
             Problem::Unauthorized { .. } => "Authentication required",
             Problem::Forbidden { .. } => "Not allowed",
             Problem::LoginThrottled { .. } => "Too many failed logins; wait before trying again",
+            Problem::PreviewRefused => "Preview refused",
             Problem::Internal => "Internal error",
         }
     }
@@ -157,6 +162,9 @@ impl Problem {
                 rejection: Some(r),
             } => Some(r.description().into()),
             Problem::Forbidden { detail, .. } => Some(detail.clone()),
+            Problem::PreviewRefused => Some(
+                "x-wasmgate-preview needs the label of a deployed version of this route's function and a valid x-wasmgate-preview-token from the admin API".into(),
+            ),
             _ => None,
         }
     }

@@ -23,7 +23,7 @@ use tower::ServiceExt;
 
 use crate::body_limit::LimitedBody;
 use crate::capabilities::Backends;
-use crate::deploy::{VERSION_HEADER, VersionSet};
+use crate::deploy::{PREVIEW_HEADER, PREVIEW_TOKEN_HEADER, VERSION_HEADER, VersionSet};
 use crate::problem::{Outcome, Problem};
 use crate::request_id::RequestId;
 use crate::router::{Match, RouteTable};
@@ -43,6 +43,7 @@ pub struct Deployment {
 pub struct AppState {
     current: ArcSwap<Deployment>,
     backends: Backends,
+    previews: Option<Arc<crate::deploy::Previews>>,
     metrics: Option<PrometheusHandle>,
 }
 
@@ -50,11 +51,13 @@ impl AppState {
     pub fn new(
         deployment: Deployment,
         backends: Backends,
+        previews: Option<Arc<crate::deploy::Previews>>,
         metrics: Option<PrometheusHandle>,
     ) -> Arc<Self> {
         Arc::new(Self {
             current: ArcSwap::from_pointee(deployment),
             backends,
+            previews,
             metrics,
         })
     }
@@ -155,11 +158,16 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
             target,
             pattern,
             params,
-        } => (
-            target.pick(req.headers(), req.extensions()).clone(),
-            pattern.to_string(),
-            params,
-        ),
+        } => {
+            let version = match req.headers().get(PREVIEW_HEADER) {
+                None => target.pick(req.headers(), req.extensions()).clone(),
+                Some(label) => match preview(&state, target, label, req.headers()).await {
+                    Some(v) => v,
+                    None => return Problem::PreviewRefused.into_response_with(&id),
+                },
+            };
+            (version, pattern.to_string(), params)
+        }
     };
     let limit = version.function.limits().max_body;
     let metrics = version.metrics;
@@ -196,6 +204,23 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
     resp
 }
 
+/// The version a preview request names, if its token allows it.
+async fn preview(
+    state: &AppState,
+    target: &VersionSet,
+    label: &HeaderValue,
+    headers: &axum::http::HeaderMap,
+) -> Option<crate::deploy::Version> {
+    let version = target.labelled(label.to_str().ok()?)?;
+    let token = headers.get(PREVIEW_TOKEN_HEADER)?.to_str().ok()?;
+    state
+        .previews
+        .as_ref()?
+        .allows(token, version.function.name())
+        .await
+        .then(|| version.clone())
+}
+
 fn declared_length(req: &Request) -> Option<u64> {
     req.headers()
         .get(header::CONTENT_LENGTH)?
@@ -219,6 +244,8 @@ fn tell_guest_about_route(
     for k in forged {
         headers.remove(k);
     }
+    // A preview token is for the host; the guest never needs it.
+    headers.remove(PREVIEW_TOKEN_HEADER);
     if let Ok(v) = HeaderValue::from_str(pattern) {
         headers.insert(HeaderName::from_static("wasmgate-route"), v);
     }

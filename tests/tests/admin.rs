@@ -585,3 +585,70 @@ async fn deploys_under_load_fail_no_request() {
     );
     assert!(ok > 500, "{ok}");
 }
+
+#[tokio::test]
+async fn a_preview_token_pins_any_deployed_version_and_nothing_else_does() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = start(dir.path());
+    let admin = admin_of(&s);
+    assert_eq!(admin.upload_fixture("v1", "cachey").await.status(), 201);
+    assert_eq!(admin.upload_fixture("v2", "hello").await.status(), 201);
+    let deployed = admin
+        .deploy(
+            None,
+            json!([{"label": "v1", "weight": 100}, {"label": "v2", "weight": 0}]),
+        )
+        .await;
+    assert_eq!(deployed.status(), 200);
+    assert_eq!(
+        served(&s, 20).await,
+        BTreeMap::from([(version_of("cachey"), 20)]),
+        "v2 gets no traffic"
+    );
+
+    let c = reqwest::Client::new();
+    let preview = |label: &str, token: Option<&str>| {
+        let mut req = c
+            .get(s.url("/c/preview"))
+            .header("x-wasmgate-preview", label);
+        if let Some(t) = token {
+            req = req.header("x-wasmgate-preview-token", t);
+        }
+        req.send()
+    };
+    expect_problem(
+        preview("v2", None).await.expect("get"),
+        403,
+        "preview-refused",
+    )
+    .await;
+    expect_problem(
+        preview("v2", Some("made-up")).await.expect("get"),
+        403,
+        "preview-refused",
+    )
+    .await;
+    let issued: Value = admin
+        .c
+        .post(admin.url("/preview-tokens"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("token")
+        .json()
+        .await
+        .expect("json");
+    let token = issued["token"].as_str().expect("token");
+    let resp = preview("v2", Some(token)).await.expect("get");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["wasmgate-version"].to_str().expect("ascii"),
+        version_of("hello")
+    );
+    expect_problem(
+        preview("v9", Some(token)).await.expect("get"),
+        403,
+        "preview-refused",
+    )
+    .await;
+}

@@ -12,6 +12,8 @@
 //!   based on the generation in `If-Match` (none for the first); a stale one is 412.
 //! - `POST rollback`: the previous deployment, as a new generation.
 //! - `GET history`: every change, newest first.
+//! - `POST preview-tokens`: a token (an hour) that lets requests pick any deployed version with
+//!   `x-wasmgate-preview: <label>`.
 //!
 //! Every change goes through the deployer's reload, the same call SIGHUP makes, and is served
 //! before the response returns.
@@ -124,6 +126,10 @@ pub fn router(deployer: Arc<Deployer>, token: &str) -> Router {
         )
         .route("/admin/v1/functions/{function}/rollback", post(rollback))
         .route("/admin/v1/functions/{function}/history", get(history))
+        .route(
+            "/admin/v1/functions/{function}/preview-tokens",
+            post(preview_token),
+        )
         .layer(middleware::from_fn_with_state(admin.clone(), authorize))
         .with_state(admin)
 }
@@ -408,6 +414,28 @@ async fn rollback(
             sticky: None,
         });
     Ok(deployment_response(&function, generation, &spec))
+}
+
+/// A token that lets requests pick any deployed version of the function (for an hour).
+async fn preview_token(State(admin): State<Arc<Admin>>, Path(function): Path<String>) -> Answer {
+    function_config(&admin, &function)?;
+    let expires_at = crate::auth::now_ms()
+        + i64::try_from(crate::deploy::PREVIEW_TTL.as_millis()).unwrap_or(i64::MAX);
+    let token = admin
+        .deployer
+        .registry()
+        .create_preview_token(&function, expires_at)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({
+            "function": function,
+            "token": token,
+            "expires_at": expires_at,
+            "use": "send x-wasmgate-preview: <label> and x-wasmgate-preview-token: <token>",
+        })),
+    )
+        .into_response())
 }
 
 async fn history(State(admin): State<Arc<Admin>>, Path(function): Path<String>) -> Answer {

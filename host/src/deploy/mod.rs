@@ -1,6 +1,7 @@
 //! Deployments: what serves now, and how it changes while the process keeps running.
 //!
 //! Layout:
+//! - `preview`: requests pinned to a version by label, with an admin-issued preview token.
 //! - `version_set`: a route's versions, their weights and the per-request pick (weighted, or
 //!   sticky by a key with rendezvous hashing).
 //!
@@ -15,6 +16,7 @@
 //! registry's generations with the ones it serves every [`POLL_WITH_REDIS`] (or
 //! [`POLL_WITHOUT_REDIS`] when there is no Redis), which covers a lost notice.
 
+mod preview;
 mod version_set;
 
 use std::collections::BTreeMap;
@@ -25,6 +27,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::{Mutex, Notify};
 
+pub use preview::{PREVIEW_HEADER, PREVIEW_TOKEN_HEADER, PREVIEW_TTL, Previews};
 pub use version_set::{StickyKey, VERSION_HEADER, Version, VersionMetrics, VersionSet};
 
 use crate::config::{Manifest, ManifestError};
@@ -91,6 +94,7 @@ impl Deployer {
                 functions,
             },
             platform.backends.clone(),
+            Some(Arc::new(Previews::new(registry.clone()))),
             metrics,
         );
         let redis = platform.backends.redis_client.clone();

@@ -118,6 +118,8 @@ impl StickyKey {
 pub struct VersionSet<V = Version> {
     versions: Vec<(u32, V, String)>,
     sticky: Option<StickyKey>,
+    /// The registry labels of `versions`, in order (empty for a manifest's single version).
+    labels: Vec<String>,
 }
 
 impl<V> VersionSet<V> {
@@ -125,6 +127,7 @@ impl<V> VersionSet<V> {
         Self {
             versions: vec![(100, version, String::new())],
             sticky: None,
+            labels: Vec::new(),
         }
     }
 
@@ -138,7 +141,23 @@ impl<V> VersionSet<V> {
         if versions.is_empty() || total != 100 {
             return Err(format!("weights must sum to 100, not {total}"));
         }
-        Ok(Self { versions, sticky })
+        Ok(Self {
+            versions,
+            sticky,
+            labels: Vec::new(),
+        })
+    }
+
+    /// Names the versions (in order) so a preview request can pick one by its label.
+    pub fn with_labels(mut self, labels: Vec<String>) -> Self {
+        self.labels = labels;
+        self
+    }
+
+    /// The version labelled `label`, whatever its weight (a preview: 0% included).
+    pub fn labelled(&self, label: &str) -> Option<&V> {
+        let i = self.labels.iter().position(|l| l == label)?;
+        self.versions.get(i).map(|(_, v, _)| v)
     }
 
     /// The version a request with these headers and extensions runs on.

@@ -208,8 +208,21 @@ impl Registry {
         } else {
             "BLOB"
         };
-        db.migrate(OWNER, &[Migration::new("0001_registry", ddl(blob))])
-            .await?;
+        db.migrate(
+            OWNER,
+            &[
+                Migration::new("0001_registry", ddl(blob)),
+                Migration::new(
+                    "0002_preview_tokens",
+                    "CREATE TABLE wasmgate_preview_tokens (
+                       hash TEXT PRIMARY KEY,
+                       function TEXT NOT NULL,
+                       expires_at BIGINT NOT NULL
+                     )",
+                ),
+            ],
+        )
+        .await?;
         Ok(Self { db })
     }
 
@@ -440,6 +453,37 @@ impl Registry {
                 })
             })
             .collect()
+    }
+
+    /// A new preview token for `function`, valid until `expires_at` (ms): requests carrying it
+    /// may pick any deployed version of the function. Only its hash is stored.
+    pub async fn create_preview_token(&self, function: &str, expires_at: i64) -> Result<String> {
+        let mut raw = [0u8; 24];
+        getrandom::fill(&mut raw).expect("the OS random source is available");
+        let token = hex::encode(raw);
+        self.db
+            .execute(
+                "INSERT INTO wasmgate_preview_tokens (hash, function, expires_at) VALUES ($1, $2, $3)",
+                vec![
+                    Value::Text(hex::encode(Sha256::digest(token.as_bytes()))),
+                    Value::Text(function.into()),
+                    Value::Int64(expires_at),
+                ],
+            )
+            .await?;
+        Ok(token)
+    }
+
+    /// The function a preview token is for, and until when, if it is one.
+    pub async fn preview_token(&self, token: &str) -> Result<Option<(String, i64)>> {
+        let rows = self
+            .db
+            .query(
+                "SELECT function, expires_at FROM wasmgate_preview_tokens WHERE hash = $1",
+                vec![Value::Text(hex::encode(Sha256::digest(token.as_bytes())))],
+            )
+            .await?;
+        Ok(rows.rows.first().map(|r| (text(&r[0]), int(&r[1]))))
     }
 
     /// Restores the deployment before the live one, as a new change (the history keeps both).
