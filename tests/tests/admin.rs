@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use futures::StreamExt;
 use serde_json::{Value, json};
 use wasmgate_tests::{Server, expect_problem, version_of, wasm};
 
@@ -651,4 +652,89 @@ async fn a_preview_token_pins_any_deployed_version_and_nothing_else_does() {
         "preview-refused",
     )
     .await;
+}
+
+/// `n` GETs of one cached path, 16 at a time, with `header(i)` as `x-user-id` when given:
+/// the version that served each.
+async fn versions_of(s: &Server, n: usize, key: Option<fn(usize) -> String>) -> Vec<String> {
+    let c = reqwest::Client::new();
+    let url = s.url("/c/split");
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let mut req = c.get(&url);
+            if let Some(k) = key {
+                req = req.header("x-user-id", k(i));
+            }
+            async move {
+                let resp = req.send().await.expect("get");
+                assert_eq!(resp.status(), 200);
+                resp.headers()["wasmgate-version"]
+                    .to_str()
+                    .expect("ascii")
+                    .to_string()
+            }
+        })
+        .buffered(16)
+        .collect()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splits_hold_over_http_and_sticky_keys_only_move_forward() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = format!("sqlite://{}", dir.path().join("platform.db").display());
+    // Cached, so 45,000 requests take seconds; the version is picked before the cache.
+    let manifest = MANIFEST.replace(
+        "function = \"pages\"",
+        "function = \"pages\"\n    cache = { ttl = \"60s\" }",
+    );
+    let s = with_admin(dir.path(), &manifest, &["--database-url", &db]);
+    let admin = admin_of(&s);
+    assert_eq!(admin.upload_fixture("old", "cachey").await.status(), 201);
+    assert_eq!(admin.upload_fixture("new", "hello").await.status(), 201);
+    let new = version_of("hello");
+    let first = admin
+        .deploy(
+            None,
+            json!([{"label": "old", "weight": 90}, {"label": "new", "weight": 10}]),
+        )
+        .await;
+    assert_eq!(first.status(), 200);
+    let mut generation = Some(1);
+    let on_new = versions_of(&s, 20_000, None)
+        .await
+        .iter()
+        .filter(|v| **v == new)
+        .count();
+    eprintln!("90/10 over 20,000 requests: {on_new} on the new version");
+    assert!((1_800..=2_200).contains(&on_new), "{on_new} of 20,000");
+
+    let mut was_new = vec![false; 5_000];
+    for pct in [1, 5, 25, 50, 100] {
+        let versions =
+            json!([{"label": "old", "weight": 100 - pct}, {"label": "new", "weight": pct}]);
+        let body = json!({"versions": versions, "sticky": "header:x-user-id", "reason": "ramp"});
+        let resp = admin
+            .c
+            .put(admin.url("/deployment"))
+            .bearer_auth(TOKEN)
+            .header("if-match", format!("\"{}\"", generation.expect("deployed")))
+            .json(&body)
+            .send()
+            .await
+            .expect("ramp");
+        assert_eq!(resp.status(), 200);
+        generation = generation.map(|g| g + 1);
+        let seen = versions_of(&s, 5_000, Some(|i| format!("user-{i}"))).await;
+        for (i, v) in seen.iter().enumerate() {
+            let now_new = *v == new;
+            assert!(!was_new[i] || now_new, "user-{i} moved back at {pct}%");
+            was_new[i] = now_new;
+        }
+        let share = was_new.iter().filter(|n| **n).count() as f64 / 50.0;
+        assert!(
+            (share - f64::from(pct)).abs() < 3.0,
+            "{share:.1}% on new at {pct}%"
+        );
+    }
 }
