@@ -66,6 +66,11 @@ impl AppState {
     pub fn swap(&self, deployment: Deployment) {
         self.current.store(Arc::new(deployment));
     }
+
+    /// This process's metrics in the Prometheus text format, when a recorder is installed.
+    pub fn metrics_text(&self) -> Option<String> {
+        self.metrics.as_ref().map(PrometheusHandle::render)
+    }
 }
 
 pub fn app(state: Arc<AppState>) -> Router {

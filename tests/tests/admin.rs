@@ -186,6 +186,29 @@ async fn versions_traffic_and_rollback_through_the_admin_api() {
         seen.get(&v1).is_some_and(|n| *n > 60) && seen.get(&v2).is_some_and(|n| *n > 60),
         "{seen:?}"
     );
+    let summary: Value = admin
+        .c
+        .get(admin.url("/summary"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("summary")
+        .json()
+        .await
+        .expect("json");
+    for (label, version) in [("v1", &v1), ("v2", &v2)] {
+        let row = summary["versions"]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["version"] == version.as_str()))
+            .unwrap_or_else(|| panic!("no summary of {label}: {summary}"));
+        assert_eq!(row["label"], label, "{summary}");
+        assert!(
+            row["requests"].as_u64().is_some_and(|n| n > 60),
+            "{summary}"
+        );
+        assert_eq!(row["failed"], 0, "{summary}");
+        assert!(row["p99_ms"].as_f64().is_some_and(|p| p > 0.0), "{summary}");
+    }
 
     // A change based on an old generation, bad weights, an unknown version: refused.
     expect_problem_admin(

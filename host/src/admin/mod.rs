@@ -12,6 +12,7 @@
 //!   based on the generation in `If-Match` (none for the first); a stale one is 412.
 //! - `POST rollback`: the previous deployment, as a new generation.
 //! - `GET history`: every change, newest first.
+//! - `GET summary`: per version, this process's requests, failures, refusals, p50 and p99.
 //! - `POST preview-tokens`: a token (an hour) that lets requests pick any deployed version with
 //!   `x-wasmgate-preview: <label>`.
 //!
@@ -19,6 +20,7 @@
 //! before the response returns.
 
 pub mod client;
+mod summary;
 
 use std::sync::Arc;
 
@@ -126,6 +128,7 @@ pub fn router(deployer: Arc<Deployer>, token: &str) -> Router {
         )
         .route("/admin/v1/functions/{function}/rollback", post(rollback))
         .route("/admin/v1/functions/{function}/history", get(history))
+        .route("/admin/v1/functions/{function}/summary", get(summary))
         .route(
             "/admin/v1/functions/{function}/preview-tokens",
             post(preview_token),
@@ -414,6 +417,35 @@ async fn rollback(
             sticky: None,
         });
     Ok(deployment_response(&function, generation, &spec))
+}
+
+/// Per version this process served: requests, failures (the function's 5xx), refusals (the
+/// host's own answers: auth, limits...), p50 and p99 (from the latency histogram's buckets).
+async fn summary(State(admin): State<Arc<Admin>>, Path(function): Path<String>) -> Answer {
+    function_config(&admin, &function)?;
+    let text = admin.deployer.state().metrics_text().unwrap_or_default();
+    let labels: std::collections::BTreeMap<String, String> = admin
+        .deployer
+        .registry()
+        .versions(&function)
+        .await?
+        .into_iter()
+        .map(|v| (v.sha256[..12.min(v.sha256.len())].to_string(), v.label))
+        .collect();
+    let versions: Vec<_> = summary::of(&text, &function)
+        .into_iter()
+        .map(|v| {
+            let mut json = serde_json::to_value(&v).unwrap_or_default();
+            json["label"] = labels.get(&v.version).cloned().into();
+            json
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({
+        "function": function,
+        "scope": "this process, since it started",
+        "versions": versions,
+    }))
+    .into_response())
 }
 
 /// A token that lets requests pick any deployed version of the function (for an hour).
