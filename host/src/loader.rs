@@ -52,8 +52,63 @@ pub struct Settings {
 /// A function's live deployment from the registry, with the bytes of each version it names.
 pub struct Live {
     pub spec: crate::registry::Spec,
-    /// `(label, module bytes)` for every version in `spec`.
-    pub modules: Vec<(String, Vec<u8>)>,
+    /// `(label, module bytes, its settings)` for every version in `spec`.
+    pub modules: Vec<(String, Vec<u8>, crate::registry::VersionSettings)>,
+}
+
+/// A version's limits and grants: its function's from the manifest, with what the version
+/// changes. Refused when a value is not understood or memory is above `max_memory` (the pool's
+/// slot size, fixed at start).
+pub fn effective(
+    cfg: &crate::config::FunctionConfig,
+    v: &crate::registry::VersionSettings,
+    max_memory: u64,
+) -> Result<(Limits, crate::capabilities::Grants), String> {
+    use crate::config::{parse_duration, parse_size};
+    let limits = Limits {
+        timeout: v
+            .timeout
+            .as_deref()
+            .map(parse_duration)
+            .transpose()?
+            .unwrap_or(cfg.timeout),
+        memory: v
+            .memory
+            .as_deref()
+            .map(parse_size)
+            .transpose()?
+            .unwrap_or(cfg.memory),
+        max_body: v
+            .max_body
+            .as_deref()
+            .map(parse_size)
+            .transpose()?
+            .unwrap_or(cfg.max_body),
+        instance_reuse: v.instance_reuse.unwrap_or(cfg.instance_reuse),
+    };
+    if limits.timeout.is_zero() || limits.memory < 64 * 1024 {
+        return Err("timeout must be above 0 and memory at least one wasm page (64KiB)".into());
+    }
+    if limits.memory > max_memory {
+        return Err(format!(
+            "memory {} bytes is above what the instance pool was sized for at start ({max_memory} bytes); raise a function's memory in the manifest and restart",
+            limits.memory
+        ));
+    }
+    let grants = match &v.capabilities {
+        None => cfg.capabilities.clone(),
+        Some(names) => names
+            .iter()
+            .map(|n| {
+                serde_json::from_value(serde_json::Value::String(n.clone())).map_err(|_| {
+                    format!(
+                        "`{n}` is not a capability; use db, cache, lock, response-cache or auth"
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    Ok((limits, grants))
 }
 
 /// A function's versions in one deployment: `(weight, function, label)`, and the sticky key.
@@ -311,7 +366,7 @@ pub async fn build(
                     sticky: None,
                 })
                 .map_err(|e| e.to_string()),
-            Some(l) => load_live(runtime, name, l, limits, &f.capabilities, &caps),
+            Some(l) => load_live(runtime, name, l, f, platform.settings.max_memory, &caps),
         };
         match loaded {
             Ok(loaded) => {
@@ -451,8 +506,8 @@ fn load_live(
     runtime: &Runtime,
     name: &str,
     live: &Live,
-    limits: Limits,
-    grants: &crate::capabilities::Grants,
+    cfg: &crate::config::FunctionConfig,
+    max_memory: u64,
     caps: &crate::capabilities::FunctionCaps,
 ) -> Result<Loaded, String> {
     let sticky = live
@@ -463,15 +518,17 @@ fn load_live(
         .transpose()?;
     let mut versions = Vec::new();
     for w in &live.spec.versions {
-        let bytes = live
+        let (bytes, settings) = live
             .modules
             .iter()
-            .find(|(label, _)| *label == w.label)
-            .map(|(_, b)| b)
+            .find(|(label, _, _)| *label == w.label)
+            .map(|(_, b, s)| (b, s))
             .ok_or_else(|| format!("the registry has no module for version {}", w.label))?;
+        let (limits, grants) = effective(cfg, settings, max_memory)
+            .map_err(|e| format!("version {}: {e}", w.label))?;
         let origin = PathBuf::from(format!("{name}@{}", w.label));
         let f = runtime
-            .load_bytes(name, &origin, bytes, limits, grants, caps.clone())
+            .load_bytes(name, &origin, bytes, limits, &grants, caps.clone())
             .map_err(|e| e.to_string())?;
         versions.push((w.weight, f, w.label.clone()));
     }

@@ -74,6 +74,15 @@ enum Command {
         /// Why (kept in the history).
         #[arg(long, default_value = "deploy")]
         reason: String,
+        /// This version's timeout, instead of its function's ("5s").
+        #[arg(long)]
+        timeout: Option<String>,
+        /// This version's memory cap, instead of its function's ("32MiB").
+        #[arg(long)]
+        memory: Option<String>,
+        /// This version's capabilities, instead of its function's ("db,cache"; "" for none).
+        #[arg(long)]
+        capabilities: Option<String>,
         #[command(flatten)]
         api: AdminConn,
     },
@@ -248,6 +257,9 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
             label,
             weight,
             reason,
+            timeout,
+            memory,
+            capabilities,
             api,
         } => {
             let bytes = std::fs::read(&wasm)
@@ -257,7 +269,15 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
                 hex::encode(sha2::Sha256::digest(&bytes))[..12].to_string()
             });
             let client = api.client();
-            let uploaded = client.upload(&function, &label, bytes).await?;
+            let settings: Vec<(&str, String)> = [
+                ("timeout", timeout),
+                ("memory", memory),
+                ("capabilities", capabilities),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect();
+            let uploaded = client.upload(&function, &label, &settings, bytes).await?;
             let split = match client.deployment(&function).await? {
                 Some((live, _)) => admin::client::with_canary(&live, &label, weight),
                 None if weight == 100 => vec![(label.clone(), 100)],

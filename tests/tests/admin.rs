@@ -761,3 +761,62 @@ async fn splits_hold_over_http_and_sticky_keys_only_move_forward() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_version_may_change_its_functions_settings_and_they_are_checked() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = start(dir.path());
+    let admin = admin_of(&s);
+    let cachey = || std::fs::read(wasm("cachey")).expect("wasm");
+    for (query, why) in [
+        ("capabilities=", "not granted `cache`"),
+        ("memory=10GiB", "above what the instance pool was sized for"),
+        ("timeout=soon", "is not a duration"),
+        (
+            "capabilities=cache,teleport",
+            "`teleport` is not a capability",
+        ),
+    ] {
+        let resp = admin.upload(&format!("x&{query}"), cachey()).await;
+        assert_eq!(resp.status(), 400, "{query}");
+        let body: Value = resp.json().await.expect("json");
+        assert!(
+            body["detail"].as_str().is_some_and(|d| d.contains(why)),
+            "{query}: {body}"
+        );
+    }
+    let up = admin.upload("quick&timeout=100ms", cachey()).await;
+    assert_eq!(up.status(), 201);
+    let listed: Value = admin
+        .c
+        .get(admin.url("/versions"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("versions")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        listed["versions"][0]["settings"],
+        json!({"timeout": "100ms"})
+    );
+    assert_eq!(
+        admin
+            .deploy(None, json!([{"label": "quick", "weight": 100}]))
+            .await
+            .status(),
+        200
+    );
+    let c = reqwest::Client::new();
+    assert_eq!(
+        c.get(s.url("/c/a?delay=10"))
+            .send()
+            .await
+            .expect("get")
+            .status(),
+        200
+    );
+    let slow = c.get(s.url("/c/b?delay=500")).send().await.expect("get");
+    expect_problem(slow, 504, "function-timeout").await;
+}

@@ -68,10 +68,23 @@ impl AdminClient {
         }
     }
 
-    /// Uploads a module as version `label`.
-    pub async fn upload(&self, function: &str, label: &str, bytes: Vec<u8>) -> Result<Value> {
-        let url = format!("{}?label={label}", self.url(function, "versions"));
-        Ok(self.send(self.http.post(url).body(bytes)).await?.0)
+    /// Uploads a module as version `label`, with the settings it changes of its function's
+    /// (`("timeout", "5s")`, `("capabilities", "db,cache")`...).
+    pub async fn upload(
+        &self,
+        function: &str,
+        label: &str,
+        settings: &[(&str, String)],
+        bytes: Vec<u8>,
+    ) -> Result<Value> {
+        let mut query = vec![("label", label.to_string())];
+        query.extend(settings.iter().cloned());
+        let req = self
+            .http
+            .post(self.url(function, "versions"))
+            .query(&query)
+            .body(bytes);
+        Ok(self.send(req).await?.0)
     }
 
     pub async fn versions(&self, function: &str) -> Result<Value> {

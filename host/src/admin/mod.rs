@@ -3,7 +3,8 @@
 //!
 //! Routes, under `/admin/v1/functions/{function}`:
 //! - `POST versions?label=v2`: upload a component (the body, at most [`MAX_MODULE`] bytes) as a
-//!   new version. It is compiled and checked against the function's grants off the request
+//!   new version; `timeout`, `memory`, `max_body`, `instance_reuse` and `capabilities` in the
+//!   query change its function's manifest settings for this version. It is compiled and checked against the function's grants off the request
 //!   path, one compile at a time; invalid wasm, a core module, the wrong world or an ungranted
 //!   import is a 400 naming the reason. The module is stored content-addressed.
 //! - `GET versions`: the function's versions.
@@ -37,8 +38,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::deploy::Deployer;
-use crate::registry::{RegistryError, Spec, VersionRow, Weighted};
-use crate::runtime::Limits;
+use crate::registry::{RegistryError, Spec, VersionRow, VersionSettings, Weighted};
 
 /// Largest component accepted.
 pub const MAX_MODULE: usize = 64 * 1024 * 1024;
@@ -186,9 +186,35 @@ fn function_config(
     })
 }
 
+/// `?label=v2`, and what the version changes of its function's manifest settings:
+/// `timeout`, `memory`, `max_body`, `instance_reuse`, `capabilities` (comma-separated).
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct UploadQuery {
     label: String,
+    timeout: Option<String>,
+    memory: Option<String>,
+    max_body: Option<String>,
+    instance_reuse: Option<u32>,
+    capabilities: Option<String>,
+}
+
+impl UploadQuery {
+    fn settings(&self) -> VersionSettings {
+        VersionSettings {
+            capabilities: self.capabilities.as_ref().map(|c| {
+                c.split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }),
+            timeout: self.timeout.clone(),
+            memory: self.memory.clone(),
+            max_body: self.max_body.clone(),
+            instance_reuse: self.instance_reuse,
+        }
+    }
 }
 
 async fn upload(
@@ -212,6 +238,10 @@ async fn upload(
         })?
         .to_bytes();
     let cfg = function_config(&admin, &function)?;
+    let settings = q.settings();
+    let (limits, grants) =
+        crate::loader::effective(&cfg, &settings, admin.deployer.settings().max_memory)
+            .map_err(|e| Failure(StatusCode::BAD_REQUEST, "invalid", e))?;
     // Compile and check it as it would run, off the request path, one at a time.
     let permit = admin.compiles.acquire().await.map_err(|_| {
         Failure(
@@ -223,12 +253,6 @@ async fn upload(
     let (deployer, name, wasm) = (admin.deployer.clone(), function.clone(), bytes.clone());
     let checked = tokio::task::spawn_blocking(move || {
         let platform = deployer.platform();
-        let limits = Limits {
-            timeout: cfg.timeout,
-            memory: cfg.memory,
-            max_body: cfg.max_body,
-            instance_reuse: cfg.instance_reuse,
-        };
         platform
             .runtime
             .load_bytes(
@@ -236,7 +260,7 @@ async fn upload(
                 std::path::Path::new("the uploaded module"),
                 &wasm,
                 limits,
-                &cfg.capabilities,
+                &grants,
                 platform.backends.configure(&name),
             )
             .map(|_| ())
@@ -267,7 +291,7 @@ async fn upload(
         function: function.clone(),
         label: q.label.clone(),
         sha256: sha256.clone(),
-        settings: "{}".into(),
+        settings: serde_json::to_string(&settings).expect("settings serialize"),
         created_by: actor(&headers),
         created_at: crate::auth::now_ms(),
     };
@@ -284,7 +308,9 @@ async fn versions(State(admin): State<Arc<Admin>>, Path(function): Path<String>)
     let list: Vec<_> = rows
         .iter()
         .map(|v| {
-            serde_json::json!({"label": v.label, "sha256": v.sha256, "created_by": v.created_by, "created_at": v.created_at})
+            let settings: serde_json::Value =
+                serde_json::from_str(&v.settings).unwrap_or_default();
+            serde_json::json!({"label": v.label, "sha256": v.sha256, "settings": settings, "created_by": v.created_by, "created_at": v.created_at})
         })
         .collect();
     Ok(axum::Json(serde_json::json!({"function": function, "versions": list})).into_response())

@@ -240,17 +240,18 @@ async fn live(
             .map_err(|e| format!("registry: {e}"))?;
         let mut modules = Vec::new();
         for w in &d.spec.versions {
-            let sha256 = versions
+            let version = versions
                 .iter()
                 .find(|v| v.label == w.label)
-                .map(|v| v.sha256.clone())
                 .ok_or_else(|| format!("registry: {} has no version {}", d.function, w.label))?;
+            let sha256 = version.sha256.clone();
+            let settings = crate::registry::VersionSettings::parse(&version.settings)?;
             let bytes = registry
                 .module(&sha256)
                 .await
                 .map_err(|e| format!("registry: {e}"))?
                 .ok_or_else(|| format!("registry: module {sha256} is missing"))?;
-            modules.push((w.label.clone(), bytes));
+            modules.push((w.label.clone(), bytes, settings));
         }
         live.insert(
             d.function.clone(),

@@ -109,6 +109,30 @@ impl Spec {
     }
 }
 
+/// What a version changes of its function's manifest settings (everything else is the
+/// manifest's). Sizes and durations in the manifest's units ("64MiB", "5s").
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_reuse: Option<u32>,
+}
+
+impl VersionSettings {
+    /// As stored in `VersionRow.settings`; an unreadable one is the manifest's settings.
+    pub fn parse(json: &str) -> Result<Self, String> {
+        serde_json::from_str(json).map_err(|e| format!("version settings: {e}"))
+    }
+}
+
 /// A version as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VersionRow {
