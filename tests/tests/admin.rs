@@ -247,6 +247,18 @@ async fn versions_traffic_and_rollback_through_the_admin_api() {
     assert_eq!(back.status(), 200);
     assert_eq!(back.headers()["etag"], "\"3\"");
     assert_eq!(served(&s, 20).await, BTreeMap::from([(v1.clone(), 20)]));
+    let all: Value = admin
+        .c
+        .get(format!("{}/admin/v1/deployments", admin.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("deployments")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(all["deployments"][0]["function"], "pages", "{all}");
+    assert_eq!(all["deployments"][0]["generation"], 3, "{all}");
     let history: Value = admin
         .c
         .get(admin.url("/history"))

@@ -1,7 +1,8 @@
 //! The admin API: versions and traffic, on a listener of its own (never the public port),
 //! behind a bearer token. JSON in and out, problem+json errors.
 //!
-//! Routes, under `/admin/v1/functions/{function}`:
+//! `GET /admin/v1/deployments` lists every function's live deployment. Routes under
+//! `/admin/v1/functions/{function}`:
 //! - `POST versions?label=v2`: upload a component (the body, at most [`MAX_MODULE`] bytes) as a
 //!   new version; `timeout`, `memory`, `max_body`, `instance_reuse` and `capabilities` in the
 //!   query change its function's manifest settings for this version. It is compiled and checked against the function's grants off the request
@@ -118,6 +119,7 @@ pub fn router(deployer: Arc<Deployer>, token: &str) -> Router {
         compiles: Semaphore::new(COMPILES),
     });
     Router::new()
+        .route("/admin/v1/deployments", get(all_deployments))
         .route(
             "/admin/v1/functions/{function}/versions",
             get(versions).post(upload),
@@ -328,6 +330,28 @@ fn deployment_response(function: &str, generation: i64, spec: &Spec) -> Response
         resp.headers_mut().insert(header::ETAG, v);
     }
     resp
+}
+
+/// Every function's live deployment in the registry.
+async fn all_deployments(State(admin): State<Arc<Admin>>) -> Answer {
+    let list: Vec<_> = admin
+        .deployer
+        .registry()
+        .deployments(None)
+        .await?
+        .into_iter()
+        .map(|d| {
+            serde_json::json!({
+                "function": d.function,
+                "generation": d.generation,
+                "versions": d.spec.versions.iter().map(|w| serde_json::json!({"label": w.label, "weight": w.weight})).collect::<Vec<_>>(),
+                "sticky": d.spec.sticky,
+                "updated_by": d.updated_by,
+                "updated_at": d.updated_at,
+            })
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({"deployments": list})).into_response())
 }
 
 async fn deployment(State(admin): State<Arc<Admin>>, Path(function): Path<String>) -> Answer {
