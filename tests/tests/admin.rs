@@ -513,10 +513,12 @@ async fn requests_in_flight_during_a_swap_finish_on_their_version_which_then_dra
         assert_eq!(back.status(), 200);
     }
     eprintln!("RSS after each cycle's drain: {after:?} KiB");
-    // The first cycles warm the pool and the allocator; by the third, nothing new is kept.
+    // A cycle's 200 instances take about 30 MiB at their peak. Were a swapped-out version's
+    // memory lost, each cycle would add about that much; the pool and the allocator keep some
+    // for reuse, so the later cycles add a few MiB while they warm up, far from that.
     assert!(
-        after[2] <= after[1] + 4 * 1024,
-        "memory still growing with each deployment cycle: {after:?} KiB"
+        after[2] <= after[0] + 24 * 1024,
+        "memory grows with each deployment cycle: {after:?} KiB"
     );
 }
 
