@@ -14,6 +14,7 @@
 //! - [`router`]: the route table (path + method -> version set).
 //! - [`capabilities`]: db, cache, lock and response-cache: WIT bindings, backends, grants.
 //! - [`runtime`]: wasmtime engine, compiled cache, per-request instances and their limits.
+//! - [`notices`]: Redis pub/sub between processes (revocations, deployment changes).
 //! - [`policy`]: per-function and per-route tower layers: rate limit, idempotency, response
 //!   cache, bulkhead, invoke.
 //! - [`response_cache`]: the response cache's tiers (moka, Redis), tags, purges, single flight.
@@ -35,6 +36,7 @@ pub mod config;
 pub mod deploy;
 pub mod idempotency;
 pub mod loader;
+pub mod notices;
 pub mod policy;
 pub mod problem;
 pub mod registry;

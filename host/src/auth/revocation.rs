@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures::StreamExt;
 
 use super::store::Store;
 use crate::response_cache::unix_ms;
@@ -111,15 +110,7 @@ pub async fn poll(store: Store, revocations: Weak<Revocations>) {
 
 /// Publishes a revocation to the other processes. Best effort: they also poll the database.
 pub async fn publish(conn: &redis::aio::ConnectionManager, session: &str) {
-    let sent = tokio::time::timeout(
-        crate::capabilities::BACKEND_TIMEOUT,
-        redis::cmd("PUBLISH")
-            .arg(CHANNEL)
-            .arg(session)
-            .query_async::<i64>(&mut conn.clone()),
-    )
-    .await;
-    if !matches!(sent, Ok(Ok(_))) {
+    if !crate::notices::publish(conn, CHANNEL, session).await {
         tracing::warn!(
             session,
             "revocation not broadcast; other processes learn it from the database within a second"
@@ -127,35 +118,15 @@ pub async fn publish(conn: &redis::aio::ConnectionManager, session: &str) {
     }
 }
 
-/// Listens for revocations until `revocations` is dropped, reconnecting with backoff.
-pub async fn subscribe(client: redis::Client, revocations: Weak<Revocations>) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        if let Ok(mut pubsub) = client.get_async_pubsub().await
-            && pubsub.subscribe(CHANNEL).await.is_ok()
-        {
-            backoff = Duration::from_millis(100);
-            let mut messages = pubsub.on_message();
-            while let Some(msg) = messages.next().await {
-                let Some(r) = revocations.upgrade() else {
-                    return;
-                };
-                r.add(&String::from_utf8_lossy(msg.get_payload_bytes()));
-            }
-            tracing::warn!("revocation subscription lost; reconnecting");
-        }
-        if revocations.strong_count() == 0 {
-            return;
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
 /// Keeps the poller and subscriber tied to the set's lifetime.
 pub fn start(store: Store, revocations: &Arc<Revocations>, redis: Option<redis::Client>) {
     tokio::spawn(poll(store, Arc::downgrade(revocations)));
     if let Some(client) = redis {
-        tokio::spawn(subscribe(client, Arc::downgrade(revocations)));
+        tokio::spawn(crate::notices::listen(
+            client,
+            CHANNEL,
+            Arc::downgrade(revocations),
+            |r: &Revocations, session| r.add(&String::from_utf8_lossy(session)),
+        ));
     }
 }

@@ -24,7 +24,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::sync::{Mutex, Notify};
 
 pub use preview::{PREVIEW_HEADER, PREVIEW_TOKEN_HEADER, PREVIEW_TTL, Previews};
@@ -118,15 +117,7 @@ impl Deployer {
         let Some(conn) = &self.platform.backends.redis else {
             return;
         };
-        let sent = tokio::time::timeout(
-            crate::capabilities::BACKEND_TIMEOUT,
-            redis::cmd("PUBLISH")
-                .arg(CHANNEL)
-                .arg(format!("{function}:{generation}"))
-                .query_async::<i64>(&mut conn.clone()),
-        )
-        .await;
-        if !matches!(sent, Ok(Ok(_))) {
+        if !crate::notices::publish(conn, CHANNEL, &format!("{function}:{generation}")).await {
             tracing::warn!(
                 function,
                 generation,
@@ -274,7 +265,13 @@ async fn watch(deployer: Weak<Deployer>, redis: Option<redis::Client>) {
         POLL_WITHOUT_REDIS
     };
     if let Some(client) = redis {
-        tokio::spawn(listen(client, notice.clone(), deployer.clone()));
+        let notice = notice.clone();
+        tokio::spawn(crate::notices::listen(
+            client,
+            CHANNEL,
+            deployer.clone(),
+            move |_: &Deployer, _| notice.notify_one(),
+        ));
     }
     loop {
         tokio::select! {
@@ -292,29 +289,5 @@ async fn watch(deployer: Weak<Deployer>, redis: Option<redis::Client>) {
             Ok(false) => {}
             Err(e) => tracing::debug!(error = %e, "cannot read the registry; will retry"),
         }
-    }
-}
-
-/// Turns Redis notices into wake-ups of [`watch`], reconnecting with backoff.
-async fn listen(client: redis::Client, notice: Arc<Notify>, deployer: Weak<Deployer>) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        if let Ok(mut pubsub) = client.get_async_pubsub().await
-            && pubsub.subscribe(CHANNEL).await.is_ok()
-        {
-            backoff = Duration::from_millis(100);
-            let mut messages = pubsub.on_message();
-            while messages.next().await.is_some() {
-                if deployer.strong_count() == 0 {
-                    return;
-                }
-                notice.notify_one();
-            }
-        }
-        if deployer.strong_count() == 0 {
-            return;
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
