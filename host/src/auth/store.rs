@@ -76,20 +76,6 @@ pub struct Store {
     db: Arc<dyn DbBackend>,
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::Text(s) => s.clone(),
-        _ => String::new(),
-    }
-}
-
-fn int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int64(n) => Some(*n),
-        _ => None,
-    }
-}
-
 fn roles_of(joined: &str) -> Vec<String> {
     joined.split_whitespace().map(str::to_string).collect()
 }
@@ -117,11 +103,11 @@ impl Store {
             .rows
             .iter()
             .map(|r| StoredKey {
-                kid: text(&r[0]),
-                private_pkcs8: text(&r[1]),
-                public_x: text(&r[2]),
-                created_at: int(&r[3]).unwrap_or(0),
-                retired_at: int(&r[4]),
+                kid: r[0].text(),
+                private_pkcs8: r[1].text(),
+                public_x: r[2].text(),
+                created_at: r[3].int().unwrap_or(0),
+                retired_at: r[4].int(),
             })
             .collect())
     }
@@ -165,7 +151,7 @@ impl Store {
                 vec![Value::Text(subject.into())],
             )
             .await?;
-        Ok(rows.rows.iter().map(|r| text(&r[0])).collect())
+        Ok(rows.rows.iter().map(|r| r[0].text()).collect())
     }
 
     /// Every grant, or one subject's: (subject, role).
@@ -189,7 +175,7 @@ impl Store {
         Ok(rows
             .rows
             .iter()
-            .map(|r| (text(&r[0]), text(&r[1])))
+            .map(|r| (r[0].text(), r[1].text()))
             .collect())
     }
 
@@ -282,7 +268,7 @@ impl Store {
         let Some(row) = rows.rows.first() else {
             return Ok(Redeemed::Refused);
         };
-        let session_id = text(&row[0]);
+        let session_id = row[0].text();
         let used = self
             .db
             .execute(
@@ -293,7 +279,7 @@ impl Store {
         if used == 0 {
             return Ok(Redeemed::Replayed { session_id });
         }
-        if int(&row[1]).unwrap_or(0) <= now {
+        if row[1].int().unwrap_or(0) <= now {
             return Ok(Redeemed::Refused);
         }
         match self.session(&session_id).await? {
@@ -310,10 +296,10 @@ impl Store {
             )
             .await?;
         Ok(rows.rows.first().map(|r| Session {
-            id: text(&r[0]),
-            subject: text(&r[1]),
-            roles: roles_of(&text(&r[2])),
-            revoked: int(&r[3]).is_some(),
+            id: r[0].text(),
+            subject: r[1].text(),
+            roles: roles_of(&r[2].text()),
+            revoked: r[3].int().is_some(),
         }))
     }
 
@@ -341,7 +327,7 @@ impl Store {
         Ok(rows
             .rows
             .iter()
-            .map(|r| (text(&r[0]), int(&r[1]).unwrap_or(0)))
+            .map(|r| (r[0].text(), r[1].int().unwrap_or(0)))
             .collect())
     }
 

@@ -202,22 +202,8 @@ pub struct Registry {
     db: Arc<dyn DbBackend>,
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::Text(s) => s.clone(),
-        _ => String::new(),
-    }
-}
-
-fn int(v: &Value) -> i64 {
-    match v {
-        Value::Int64(n) => *n,
-        _ => 0,
-    }
-}
-
 fn spec_of(v: &Value) -> Result<Spec> {
-    serde_json::from_str(&text(v)).map_err(|e| RegistryError::Corrupt(e.to_string()))
+    serde_json::from_str(&v.text()).map_err(|e| RegistryError::Corrupt(e.to_string()))
 }
 
 fn now_ms() -> i64 {
@@ -332,12 +318,12 @@ impl Registry {
             .rows
             .iter()
             .map(|r| VersionRow {
-                function: text(&r[0]),
-                label: text(&r[1]),
-                sha256: text(&r[2]),
-                settings: text(&r[3]),
-                created_by: text(&r[4]),
-                created_at: int(&r[5]),
+                function: r[0].text(),
+                label: r[1].text(),
+                sha256: r[2].text(),
+                settings: r[3].text(),
+                created_by: r[4].text(),
+                created_at: r[5].int().unwrap_or(0),
             })
             .collect())
     }
@@ -369,11 +355,11 @@ impl Registry {
             .iter()
             .map(|r| {
                 Ok(DeploymentRow {
-                    function: text(&r[0]),
-                    generation: int(&r[1]),
+                    function: r[0].text(),
+                    generation: r[1].int().unwrap_or(0),
                     spec: spec_of(&r[2])?,
-                    updated_by: text(&r[3]),
-                    updated_at: int(&r[4]),
+                    updated_by: r[3].text(),
+                    updated_at: r[4].int().unwrap_or(0),
                 })
             })
             .collect()
@@ -469,11 +455,11 @@ impl Registry {
             .iter()
             .map(|r| {
                 Ok(HistoryRow {
-                    generation: int(&r[0]),
+                    generation: r[0].int().unwrap_or(0),
                     spec: spec_of(&r[1])?,
-                    reason: text(&r[2]),
-                    actor: text(&r[3]),
-                    at: int(&r[4]),
+                    reason: r[2].text(),
+                    actor: r[3].text(),
+                    at: r[4].int().unwrap_or(0),
                 })
             })
             .collect()
@@ -507,7 +493,10 @@ impl Registry {
                 vec![Value::Text(hex::encode(Sha256::digest(token.as_bytes())))],
             )
             .await?;
-        Ok(rows.rows.first().map(|r| (text(&r[0]), int(&r[1]))))
+        Ok(rows
+            .rows
+            .first()
+            .map(|r| (r[0].text(), r[1].int().unwrap_or(0))))
     }
 
     /// Restores the deployment before the live one, as a new change (the history keeps both).

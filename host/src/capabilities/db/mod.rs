@@ -23,6 +23,23 @@ use crate::runtime::GuestState;
 pub use backend::{DbBackend, DbTransaction};
 pub use wit::{Error as DbError, Rows, Value};
 
+/// How the host's own tables (auth, registry) read a column: text or empty, integer or none.
+impl Value {
+    pub fn text(&self) -> String {
+        match self {
+            Value::Text(s) => s.clone(),
+            _ => String::new(),
+        }
+    }
+
+    pub fn int(&self) -> Option<i64> {
+        match self {
+            Value::Int64(n) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
 /// Open transactions one request may hold; each pins a pooled connection.
 pub const MAX_TRANSACTIONS_PER_REQUEST: usize = 4;
 
