@@ -10,6 +10,7 @@
 //! - [`loader`]: manifest -> the platform (engine, backends: once per process) and a deployment
 //!   (functions, routes), or every problem at once.
 //! - [`deploy`]: the deployer that outlives deployments (reload), version sets and the pick.
+//! - [`heap`]: freed heap handed back to the OS once a version drains.
 //! - [`registry`]: modules, versions, deployments and their history in the platform database.
 //! - [`router`]: the route table (path + method -> version set).
 //! - [`capabilities`]: db, cache, lock and response-cache: WIT bindings, backends, grants.
@@ -34,6 +35,7 @@ pub mod body_limit;
 pub mod capabilities;
 pub mod config;
 pub mod deploy;
+pub mod heap;
 pub mod idempotency;
 pub mod loader;
 pub mod notices;

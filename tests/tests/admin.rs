@@ -497,13 +497,19 @@ async fn requests_in_flight_during_a_swap_finish_on_their_version_which_then_dra
     );
 
     // Three cycles: 200 slow requests on v1, a swap to v2 while they run, the drain, and back
-    // to v1. Memory does not grow from one cycle to the next: the slots and buffers the first
-    // cycle took are reused, not lost.
+    // to v1. After each drain the memory the 200 requests took is given back: the slots'
+    // memories and stacks are decommitted, and the heap is trimmed once the version is gone.
+    let start = s.anon_kib();
     let mut after = Vec::new();
     for cycle in 0..3 {
         let generation = 1 + 2 * cycle;
         swap_while_busy(&s, &admin, generation, &old, &new).await;
-        after.push(s.rss_kib());
+        // The trim runs on a blocking thread shortly after the version is dropped.
+        let drained = std::time::Instant::now();
+        while s.anon_kib() > start + SETTLED_KIB && drained.elapsed().as_secs() < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        after.push(s.anon_kib());
         let back = admin
             .deploy(
                 Some(generation + 1),
@@ -512,15 +518,22 @@ async fn requests_in_flight_during_a_swap_finish_on_their_version_which_then_dra
             .await;
         assert_eq!(back.status(), 200);
     }
-    eprintln!("RSS after each cycle's drain: {after:?} KiB");
-    // A cycle's 200 instances take about 30 MiB at their peak. Were a swapped-out version's
-    // memory lost, each cycle would add about that much; the pool and the allocator keep some
-    // for reuse, so the later cycles add a few MiB while they warm up, far from that.
+    eprintln!(
+        "heap and slots (RssAnon) at start {start} KiB, after each cycle's drain {after:?} KiB; RSS now {} KiB",
+        s.rss_kib()
+    );
+    // 200 requests in flight take about 30 MiB; kept stacks and an untrimmed heap left 10 to 14
+    // MiB of it resident after each drain. What remains settles about 4 MiB above the start
+    // (measured over 8 cycles: 8.9 -> 9.7, 11.6, 11.9, 12.7, 12.5, 12.8, 13.0, 13.0 MiB): heap
+    // pages still partly in use, and what the process keeps by design (metric series, caches).
     assert!(
-        after[2] <= after[0] + 24 * 1024,
-        "memory grows with each deployment cycle: {after:?} KiB"
+        after.iter().all(|&a| a <= start + SETTLED_KIB),
+        "memory did not return after a drain: {start} KiB at start, {after:?} KiB after"
     );
 }
+
+/// How far above its start the heap may stay after a drain.
+const SETTLED_KIB: u64 = 6 * 1024;
 
 /// 200 slow requests on `old`, a swap to v2 (based on `generation`) while they run: all finish on
 /// `old`, new requests go to `new`, and `old` drains to no running instance.

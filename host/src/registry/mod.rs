@@ -8,10 +8,8 @@
 //! label and the settings it runs with. A deployment is the function's versions and their
 //! weights, with a generation number: a change names the generation it was based on and is
 //! refused when another change came first, so two operators never overwrite each other
-//! silently. Every change is appended to the history with who made it and why.
-//!
-//! Not wired into serving yet: the admin API and CLI that write it, and the deployer that reads
-//! it, are the next parts of the deployments work.
+//! silently. Every change is appended to the history with who made it and why. The admin API
+//! writes it; the deployer (`deploy`) serves what it holds.
 
 #[cfg(test)]
 mod conformance;

@@ -71,6 +71,14 @@ pub struct Limits {
 /// The cost is that up to this many freed slots stay committed a little longer.
 const DECOMMIT_BATCH: usize = 16;
 
+/// Guest stacks are zeroed and decommitted with their slot when freed, as linear memories are.
+/// Without it a pooled stack keeps every page its deepest request touched: 200 concurrent
+/// requests left about 14 MiB resident after their version drained (the drain test in
+/// `tests/tests/admin.rs`). It costs the fresh-instance path the page faults of a cold stack:
+/// hello 9,230 and 9,050 req/s against 9,840 and 10,250 without it (wrk -c64, 10 s, release
+/// build, alternated runs on 2 cores), about 8%.
+const ZERO_STACKS: bool = true;
+
 /// Idle instances kept per function for reuse; each holds a pooling-allocator slot.
 const MAX_IDLE_INSTANCES: usize = 64;
 
@@ -127,6 +135,7 @@ impl Runtime {
         config
             .wasm_component_model(true)
             .epoch_interruption(true)
+            .async_stack_zeroing(ZERO_STACKS)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| EngineError(e.to_string()))?;
 
@@ -266,6 +275,18 @@ struct FunctionInner {
     source: Source,
     load_time: Duration,
     idle: Mutex<Vec<invoke::Warm>>,
+}
+
+impl Drop for FunctionInner {
+    /// The version is gone (its last request finished, its idle instances with it): hand the
+    /// heap it used back to the OS, which the allocator would otherwise keep for reuse.
+    fn drop(&mut self) {
+        self.idle
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+        crate::heap::release_soon();
+    }
 }
 
 impl Function {
