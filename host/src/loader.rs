@@ -31,6 +31,8 @@ use crate::runtime::{Function, Limits, Runtime, RuntimeOptions, Source};
 pub struct Platform {
     pub runtime: Runtime,
     pub backends: Backends,
+    /// Per-version figures, kept across deployments and written to the registry.
+    pub stats: crate::deploy::Stats,
     /// The manifest sections this was built from, to tell a reload what it cannot change.
     pub settings: Settings,
 }
@@ -48,6 +50,10 @@ pub struct Settings {
     /// `[auth]`, as written (its Debug form: the section holds no secrets).
     pub auth: String,
 }
+
+/// The label of a function's version that comes from the manifest's `wasm` (registry labels
+/// cannot be this: they name uploads).
+pub const MANIFEST_LABEL: &str = "manifest";
 
 /// A function's live deployment from the registry, with the bytes of each version it names.
 pub struct Live {
@@ -305,6 +311,7 @@ impl Platform {
             Self {
                 runtime,
                 backends,
+                stats: crate::deploy::Stats::default(),
                 settings,
             },
             problems,
@@ -436,7 +443,7 @@ pub async fn build(
                 shared_throttle.clone(),
             ))
         });
-        let version = |function: &Function| {
+        let version = |function: &Function, label: &str| {
             let route_policies = RoutePolicies {
                 auth: auth.clone(),
                 login_throttle: login_throttle.clone(),
@@ -459,17 +466,23 @@ pub async fn build(
                     ))
                 }),
             };
+            let label = if label.is_empty() {
+                MANIFEST_LABEL
+            } else {
+                label
+            };
             Version::new(
                 function.clone(),
                 policy.stack(function.clone(), &route_policies),
+                platform.stats.counts(&r.function, label),
             )
         };
         let labels = loaded.versions.iter().map(|(_, _, l)| l.clone()).collect();
         let set = match loaded.versions.as_slice() {
-            [(_, only, _)] => Ok(VersionSet::single(version(only))),
+            [(_, only, label)] => Ok(VersionSet::single(version(only, label))),
             many => VersionSet::weighted(
                 many.iter()
-                    .map(|(w, f, _)| (*w, version(f), f.sha256().to_string()))
+                    .map(|(w, f, label)| (*w, version(f, label), f.sha256().to_string()))
                     .collect(),
                 loaded.sticky.clone(),
             ),

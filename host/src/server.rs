@@ -198,6 +198,10 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
     let mut resp = resp;
     resp.headers_mut()
         .insert(VERSION_HEADER, version.header.clone());
+    let outcome = resp.extensions().get::<Outcome>().map(|o| o.0);
+    version
+        .counts
+        .record(resp.status(), outcome, started.elapsed());
     match resp.extensions().get::<Outcome>() {
         None => metrics.ok.increment(1),
         // Rejections are the rare path: only they build labels per request.

@@ -186,6 +186,8 @@ async fn versions_traffic_and_rollback_through_the_admin_api() {
         seen.get(&v1).is_some_and(|n| *n > 60) && seen.get(&v2).is_some_and(|n| *n > 60),
         "{seen:?}"
     );
+    // Figures reach the registry once a second.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let summary: Value = admin
         .c
         .get(admin.url("/summary"))
@@ -207,6 +209,7 @@ async fn versions_traffic_and_rollback_through_the_admin_api() {
             "{summary}"
         );
         assert_eq!(row["failed"], 0, "{summary}");
+        assert_eq!(row["success_percent"], 100.0, "{summary}");
         assert!(row["p99_ms"].as_f64().is_some_and(|p| p > 0.0), "{summary}");
     }
 
@@ -327,7 +330,9 @@ fn without_a_token_the_admin_api_is_off() {
 
 /// Starts two processes on one fresh PostgreSQL (and Redis, when `redis`), the first with the
 /// admin API; deploys `hello` as v2 through it and returns how long the second took to serve it.
-async fn converge(redis: bool) -> std::time::Duration {
+/// Two processes on one database; returns how long the second took to serve a deployment made
+/// through the first, and both servers (the first with its admin client).
+async fn converge(redis: bool) -> (std::time::Duration, Server, Server, Admin) {
     let dir = tempfile::tempdir().expect("tmp");
     let db = wasmgate_tests::fresh_postgres();
     let redis_url = wasmgate_tests::redis_url();
@@ -359,20 +364,54 @@ async fn converge(redis: bool) -> std::time::Duration {
             "b still serves the old version"
         );
     }
-    started.elapsed()
+    (started.elapsed(), a, b, admin)
 }
 
 #[tokio::test]
 async fn a_change_through_one_process_is_served_by_another_within_a_second() {
-    let took = converge(true).await;
+    let (took, a, b, admin) = converge(true).await;
     eprintln!(
         "with Redis notices, the other process served the new version {took:?} after the admin call"
     );
+
+    // The summary counts what every process served, whichever process is asked.
+    let before = v2_requests(&admin).await;
+    served(&a, 30).await;
+    served(&b, 20).await;
+    let counted = std::time::Instant::now();
+    while v2_requests(&admin).await < before + 50 {
+        assert!(
+            counted.elapsed() < std::time::Duration::from_secs(3),
+            "the summary does not count both processes: {} of {}",
+            v2_requests(&admin).await,
+            before + 50
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The requests v2 answered in the last 5 minutes, as the admin summary says.
+async fn v2_requests(admin: &Admin) -> u64 {
+    let summary: Value = admin
+        .c
+        .get(admin.url("/summary"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("summary")
+        .json()
+        .await
+        .expect("json");
+    summary["versions"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["label"] == "v2"))
+        .and_then(|r| r["requests"].as_u64())
+        .unwrap_or(0)
 }
 
 #[tokio::test]
 async fn without_redis_the_registry_poll_converges_within_a_second_too() {
-    let took = converge(false).await;
+    let (took, ..) = converge(false).await;
     eprintln!(
         "polling the registry, the other process served the new version {took:?} after the admin call"
     );

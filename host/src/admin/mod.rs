@@ -14,7 +14,8 @@
 //!   based on the generation in `If-Match` (none for the first); a stale one is 412.
 //! - `POST rollback`: the previous deployment, as a new generation.
 //! - `GET history`: every change, newest first.
-//! - `GET summary`: per version, this process's requests, failures, refusals, p50 and p99.
+//! - `GET summary?window=300`: per version, every process's requests, failures, refusals,
+//!   success rate, p50 and p99 over the window (figures reach the registry once a second).
 //! - `POST preview-tokens`: a token (an hour) that lets requests pick any deployed version with
 //!   `x-wasmgate-preview: <label>`.
 //!
@@ -22,7 +23,6 @@
 //! before the response returns.
 
 pub mod client;
-mod summary;
 
 use std::sync::Arc;
 
@@ -469,30 +469,55 @@ async fn rollback(
     Ok(deployment_response(&function, generation, &spec))
 }
 
-/// Per version this process served: requests, failures (the function's 5xx), refusals (the
-/// host's own answers: auth, limits...), p50 and p99 (from the latency histogram's buckets).
-async fn summary(State(admin): State<Arc<Admin>>, Path(function): Path<String>) -> Answer {
+/// `?window=<seconds>`: how far back the summary looks.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SummaryQuery {
+    window: Option<u64>,
+}
+
+/// Longest summary window: the registry keeps figures a day.
+const MAX_SUMMARY_WINDOW: u64 = 24 * 3600;
+
+/// Per version, over the last `window` seconds (default 300) and every process: requests the
+/// version answered, its failures (5xx, traps, timeouts), the host's refusals (auth, limits,
+/// sheds: not counted against it), success rate, p50 and p99 (latency bucket bounds, within 25%).
+async fn summary(
+    State(admin): State<Arc<Admin>>,
+    Path(function): Path<String>,
+    Query(q): Query<SummaryQuery>,
+) -> Answer {
     function_config(&admin, &function)?;
-    let text = admin.deployer.state().metrics_text().unwrap_or_default();
-    let labels: std::collections::BTreeMap<String, String> = admin
-        .deployer
-        .registry()
+    let window = q.window.unwrap_or(300).clamp(1, MAX_SUMMARY_WINDOW);
+    let since = crate::auth::now_ms() / 1000 - i64::try_from(window).unwrap_or(i64::MAX);
+    let registry = admin.deployer.registry();
+    let sha: std::collections::BTreeMap<String, String> = registry
         .versions(&function)
         .await?
         .into_iter()
-        .map(|v| (v.sha256[..12.min(v.sha256.len())].to_string(), v.label))
+        .map(|v| (v.label, v.sha256[..12.min(v.sha256.len())].to_string()))
         .collect();
-    let versions: Vec<_> = summary::of(&text, &function)
+    let versions: Vec<_> = registry
+        .figures(&function, since)
+        .await?
         .into_iter()
-        .map(|v| {
-            let mut json = serde_json::to_value(&v).unwrap_or_default();
-            json["label"] = labels.get(&v.version).cloned().into();
-            json
+        .map(|(label, f)| {
+            serde_json::json!({
+                "label": label,
+                "version": sha.get(&label),
+                "requests": f.requests,
+                "failed": f.failed,
+                "refused": f.refused,
+                "success_percent": f.success_percent(),
+                "p50_ms": f.quantile_ms(0.5),
+                "p99_ms": f.quantile_ms(0.99),
+            })
         })
         .collect();
     Ok(axum::Json(serde_json::json!({
         "function": function,
-        "scope": "this process, since it started",
+        "window_seconds": window,
+        "scope": "every process sharing the registry; figures are written once a second",
         "versions": versions,
     }))
     .into_response())

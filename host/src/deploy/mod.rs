@@ -2,6 +2,8 @@
 //!
 //! Layout:
 //! - `preview`: requests pinned to a version by label, with an admin-issued preview token.
+//! - `stats`: per-version requests, failures and latency, shared by every process through the
+//!   registry (the admin summary and rollout gates read them).
 //! - `version_set`: a route's versions, their weights and the per-request pick (weighted, or
 //!   sticky by a key with rendezvous hashing).
 //!
@@ -17,6 +19,7 @@
 //! [`POLL_WITHOUT_REDIS`] when there is no Redis), which covers a lost notice.
 
 mod preview;
+mod stats;
 mod version_set;
 
 use std::collections::BTreeMap;
@@ -27,6 +30,7 @@ use std::time::Duration;
 use tokio::sync::{Mutex, Notify};
 
 pub use preview::{PREVIEW_HEADER, PREVIEW_TOKEN_HEADER, PREVIEW_TTL, Previews};
+pub use stats::{Counts, Figures, Stats};
 pub use version_set::{StickyKey, VERSION_HEADER, Version, VersionMetrics, VersionSet};
 
 use crate::config::{Manifest, ManifestError};
@@ -108,6 +112,13 @@ impl Deployer {
             applied: std::sync::Mutex::new(generations),
         });
         tokio::spawn(watch(Arc::downgrade(&deployer), redis));
+        tokio::spawn(
+            deployer
+                .platform
+                .stats
+                .clone()
+                .run(deployer.registry.clone(), Arc::downgrade(&deployer)),
+        );
         Ok(deployer)
     }
 

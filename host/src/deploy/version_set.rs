@@ -21,6 +21,8 @@ pub struct Version {
     pub function: Function,
     pub service: FunctionService,
     pub metrics: VersionMetrics,
+    /// What it served, for the registry's per-version figures (kept across reloads).
+    pub counts: std::sync::Arc<super::Counts>,
     /// The `wasmgate-version` response header's value.
     pub header: HeaderValue,
 }
@@ -38,7 +40,11 @@ pub struct VersionMetrics {
 pub const VERSION_HEADER: HeaderName = HeaderName::from_static("wasmgate-version");
 
 impl Version {
-    pub fn new(function: Function, service: FunctionService) -> Self {
+    pub fn new(
+        function: Function,
+        service: FunctionService,
+        counts: std::sync::Arc<super::Counts>,
+    ) -> Self {
         let name: std::sync::Arc<str> = function.name().into();
         let version: std::sync::Arc<str> = function.sha256()[..12].into();
         let header = HeaderValue::from_str(&version).expect("hex digits are a header value");
@@ -52,6 +58,7 @@ impl Version {
             function,
             service,
             metrics,
+            counts,
             header,
         }
     }

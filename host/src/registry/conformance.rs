@@ -4,6 +4,7 @@
 use super::{Registry, RegistryError, Spec, VersionRow, Weighted};
 use crate::capabilities::db::Db;
 use crate::capabilities::db::conformance::fresh_postgres;
+use crate::deploy::Figures;
 
 async fn open(url: &str) -> Registry {
     Registry::open(Db::connect(url).await.expect("db").backend().clone())
@@ -155,6 +156,47 @@ async fn suite(r: Registry) {
         Err(RegistryError::NotFound(_))
     ));
     assert_eq!(r.deployments(None).await.expect("all").len(), 1);
+
+    // A reserved label.
+    assert!(matches!(
+        r.create_version(&version("manifest", &a)).await,
+        Err(RegistryError::Invalid(_))
+    ));
+
+    figures(&r).await;
+}
+
+/// Per-version figures: rows of several processes and flushes add up; a window and pruning
+/// leave out the old ones.
+async fn figures(r: &Registry) {
+    let figures = |requests, failed, latency: &[u64]| Figures {
+        requests,
+        failed,
+        refused: 1,
+        latency: latency.to_vec(),
+    };
+    let add = |label, process, flush, at, f: Figures| async move {
+        r.add_figures(("users", label), (process, flush), at, &f)
+            .await
+            .expect("add");
+    };
+    add("v1", "a", 0, 100, figures(10, 1, &[10])).await;
+    add("v1", "a", 1, 100, figures(5, 0, &[0, 5])).await;
+    add("v1", "b", 0, 101, figures(20, 2, &[0, 0, 20])).await;
+    add("v2", "b", 0, 50, figures(7, 7, &[7])).await;
+    let all = r.figures("users", 0).await.expect("read");
+    let v1 = &all["v1"];
+    assert_eq!((v1.requests, v1.failed, v1.refused), (35, 3, 3));
+    assert_eq!(v1.latency, [10, 5, 20]);
+    assert_eq!(all["v2"].requests, 7);
+    let recent = r.figures("users", 100).await.expect("read");
+    assert_eq!(recent.keys().collect::<Vec<_>>(), ["v1"]);
+    assert!(r.figures("other", 0).await.expect("read").is_empty());
+    assert_eq!(r.prune_figures(101).await.expect("prune"), 3);
+    assert_eq!(
+        r.figures("users", 0).await.expect("read")["v1"].requests,
+        20
+    );
 }
 
 #[tokio::test]

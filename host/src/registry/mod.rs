@@ -13,6 +13,7 @@
 
 #[cfg(test)]
 mod conformance;
+mod figures;
 
 use std::sync::Arc;
 
@@ -228,6 +229,7 @@ impl Registry {
                        expires_at BIGINT NOT NULL
                      )",
                 ),
+                Migration::new("0003_version_figures", figures::DDL),
             ],
         )
         .await?;
@@ -277,6 +279,12 @@ impl Registry {
             return Err(RegistryError::Invalid(
                 "a label is 1 to 64 characters without spaces, commas or `=`".into(),
             ));
+        }
+        if v.label == crate::loader::MANIFEST_LABEL {
+            return Err(RegistryError::Invalid(format!(
+                "`{}` names the manifest's version of a function; choose another label",
+                v.label
+            )));
         }
         if self.module(&v.sha256).await?.is_none() {
             return Err(RegistryError::NotFound(format!("module {}", v.sha256)));
