@@ -12,6 +12,8 @@
 //! - [`deploy`]: the deployer that outlives deployments (reload), version sets and the pick.
 //! - [`heap`]: freed heap handed back to the OS once a version drains.
 //! - [`registry`]: modules, versions, deployments and their history in the platform database.
+//! - [`rollout`]: progressive delivery: step plans, gates judged from per-version figures, the
+//!   driver that holds a rollout's lease.
 //! - [`router`]: the route table (path + method -> version set).
 //! - [`capabilities`]: db, cache, lock and response-cache: WIT bindings, backends, grants.
 //! - [`runtime`]: wasmtime engine, compiled cache, per-request instances and their limits.
@@ -44,6 +46,7 @@ pub mod problem;
 pub mod registry;
 pub mod request_id;
 pub mod response_cache;
+pub mod rollout;
 pub mod router;
 pub mod runtime;
 pub mod server;

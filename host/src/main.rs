@@ -119,6 +119,39 @@ enum Command {
         #[command(flatten)]
         api: AdminConn,
     },
+    /// Move a function's traffic to a version step by step, judged by gates in the host:
+    /// `wasmgate rollout users v2 --steps 5,25,50,100 --interval 30s`. Without a version, shows
+    /// the running (or last) rollout; `--abort` stops it and sends the traffic back.
+    Rollout {
+        function: String,
+        /// The candidate version's label (omit to see the rollout's state).
+        version: Option<String>,
+        /// Percent of traffic at each step, ending at 100.
+        #[arg(long, value_delimiter = ',', default_value = "5,25,50,100")]
+        steps: Vec<u32>,
+        /// How long each step runs before it is judged ("30s", "2m").
+        #[arg(long, default_value = "30s")]
+        interval: String,
+        /// Requests a step needs before it is judged; with fewer it holds.
+        #[arg(long, default_value_t = 100)]
+        min_requests: u64,
+        /// Lowest success rate (percent of requests without a 5xx).
+        #[arg(long, default_value_t = 99.0)]
+        min_success: f64,
+        /// Highest p99 latency ("1s", "250ms").
+        #[arg(long, default_value = "1s")]
+        max_p99: String,
+        /// Stop the running rollout; the traffic goes back to the baseline.
+        #[arg(long, conflicts_with = "version")]
+        abort: bool,
+        /// Follow the rollout until it ends (exit 0 when promoted, 1 otherwise).
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: AdminConn,
+    },
     /// Every change to a function's deployment, newest first.
     History {
         function: String,
@@ -368,9 +401,85 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
                 out
             });
         }
+        Command::Rollout {
+            function,
+            version,
+            steps,
+            interval,
+            min_requests,
+            min_success,
+            max_p99,
+            abort,
+            watch,
+            reason,
+            api,
+        } => {
+            let client = api.client();
+            let mut body = if abort {
+                client.abort_rollout(&function).await?
+            } else if let Some(version) = version {
+                let max_p99 = wasmgate::config::parse_duration(&max_p99)
+                    .map_err(|e| anyhow::anyhow!("--max-p99: {e}"))?;
+                let plan = serde_json::json!({
+                    "version": version,
+                    "steps": steps,
+                    "interval": interval,
+                    "gates": {
+                        "min_requests": min_requests,
+                        "min_success_percent": min_success,
+                        "max_p99_ms": max_p99.as_secs_f64() * 1000.0,
+                    },
+                    "reason": reason,
+                });
+                client.start_rollout(&function, &plan).await?
+            } else {
+                client.rollout(&function).await?
+            };
+            api.print(&body, rollout_table);
+            if watch {
+                let mut last = body["last"].clone();
+                while body["state"] == "running" {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    body = client.rollout(&function).await?;
+                    if body["last"] != last {
+                        last = body["last"].clone();
+                        api.print(&body, rollout_table);
+                    }
+                }
+                anyhow::ensure!(
+                    body["state"] == "promoted",
+                    "the rollout ended {}",
+                    body["state"].as_str().unwrap_or("?")
+                );
+            }
+        }
         _ => unreachable!("only deployment commands come here"),
     }
     Ok(())
+}
+
+/// `users rollout 1a2b3c of v2 (from v1): running, step 2 of 4 (25%)`, the last judgement and
+/// the step's figures.
+fn rollout_table(r: &serde_json::Value) -> String {
+    let steps = r["steps"].as_array().map_or(0, Vec::len);
+    let mut out = format!(
+        "{} rollout {} of {} (from {}): {}, step {} of {steps} ({}%)\n  {}\n",
+        r["function"].as_str().unwrap_or("?"),
+        r["id"].as_str().unwrap_or("?"),
+        r["candidate"].as_str().unwrap_or("?"),
+        r["baseline"].as_str().unwrap_or("?"),
+        r["state"].as_str().unwrap_or("?"),
+        r["step"],
+        r["weight"],
+        r["last"].as_str().unwrap_or(""),
+    );
+    for f in r["this_step"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  this step: {}\n",
+            f["summary"].as_str().unwrap_or("")
+        ));
+    }
+    out
 }
 
 /// Milliseconds since the epoch as UTC time.
@@ -480,6 +589,7 @@ fn real_main() -> anyhow::Result<()> {
             | Command::Traffic { .. }
             | Command::Promote { .. }
             | Command::Rollback { .. }
+            | Command::Rollout { .. }
             | Command::History { .. }) => deployments(c).await,
             Command::Keys { action, target } => keys(action, target.store().await?).await,
         }

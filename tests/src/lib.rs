@@ -474,6 +474,24 @@ pub fn version_of(name: &str) -> String {
     hex::encode(sha2::Sha256::digest(bytes))[..12].to_string()
 }
 
+/// The admin API's token in tests that turn it on ([`with_admin`]).
+pub const ADMIN_TOKEN: &str = "admin-token-for-the-tests";
+
+/// Starts `manifest` with the admin API on (its token in a file in `dir`) and `backends`
+/// (`--database-url ...`, `--redis-url ...`).
+pub fn with_admin(dir: &Path, manifest: &str, backends: &[&str]) -> Server {
+    let token = dir.join("admin-token");
+    std::fs::write(&token, ADMIN_TOKEN).expect("token file");
+    let mut args = backends.to_vec();
+    args.extend([
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--admin-token-file",
+        token.to_str().expect("utf-8 path"),
+    ]);
+    Server::start_with_args(manifest, &args)
+}
+
 /// The password every test account gets.
 pub const PASSWORD: &str = "correct horse";
 

@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use wasmgate_tests::{Server, expect_problem, version_of, wasm};
-
-const TOKEN: &str = "admin-token-for-the-tests";
+use wasmgate_tests::{ADMIN_TOKEN as TOKEN, Server, expect_problem, version_of, wasm, with_admin};
 
 const MANIFEST: &str = r#"
     [functions.pages]
@@ -73,21 +71,6 @@ async fn served(s: &Server, n: usize) -> BTreeMap<String, usize> {
         *seen.entry(v).or_insert(0) += 1;
     }
     seen
-}
-
-/// Starts `manifest` with the admin API on (its token in a file in `dir`) and `backends`
-/// (`--database-url ...`, `--redis-url ...`).
-fn with_admin(dir: &std::path::Path, manifest: &str, backends: &[&str]) -> Server {
-    let token = dir.join("admin-token");
-    std::fs::write(&token, TOKEN).expect("token file");
-    let mut args = backends.to_vec();
-    args.extend([
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--admin-token-file",
-        token.to_str().expect("utf-8 path"),
-    ]);
-    Server::start_with_args(manifest, &args)
 }
 
 /// [`MANIFEST`] on a SQLite file in `dir`, with the admin API.

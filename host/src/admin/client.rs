@@ -1,5 +1,5 @@
-//! A client of the admin API, for the `wasmgate deploy|versions|traffic|promote|rollback|history`
-//! commands: every call is one request (two where a change needs the live generation first), and
+//! A client of the admin API, for the `wasmgate deploy|versions|traffic|promote|rollback|history|
+//! rollout` commands: every call is one request (two where a change needs the live generation first), and
 //! every refusal comes back with the API's own words.
 
 use serde_json::{Value, json};
@@ -132,6 +132,27 @@ impl AdminClient {
     pub async fn rollback(&self, function: &str) -> Result<Value> {
         Ok(self
             .send(self.http.post(self.url(function, "rollback")))
+            .await?
+            .0)
+    }
+
+    /// Starts a rollout (`{"version", "steps", "interval", "gates", "reason"}`).
+    pub async fn start_rollout(&self, function: &str, plan: &Value) -> Result<Value> {
+        let req = self.http.post(self.url(function, "rollout")).json(plan);
+        Ok(self.send(req).await?.0)
+    }
+
+    /// The running rollout, or the last one.
+    pub async fn rollout(&self, function: &str) -> Result<Value> {
+        Ok(self
+            .send(self.http.get(self.url(function, "rollout")))
+            .await?
+            .0)
+    }
+
+    pub async fn abort_rollout(&self, function: &str) -> Result<Value> {
+        Ok(self
+            .send(self.http.delete(self.url(function, "rollout")))
             .await?
             .0)
     }

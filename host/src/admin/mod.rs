@@ -16,6 +16,7 @@
 //! - `GET history`: every change, newest first.
 //! - `GET summary?window=300`: per version, every process's requests, failures, refusals,
 //!   success rate, p50 and p99 over the window (figures reach the registry once a second).
+//! - `POST|GET|DELETE rollout`: start, follow and abort a progressive rollout (`rollouts`).
 //! - `POST preview-tokens`: a token (an hour) that lets requests pick any deployed version with
 //!   `x-wasmgate-preview: <label>`.
 //!
@@ -23,6 +24,7 @@
 //! before the response returns.
 
 pub mod client;
+mod rollouts;
 
 use std::sync::Arc;
 
@@ -94,6 +96,7 @@ impl From<RegistryError> for Failure {
             RegistryError::Invalid(_) => Failure(StatusCode::BAD_REQUEST, "invalid", detail),
             RegistryError::NotFound(_) => Failure(StatusCode::NOT_FOUND, "not-found", detail),
             RegistryError::Exists(_) => Failure(StatusCode::CONFLICT, "exists", detail),
+            RegistryError::Refused(_) => Failure(StatusCode::CONFLICT, "conflict", detail),
             RegistryError::Stale { .. } => {
                 Failure(StatusCode::PRECONDITION_FAILED, "stale-generation", detail)
             }
@@ -130,6 +133,12 @@ pub fn router(deployer: Arc<Deployer>, token: &str) -> Router {
         )
         .route("/admin/v1/functions/{function}/rollback", post(rollback))
         .route("/admin/v1/functions/{function}/history", get(history))
+        .route(
+            "/admin/v1/functions/{function}/rollout",
+            get(rollouts::status)
+                .post(rollouts::start)
+                .delete(rollouts::abort),
+        )
         .route("/admin/v1/functions/{function}/summary", get(summary))
         .route(
             "/admin/v1/functions/{function}/preview-tokens",
@@ -443,6 +452,7 @@ async fn deploy(
         .registry()
         .set_deployment(&function, expected, &spec, &who, &reason)
         .await?;
+    rollouts::superseded(&admin, &function, generation).await;
     apply(&admin, &function, &who).await?;
     admin.deployer.announce(&function, generation).await;
     Ok(deployment_response(&function, generation, &spec))
@@ -456,6 +466,7 @@ async fn rollback(
     let who = actor(&headers);
     let registry = admin.deployer.registry();
     let generation = registry.rollback(&function, &who, "rollback").await?;
+    rollouts::superseded(&admin, &function, generation).await;
     apply(&admin, &function, &who).await?;
     admin.deployer.announce(&function, generation).await;
     let spec = registry

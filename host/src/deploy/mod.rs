@@ -112,6 +112,7 @@ impl Deployer {
             applied: std::sync::Mutex::new(generations),
         });
         tokio::spawn(watch(Arc::downgrade(&deployer), redis));
+        tokio::spawn(crate::rollout::drive(Arc::downgrade(&deployer)));
         tokio::spawn(
             deployer
                 .platform

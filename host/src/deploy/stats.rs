@@ -85,7 +85,7 @@ impl Counts {
     }
 
     /// What accumulated, leaving zeros.
-    fn take(&self) -> Figures {
+    pub(crate) fn take(&self) -> Figures {
         Figures {
             requests: self.requests.swap(0, Ordering::Relaxed),
             failed: self.failed.swap(0, Ordering::Relaxed),
@@ -143,6 +143,21 @@ impl Figures {
     pub fn success_percent(&self) -> Option<f64> {
         (self.requests > 0)
             .then(|| 100.0 * (self.requests - self.failed) as f64 / self.requests as f64)
+    }
+
+    /// Requests that certainly took longer than `ms` (those in buckets whose lower bound is at
+    /// least `ms`).
+    pub fn slower_than(&self, ms: f64) -> u64 {
+        let us = ms * 1000.0;
+        self.latency
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                let lower = i.checked_sub(1).map_or(0, |j| bounds()[j]);
+                lower as f64 >= us
+            })
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// The latency under which a `q` share of requests finished, in ms (a bucket's upper bound;

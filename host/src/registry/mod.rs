@@ -14,6 +14,9 @@
 #[cfg(test)]
 mod conformance;
 mod figures;
+mod rollouts;
+
+pub use rollouts::{ABORTED, PROMOTED, ROLLED_BACK, RUNNING, RolloutChange, RolloutRow};
 
 use std::sync::Arc;
 
@@ -178,6 +181,9 @@ pub enum RegistryError {
         expected: Option<i64>,
         actual: Option<i64>,
     },
+    /// A change that depended on something else (a rollout's state, a lease) no longer holding.
+    #[error("{0}")]
+    Refused(String),
     #[error("the registry is unavailable: {0:?}")]
     Db(DbError),
     #[error("a stored deployment is corrupt: {0}")]
@@ -195,6 +201,13 @@ fn generation(g: &Option<i64>) -> String {
 }
 
 type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+/// A statement a change depends on: it must change a row, or the change is refused.
+pub(crate) struct Guard {
+    pub sql: String,
+    pub params: Vec<Value>,
+    pub refusal: String,
+}
 
 #[derive(Clone)]
 pub struct Registry {
@@ -230,6 +243,7 @@ impl Registry {
                      )",
                 ),
                 Migration::new("0003_version_figures", figures::DDL),
+                Migration::new("0004_rollouts", rollouts::DDL),
             ],
         )
         .await?;
@@ -382,6 +396,21 @@ impl Registry {
         actor: &str,
         reason: &str,
     ) -> Result<i64> {
+        self.change(function, expected, spec, actor, reason, Vec::new())
+            .await
+    }
+
+    /// [`Self::set_deployment`], in one transaction with `guards`: statements that must each
+    /// change a row, or nothing is changed and the guard's refusal is the error.
+    pub(crate) async fn change(
+        &self,
+        function: &str,
+        expected: Option<i64>,
+        spec: &Spec,
+        actor: &str,
+        reason: &str,
+        guards: Vec<Guard>,
+    ) -> Result<i64> {
         spec.check()?;
         let known = self.versions(function).await?;
         if let Some(missing) = spec
@@ -397,6 +426,11 @@ impl Registry {
         let json = serde_json::to_string(spec).expect("a spec serializes");
         let now = now_ms();
         let mut tx = self.db.begin().await?;
+        for g in guards {
+            if tx.execute(&g.sql, g.params).await? == 0 {
+                return Err(RegistryError::Refused(g.refusal));
+            }
+        }
         let (changed, generation) = match expected {
             None => (
                 tx.execute(

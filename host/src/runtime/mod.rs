@@ -88,6 +88,10 @@ pub struct Runtime {
     /// One linker per grant set: a function's linker holds only what it was granted.
     linkers: Mutex<BTreeMap<Grants, Linker<GuestState>>>,
     cache: CompileCache,
+    /// Versions loaded now, by what they were loaded from (function, module, limits, grants): a
+    /// reload that keeps a version gets the same one, with its idle instances, instead of
+    /// loading it again. Weak: a version no deployment uses any more is still dropped.
+    loaded: Mutex<BTreeMap<String, std::sync::Weak<FunctionInner>>>,
 }
 
 /// Why a component could not be loaded; each message names the file and the fix.
@@ -150,6 +154,7 @@ impl Runtime {
             engine,
             linkers: Mutex::default(),
             cache,
+            loaded: Mutex::default(),
         })
     }
 
@@ -208,6 +213,16 @@ impl Runtime {
             });
         }
         let sha256 = hex::encode(Sha256::digest(wasm));
+        let key = format!("{name} {sha256} {limits:?} {grants:?}");
+        let mut loaded = self
+            .loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        loaded.retain(|_, f| f.strong_count() > 0);
+        if let Some(inner) = loaded.get(&key).and_then(std::sync::Weak::upgrade) {
+            return Ok(Function { inner });
+        }
+        drop(loaded);
         let (component, source) =
             self.cache
                 .load(&self.engine, &sha256, wasm)
@@ -237,20 +252,23 @@ impl Runtime {
             "function" => name.to_string(), "version" => sha256[..12].to_string());
         let running = metrics::gauge!("wasmgate_instances_running",
             "function" => name.to_string(), "version" => sha256[..12].to_string());
-        Ok(Function {
-            inner: Arc::new(FunctionInner {
-                running,
-                runs,
-                name: name.to_string(),
-                sha256,
-                pre,
-                limits,
-                caps,
-                source,
-                load_time: started.elapsed(),
-                idle: Mutex::default(),
-            }),
-        })
+        let inner = Arc::new(FunctionInner {
+            running,
+            runs,
+            name: name.to_string(),
+            sha256,
+            pre,
+            limits,
+            caps,
+            source,
+            load_time: started.elapsed(),
+            idle: Mutex::default(),
+        });
+        self.loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, Arc::downgrade(&inner));
+        Ok(Function { inner })
     }
 }
 

@@ -46,6 +46,12 @@ impl Lock {
         self.backend.kind()
     }
 
+    /// The backend itself, for the host's own leases (rollout drivers), under names no function
+    /// can reach (function names do not start with `_`).
+    pub fn backend(&self) -> &Arc<dyn LockBackend> {
+        &self.backend
+    }
+
     pub async fn ready(&self) -> bool {
         super::answers(self.backend.ping()).await
     }
