@@ -83,6 +83,18 @@ enum Command {
         /// This version's capabilities, instead of its function's ("db,cache"; "" for none).
         #[arg(long)]
         capabilities: Option<String>,
+        /// Approve what it may do beyond the live version (a capability it imports or is
+        /// granted, a looser limit). Without it, such a version is held at 0% and the
+        /// difference printed.
+        #[arg(long)]
+        approve: bool,
+        #[command(flatten)]
+        api: AdminConn,
+    },
+    /// Approve what a held version may do beyond the live one, so it can take traffic.
+    Approve {
+        function: String,
+        label: String,
         #[command(flatten)]
         api: AdminConn,
     },
@@ -293,6 +305,7 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
             timeout,
             memory,
             capabilities,
+            approve,
             api,
         } => {
             let bytes = std::fs::read(&wasm)
@@ -308,9 +321,13 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
                 ("capabilities", capabilities),
             ]
             .into_iter()
+            .chain([("approve", approve.then(|| "true".to_string()))])
             .filter_map(|(k, v)| Some((k, v?)))
             .collect();
             let uploaded = client.upload(&function, &label, &settings, bytes).await?;
+            if uploaded["held"] == true {
+                return held(&client, &api, &function, &label, &uploaded).await;
+            }
             let split = match client.deployment(&function).await? {
                 Some((live, _)) => admin::client::with_canary(&live, &label, weight),
                 None if weight == 100 => vec![(label.clone(), 100)],
@@ -331,6 +348,20 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
                     )
                 },
             );
+        }
+        Command::Approve {
+            function,
+            label,
+            api,
+        } => {
+            let body = api.client().approve(&function, &label).await?;
+            api.print(&body, |b| {
+                format!(
+                    "{function} {label} approved by {}: {}\n",
+                    b["approved_by"].as_str().unwrap_or("?"),
+                    widens(b)
+                )
+            });
         }
         Command::Versions { function, api } => {
             let body = api.client().versions(&function).await?;
@@ -482,6 +513,57 @@ fn rollout_table(r: &serde_json::Value) -> String {
     out
 }
 
+/// What a version may do beyond the live one, as one line.
+fn widens(v: &serde_json::Value) -> String {
+    v["widens"]
+        .as_array()
+        .map(|w| {
+            w.iter()
+                .filter_map(|l| l.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_default()
+}
+
+/// An uploaded version that may do more than the live one: deployed at 0% (where there is a
+/// deployment to add it to), the difference printed, and a failure exit so scripts stop.
+async fn held(
+    client: &admin::client::AdminClient,
+    api: &AdminConn,
+    function: &str,
+    label: &str,
+    uploaded: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let deployed = match client.deployment(function).await? {
+        Some((live, _)) => Some(
+            client
+                .traffic(
+                    function,
+                    &admin::client::with_canary(&live, label, 0),
+                    None,
+                    "held for approval",
+                )
+                .await?,
+        ),
+        None => None,
+    };
+    api.print(
+        &serde_json::json!({"uploaded": uploaded, "deployment": deployed}),
+        |_| {
+            format!(
+                "uploaded {function} {label} (sha256 {})\n{label} may do more than the live version: {}\n{}",
+                uploaded["sha256"].as_str().map_or("?", |s| &s[..12.min(s.len())]),
+                widens(uploaded),
+                deployed.as_ref().map(deployment_table).unwrap_or_default()
+            )
+        },
+    );
+    anyhow::bail!(
+        "{label} is held at 0% until approved: review the difference above, then `wasmgate approve {function} {label}` and set its traffic"
+    )
+}
+
 /// Milliseconds since the epoch as UTC time.
 fn when(ms: &serde_json::Value) -> String {
     ms.as_i64()
@@ -590,6 +672,7 @@ fn real_main() -> anyhow::Result<()> {
             | Command::Promote { .. }
             | Command::Rollback { .. }
             | Command::Rollout { .. }
+            | Command::Approve { .. }
             | Command::History { .. }) => deployments(c).await,
             Command::Keys { action, target } => keys(action, target.store().await?).await,
         }

@@ -416,6 +416,85 @@ fn cli(admin: &str, args: &[&str]) -> (i32, String, String) {
 }
 
 #[tokio::test]
+async fn a_version_that_may_do_more_is_held_at_0_percent_until_approved() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = start(dir.path());
+    let admin = s.admin.clone().expect("admin");
+    let (hello, cachey) = (wasm("hello"), wasm("cachey"));
+    let (hello, cachey) = (
+        hello.to_str().expect("path"),
+        cachey.to_str().expect("path"),
+    );
+    assert_eq!(
+        cli(&admin, &["deploy", "pages", hello, "--label", "v1"]).0,
+        0
+    );
+
+    // cachey imports the cache and the response cache, which hello does not: held at 0%, the
+    // difference printed, and a failure exit so a script stops.
+    let (code, out, err) = cli(&admin, &["deploy", "pages", cachey, "--label", "v2"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("v2 may do more than the live version: imports the `cache` capability; imports the `response-cache` capability"),
+        "{out}"
+    );
+    assert!(out.contains("pages generation 2: v1 100%, v2 0%"), "{out}");
+    assert!(err.contains("wasmgate approve pages v2"), "{err}");
+    let (code, out, _) = cli(&admin, &["versions", "pages", "--json"]);
+    assert_eq!(code, 0);
+    let versions: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(versions["versions"][1]["held"], true, "{versions}");
+    assert_eq!(
+        versions["versions"][1]["widens"],
+        json!([
+            "imports the `cache` capability",
+            "imports the `response-cache` capability"
+        ])
+    );
+    // No traffic for it, by any path, until approved.
+    let (code, _, err) = cli(&admin, &["traffic", "pages", "v1=50", "v2=50"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("stays at 0% until an operator approves it"),
+        "{err}"
+    );
+    let (code, _, err) = cli(&admin, &["rollout", "pages", "v2"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("stays at 0%"), "{err}");
+
+    let (code, out, _) = cli(&admin, &["approve", "pages", "v2"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("pages v2 approved by "), "{out}");
+    let (code, out, _) = cli(&admin, &["traffic", "pages", "v1=50", "v2=50"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "pages generation 3: v1 50%, v2 50%")
+    );
+
+    // Narrowing needs nothing: hello with a shorter timeout than the manifest's 5 s.
+    let (code, out, err) = cli(
+        &admin,
+        &["deploy", "pages", hello, "--label", "v3", "--timeout", "1s"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    // A longer timeout is a looser limit.
+    let (code, out, _) = cli(
+        &admin,
+        &[
+            "deploy",
+            "pages",
+            hello,
+            "--label",
+            "v4",
+            "--timeout",
+            "30s",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(out.contains("timeout 1000 ms -> 30000 ms"), "{out}");
+}
+
+#[tokio::test]
 async fn the_cli_deploys_splits_promotes_and_rolls_back() {
     let dir = tempfile::tempdir().expect("tmp");
     let s = start(dir.path());
@@ -434,7 +513,16 @@ async fn the_cli_deploys_splits_promotes_and_rolls_back() {
     );
     let (code, out, err) = cli(
         &admin,
-        &["deploy", "pages", cachey, "--label", "v3", "--weight", "10"],
+        &[
+            "deploy",
+            "pages",
+            cachey,
+            "--label",
+            "v3",
+            "--weight",
+            "10",
+            "--approve",
+        ],
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("pages generation 2: v2 90%, v3 10%"), "{out}");

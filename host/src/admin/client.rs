@@ -157,6 +157,14 @@ impl AdminClient {
             .0)
     }
 
+    /// Approves what version `label` may do beyond the live one.
+    pub async fn approve(&self, function: &str, label: &str) -> Result<Value> {
+        let req = self
+            .http
+            .post(self.url(function, &format!("versions/{label}/approve")));
+        Ok(self.send(req).await?.0)
+    }
+
     pub async fn history(&self, function: &str) -> Result<Value> {
         Ok(self
             .send(self.http.get(self.url(function, "history")))

@@ -8,6 +8,10 @@
 //!   query change its function's manifest settings for this version. It is compiled and checked against the function's grants off the request
 //!   path, one compile at a time; invalid wasm, a core module, the wrong world or an ungranted
 //!   import is a 400 naming the reason. The module is stored content-addressed.
+//!   A version that imports a capability the live version does not, is granted more, or
+//!   loosens a limit (timeout, memory, body size, instance reuse) is stored with that
+//!   difference (`widens`) and takes no traffic until approved (`?approve=true` at upload, or
+//!   `POST versions/{label}/approve`); one that only narrows needs nothing.
 //! - `GET versions`: the function's versions.
 //! - `GET deployment`: the live split, its generation as the `ETag`.
 //! - `PUT deployment`: a new split (`{"versions": [{"label", "weight"}], "sticky", "reason"}`),
@@ -40,7 +44,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
-use crate::deploy::Deployer;
+use crate::deploy::{Deployer, Surface};
 use crate::registry::{RegistryError, Spec, VersionRow, VersionSettings, Weighted};
 
 /// Largest component accepted.
@@ -134,6 +138,10 @@ pub fn router(deployer: Arc<Deployer>, token: &str) -> Router {
         .route("/admin/v1/functions/{function}/rollback", post(rollback))
         .route("/admin/v1/functions/{function}/history", get(history))
         .route(
+            "/admin/v1/functions/{function}/versions/{label}/approve",
+            post(approve),
+        )
+        .route(
             "/admin/v1/functions/{function}/rollout",
             get(rollouts::status)
                 .post(rollouts::start)
@@ -208,6 +216,9 @@ struct UploadQuery {
     max_body: Option<String>,
     instance_reuse: Option<u32>,
     capabilities: Option<String>,
+    /// Approve at once what it widens (the operator has seen the difference).
+    #[serde(default)]
+    approve: bool,
 }
 
 impl UploadQuery {
@@ -262,6 +273,7 @@ async fn upload(
         )
     })?;
     let (deployer, name, wasm) = (admin.deployer.clone(), function.clone(), bytes.clone());
+    let grants_now = grants.clone();
     let checked = tokio::task::spawn_blocking(move || {
         let platform = deployer.platform();
         platform
@@ -274,12 +286,12 @@ async fn upload(
                 &grants,
                 platform.backends.configure(&name),
             )
-            .map(|_| ())
+            .map(|f| f.imports().to_vec())
     })
     .await;
     drop(permit);
-    match checked {
-        Ok(Ok(())) => {}
+    let imports = match checked {
+        Ok(Ok(imports)) => imports,
         Ok(Err(e)) => {
             return Err(Failure(
                 StatusCode::BAD_REQUEST,
@@ -295,23 +307,89 @@ async fn upload(
                 "the module could not be checked".into(),
             ));
         }
-    }
+    };
     let registry = admin.deployer.registry();
+    let surface = Surface::new(&imports, &grants_now, &limits);
+    let widens = surface.widens(&live_surface(&admin, &function, &cfg).await?);
     let sha256 = registry.put_module(&bytes).await?;
+    let who = actor(&headers);
     let row = VersionRow {
         function: function.clone(),
         label: q.label.clone(),
         sha256: sha256.clone(),
         settings: serde_json::to_string(&settings).expect("settings serialize"),
-        created_by: actor(&headers),
+        created_by: who.clone(),
         created_at: crate::auth::now_ms(),
+        surface: serde_json::to_string(&surface).expect("a surface serializes"),
+        approved_by: if q.approve && !widens.is_empty() {
+            who
+        } else {
+            String::new()
+        },
+        widens,
     };
     registry.create_version(&row).await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(serde_json::json!({"function": function, "label": q.label, "sha256": sha256})),
+        axum::Json(serde_json::json!({
+            "function": function,
+            "label": q.label,
+            "sha256": sha256,
+            "widens": row.widens,
+            "approved_by": row.approved_by,
+            "held": row.held(),
+        })),
     )
         .into_response())
+}
+
+/// What the version serving most of `function`'s traffic may do: the registry's record of it,
+/// or, while the manifest's `wasm` serves, the manifest's grants and limits (it may import at
+/// most what it is granted).
+async fn live_surface(
+    admin: &Admin,
+    function: &str,
+    cfg: &crate::config::FunctionConfig,
+) -> Result<Surface, Failure> {
+    let registry = admin.deployer.registry();
+    if let Some(live) = registry.deployment(function).await? {
+        let heaviest = live.spec.versions.iter().max_by_key(|w| w.weight);
+        let versions = registry.versions(function).await?;
+        if let Some(v) = heaviest.and_then(|w| versions.iter().find(|v| v.label == w.label)) {
+            return Ok(serde_json::from_str(&v.surface).unwrap_or_default());
+        }
+    }
+    let (limits, grants) = crate::loader::effective(
+        cfg,
+        &VersionSettings::default(),
+        admin.deployer.settings().max_memory,
+    )
+    .map_err(|e| Failure(StatusCode::BAD_REQUEST, "invalid", e))?;
+    let names: Vec<&str> = grants.iter().map(|c| c.name()).collect();
+    Ok(Surface::new(&names, &grants, &limits))
+}
+
+/// `POST versions/{label}/approve`: lets a version that widens what its function may do take
+/// traffic.
+async fn approve(
+    State(admin): State<Arc<Admin>>,
+    Path((function, label)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Answer {
+    function_config(&admin, &function)?;
+    let row = admin
+        .deployer
+        .registry()
+        .approve_version(&function, &label, &actor(&headers))
+        .await?;
+    Ok(axum::Json(serde_json::json!({
+        "function": function,
+        "label": label,
+        "widens": row.widens,
+        "approved_by": row.approved_by,
+        "held": row.held(),
+    }))
+    .into_response())
 }
 
 async fn versions(State(admin): State<Arc<Admin>>, Path(function): Path<String>) -> Answer {
@@ -321,7 +399,7 @@ async fn versions(State(admin): State<Arc<Admin>>, Path(function): Path<String>)
         .map(|v| {
             let settings: serde_json::Value =
                 serde_json::from_str(&v.settings).unwrap_or_default();
-            serde_json::json!({"label": v.label, "sha256": v.sha256, "settings": settings, "created_by": v.created_by, "created_at": v.created_at})
+            serde_json::json!({"label": v.label, "sha256": v.sha256, "settings": settings, "created_by": v.created_by, "created_at": v.created_at, "widens": v.widens, "approved_by": v.approved_by, "held": v.held()})
         })
         .collect();
     Ok(axum::Json(serde_json::json!({"function": function, "versions": list})).into_response())

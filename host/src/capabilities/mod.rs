@@ -109,6 +109,21 @@ pub fn link(linker: &mut Linker<GuestState>, grants: &Grants) -> wasmtime::Resul
 
 /// Refuses a component that imports a capability its manifest entry does not grant, naming the
 /// import and the fix.
+/// The wasmgate capabilities `component` imports, by name.
+pub fn imported(engine: &Engine, component: &Component) -> Vec<&'static str> {
+    let ty = component.component_type();
+    ty.imports(engine)
+        .filter_map(|(name, _)| {
+            let rest = name.strip_prefix(PACKAGE)?;
+            let iface = rest.split('@').next().unwrap_or(rest);
+            Capability::ALL
+                .iter()
+                .find(|c| c.name() == iface)
+                .map(|c| c.name())
+        })
+        .collect()
+}
+
 pub fn check_grants(engine: &Engine, component: &Component, grants: &Grants) -> Result<(), String> {
     let ty = component.component_type();
     for (name, _) in ty.imports(engine) {

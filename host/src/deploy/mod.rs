@@ -1,6 +1,7 @@
 //! Deployments: what serves now, and how it changes while the process keeps running.
 //!
 //! Layout:
+//! - `diff`: what a version may do, and whether a new one may do more than the live one.
 //! - `preview`: requests pinned to a version by label, with an admin-issued preview token.
 //! - `stats`: per-version requests, failures and latency, shared by every process through the
 //!   registry (the admin summary and rollout gates read them).
@@ -18,6 +19,7 @@
 //! registry's generations with the ones it serves every [`POLL_WITH_REDIS`] (or
 //! [`POLL_WITHOUT_REDIS`] when there is no Redis), which covers a lost notice.
 
+mod diff;
 mod preview;
 mod stats;
 mod version_set;
@@ -29,6 +31,7 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex, Notify};
 
+pub use diff::Surface;
 pub use preview::{PREVIEW_HEADER, PREVIEW_TOKEN_HEADER, PREVIEW_TTL, Previews};
 pub use stats::{Counts, Figures, Stats};
 pub use version_set::{StickyKey, VERSION_HEADER, Version, VersionMetrics, VersionSet};

@@ -20,6 +20,9 @@ fn version(label: &str, sha256: &str) -> VersionRow {
         settings: "{}".into(),
         created_by: "ops".into(),
         created_at: 1,
+        surface: "{}".into(),
+        widens: Vec::new(),
+        approved_by: String::new(),
     }
 }
 
@@ -164,6 +167,62 @@ async fn suite(r: Registry) {
     ));
 
     figures(&r).await;
+    approval(&r, &a).await;
+}
+
+/// A version that widens what its function may do takes no traffic until approved.
+async fn approval(r: &Registry, module: &str) {
+    let wide = VersionRow {
+        widens: vec!["imports the `db` capability".into()],
+        ..version("wide", module)
+    };
+    r.create_version(&wide).await.expect("create");
+    let live = r.deployment("users").await.expect("get").expect("live");
+    let refused = r
+        .set_deployment(
+            "users",
+            Some(live.generation),
+            &split(&[("v1", 90), ("wide", 10)]),
+            "ops",
+            "x",
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(RegistryError::Refused(why)) if why.contains("imports the `db` capability")),
+        "{refused:?}"
+    );
+    // At 0% it may be deployed (for previews).
+    let g = r
+        .set_deployment(
+            "users",
+            Some(live.generation),
+            &split(&[("v1", 100), ("wide", 0)]),
+            "ops",
+            "x",
+        )
+        .await
+        .expect("held at 0%");
+    assert!(matches!(
+        r.approve_version("users", "v1", "ops").await,
+        Err(RegistryError::Invalid(_))
+    ));
+    let approved = r
+        .approve_version("users", "wide", "lead")
+        .await
+        .expect("approve");
+    assert_eq!(
+        (approved.approved_by.as_str(), approved.held()),
+        ("lead", false)
+    );
+    r.set_deployment(
+        "users",
+        Some(g),
+        &split(&[("v1", 90), ("wide", 10)]),
+        "ops",
+        "x",
+    )
+    .await
+    .expect("approved: takes traffic");
 }
 
 /// Per-version figures: rows of several processes and flushes add up; a window and pruning

@@ -145,6 +145,20 @@ pub struct VersionRow {
     pub settings: String,
     pub created_by: String,
     pub created_at: i64,
+    /// What it may do (`deploy::Surface`, as JSON).
+    pub surface: String,
+    /// How it widens what the live version could do when it was uploaded; while this is not
+    /// empty and nobody approved it, it may not take traffic.
+    pub widens: Vec<String>,
+    /// Who approved `widens` (empty: nobody yet).
+    pub approved_by: String,
+}
+
+impl VersionRow {
+    /// Whether it may not take traffic until someone approves what it widens.
+    pub fn held(&self) -> bool {
+        !self.widens.is_empty() && self.approved_by.is_empty()
+    }
 }
 
 /// A function's live deployment.
@@ -244,6 +258,12 @@ impl Registry {
                 ),
                 Migration::new("0003_version_figures", figures::DDL),
                 Migration::new("0004_rollouts", rollouts::DDL),
+                Migration::new(
+                    "0005_version_surface",
+                    "ALTER TABLE wasmgate_versions ADD COLUMN surface TEXT NOT NULL DEFAULT '{}';
+                     ALTER TABLE wasmgate_versions ADD COLUMN widens TEXT NOT NULL DEFAULT '[]';
+                     ALTER TABLE wasmgate_versions ADD COLUMN approved_by TEXT NOT NULL DEFAULT ''",
+                ),
             ],
         )
         .await?;
@@ -306,7 +326,7 @@ impl Registry {
         let inserted = self
             .db
             .execute(
-                "INSERT INTO wasmgate_versions (function, label, sha256, settings, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (function, label) DO NOTHING",
+                "INSERT INTO wasmgate_versions (function, label, sha256, settings, created_by, created_at, surface, widens, approved_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (function, label) DO NOTHING",
                 vec![
                     Value::Text(v.function.clone()),
                     Value::Text(v.label.clone()),
@@ -314,6 +334,9 @@ impl Registry {
                     Value::Text(v.settings.clone()),
                     Value::Text(v.created_by.clone()),
                     Value::Int64(v.created_at),
+                    Value::Text(v.surface.clone()),
+                    Value::Text(serde_json::to_string(&v.widens).expect("strings serialize")),
+                    Value::Text(v.approved_by.clone()),
                 ],
             )
             .await?;
@@ -330,7 +353,7 @@ impl Registry {
         let rows = self
             .db
             .query(
-                "SELECT function, label, sha256, settings, created_by, created_at FROM wasmgate_versions WHERE function = $1 ORDER BY created_at, label",
+                "SELECT function, label, sha256, settings, created_by, created_at, surface, widens, approved_by FROM wasmgate_versions WHERE function = $1 ORDER BY created_at, label",
                 vec![Value::Text(function.into())],
             )
             .await?;
@@ -344,8 +367,43 @@ impl Registry {
                 settings: r[3].text(),
                 created_by: r[4].text(),
                 created_at: r[5].int().unwrap_or(0),
+                surface: r[6].text(),
+                widens: serde_json::from_str(&r[7].text()).unwrap_or_default(),
+                approved_by: r[8].text(),
             })
             .collect())
+    }
+
+    /// Records that `actor` approved what version `label` of `function` widens.
+    pub async fn approve_version(
+        &self,
+        function: &str,
+        label: &str,
+        actor: &str,
+    ) -> Result<VersionRow> {
+        let changed = self
+            .db
+            .execute(
+                "UPDATE wasmgate_versions SET approved_by = $1 WHERE function = $2 AND label = $3 AND approved_by = '' AND widens <> '[]'",
+                vec![
+                    Value::Text(actor.into()),
+                    Value::Text(function.into()),
+                    Value::Text(label.into()),
+                ],
+            )
+            .await?;
+        let row = self
+            .versions(function)
+            .await?
+            .into_iter()
+            .find(|v| v.label == label)
+            .ok_or_else(|| RegistryError::NotFound(format!("version {label} of {function}")))?;
+        if changed == 0 && row.widens.is_empty() {
+            return Err(RegistryError::Invalid(format!(
+                "{label} does not widen what {function} may do; it needs no approval"
+            )));
+        }
+        Ok(row)
     }
 
     pub async fn deployment(&self, function: &str) -> Result<Option<DeploymentRow>> {
@@ -421,6 +479,19 @@ impl Registry {
             return Err(RegistryError::NotFound(format!(
                 "version {} of {function}",
                 missing.label
+            )));
+        }
+        if let Some(held) = spec
+            .versions
+            .iter()
+            .filter(|w| w.weight > 0)
+            .find_map(|w| known.iter().find(|v| v.label == w.label && v.held()))
+        {
+            return Err(RegistryError::Refused(format!(
+                "{} of {function} may do more than the live version ({}); it stays at 0% until an operator approves it (`wasmgate approve {function} {}`)",
+                held.label,
+                held.widens.join("; "),
+                held.label
             )));
         }
         let json = serde_json::to_string(spec).expect("a spec serializes");

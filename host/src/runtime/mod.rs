@@ -240,6 +240,7 @@ impl Runtime {
             path: path.to_path_buf(),
             reason: format!("{e:#}"),
         };
+        let imports = capabilities::imported(&self.engine, &component);
         let instance_pre = self
             .linker(grants)
             .and_then(|l| l.instantiate_pre(&component))
@@ -262,6 +263,7 @@ impl Runtime {
             caps,
             source,
             load_time: started.elapsed(),
+            imports,
             idle: Mutex::default(),
         });
         self.loaded
@@ -292,6 +294,8 @@ struct FunctionInner {
     caps: FunctionCaps,
     source: Source,
     load_time: Duration,
+    /// The wasmgate capabilities it imports (what a deploy compares with the live version).
+    imports: Vec<&'static str>,
     idle: Mutex<Vec<invoke::Warm>>,
 }
 
@@ -308,6 +312,10 @@ impl Drop for FunctionInner {
 }
 
 impl Function {
+    pub fn imports(&self) -> &[&'static str] {
+        &self.inner.imports
+    }
+
     pub fn name(&self) -> &str {
         &self.inner.name
     }
