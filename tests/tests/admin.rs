@@ -44,6 +44,19 @@ impl Admin {
             .await
     }
 
+    /// `GET .../summary`: every version's figures over the last 5 minutes.
+    async fn summary(&self) -> Value {
+        self.c
+            .get(self.url("/summary"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("summary")
+            .json()
+            .await
+            .expect("json")
+    }
+
     async fn deploy(&self, generation: Option<i64>, versions: Value) -> reqwest::Response {
         let mut req = self
             .c
@@ -171,16 +184,7 @@ async fn versions_traffic_and_rollback_through_the_admin_api() {
     );
     // Figures reach the registry once a second.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let summary: Value = admin
-        .c
-        .get(admin.url("/summary"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("summary")
-        .json()
-        .await
-        .expect("json");
+    let summary = admin.summary().await;
     for (label, version) in [("v1", &v1), ("v2", &v2)] {
         let row = summary["versions"]
             .as_array()
@@ -375,17 +379,7 @@ async fn a_change_through_one_process_is_served_by_another_within_a_second() {
 
 /// The requests v2 answered in the last 5 minutes, as the admin summary says.
 async fn v2_requests(admin: &Admin) -> u64 {
-    let summary: Value = admin
-        .c
-        .get(admin.url("/summary"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("summary")
-        .json()
-        .await
-        .expect("json");
-    summary["versions"]
+    admin.summary().await["versions"]
         .as_array()
         .and_then(|a| a.iter().find(|r| r["label"] == "v2"))
         .and_then(|r| r["requests"].as_u64())

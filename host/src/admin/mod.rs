@@ -462,6 +462,17 @@ struct DeployRequest {
     reason: Option<String>,
 }
 
+/// A request's JSON body, or a 400 saying what is wrong with it.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
+    serde_json::from_slice(body).map_err(|e| {
+        Failure(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("invalid JSON: {e}"),
+        )
+    })
+}
+
 /// The generation `If-Match` names (`"3"` or `3`); none without the header.
 fn expected_generation(headers: &HeaderMap) -> Result<Option<i64>, Failure> {
     let Some(v) = headers.get(header::IF_MATCH) else {
@@ -511,13 +522,7 @@ async fn deploy(
     body: axum::body::Bytes,
 ) -> Answer {
     function_config(&admin, &function)?;
-    let req: DeployRequest = serde_json::from_slice(&body).map_err(|e| {
-        Failure(
-            StatusCode::BAD_REQUEST,
-            "invalid",
-            format!("invalid JSON: {e}"),
-        )
-    })?;
+    let req: DeployRequest = json_body(&body)?;
     let expected = expected_generation(&headers)?;
     let spec = Spec {
         versions: req.versions,

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 
-use super::{Admin, Answer, Failure, actor, apply, function_config};
+use super::{Admin, Answer, Failure, actor, apply, function_config, json_body};
 use crate::registry::{ABORTED, RUNNING, RolloutRow};
 use crate::rollout::{DEFAULT_INTERVAL, DEFAULT_STEPS, Gates, Plan, describe, only};
 
@@ -38,8 +38,7 @@ pub(super) async fn start(
     body: axum::body::Bytes,
 ) -> Answer {
     function_config(&admin, &function)?;
-    let req: StartRequest =
-        serde_json::from_slice(&body).map_err(|e| invalid(format!("invalid JSON: {e}")))?;
+    let req: StartRequest = json_body(&body)?;
     let interval = match &req.interval {
         Some(i) => crate::config::parse_duration(i).map_err(invalid)?,
         None => DEFAULT_INTERVAL,
