@@ -1,7 +1,10 @@
 //! The registry's conformance suite, on SQLite and on a real PostgreSQL (a fresh database next
 //! to `DATABASE_URL`'s).
 
-use super::{Registry, RegistryError, Spec, VersionRow, Weighted};
+use super::{
+    ABORTED, RUNNING, Registry, RegistryError, RolloutChange, RolloutRow, Spec, VersionRow,
+    Weighted,
+};
 use crate::capabilities::db::Db;
 use crate::capabilities::db::conformance::fresh_postgres;
 use crate::deploy::Figures;
@@ -168,6 +171,122 @@ async fn suite(r: Registry) {
 
     figures(&r).await;
     approval(&r, &a).await;
+    rollouts(&r).await;
+}
+
+/// Rollouts: one running per function, started with its first step in one transaction; a
+/// driver's change needs its fence and the step it judged, so a driver that was taken over
+/// changes nothing, and a step is never applied twice.
+async fn rollouts(r: &Registry) {
+    let live = r.deployment("users").await.expect("get").expect("live");
+    let row = |id: &str| RolloutRow {
+        id: id.into(),
+        function: "users".into(),
+        candidate: "wide".into(),
+        baseline: "v1".into(),
+        plan: "{}".into(),
+        state: RUNNING.into(),
+        step: 0,
+        step_started_at: 1,
+        fence: 0,
+        generation: 0,
+        last: "started".into(),
+        created_by: "ops".into(),
+        created_at: 1,
+        updated_at: 1,
+    };
+    let g = r
+        .start_rollout(
+            &row("r1"),
+            live.generation,
+            &split(&[("v1", 95), ("wide", 5)]),
+            "rollout r1",
+        )
+        .await
+        .expect("start");
+    assert!(matches!(
+        r.start_rollout(
+            &row("r2"),
+            g,
+            &split(&[("v1", 95), ("wide", 5)]),
+            "rollout r2"
+        )
+        .await,
+        Err(RegistryError::Refused(_))
+    ));
+    assert_eq!(
+        r.deployment("users")
+            .await
+            .expect("get")
+            .expect("live")
+            .generation,
+        g,
+        "the refused start changed nothing"
+    );
+    let running = r.running_rollouts().await.expect("running");
+    assert_eq!(running.len(), 1);
+    let seen = running[0].clone();
+    assert_eq!(seen.generation, g);
+
+    // Driver A takes it over, then driver B: A's judgement of step 0 is refused.
+    let a = r
+        .claim_rollout("r1", seen.fence)
+        .await
+        .expect("claim")
+        .expect("a");
+    assert_eq!(
+        r.claim_rollout("r1", seen.fence).await.expect("claim"),
+        None,
+        "one claim per fence"
+    );
+    let b = r.claim_rollout("r1", a).await.expect("claim").expect("b");
+    let next = RolloutChange {
+        state: RUNNING,
+        step: 1,
+        step_started_at: 2,
+        last: "step 1 passed".into(),
+        deployment: Some((
+            split(&[("v1", 50), ("wide", 50)]),
+            "rollout r1: step 2".into(),
+        )),
+    };
+    assert!(matches!(
+        r.advance_rollout(&seen, a, &next, "driver a").await,
+        Err(RegistryError::Refused(_))
+    ));
+    let g2 = r
+        .advance_rollout(&seen, b, &next, "driver b")
+        .await
+        .expect("b advances");
+    assert_eq!(g2, g + 1);
+    // The same judgement again (a retry, or a second driver with a stale read): refused.
+    assert!(matches!(
+        r.advance_rollout(&seen, b, &next, "driver b").await,
+        Err(RegistryError::Refused(_))
+    ));
+    let now = r.running_rollouts().await.expect("running").remove(0);
+    assert_eq!(
+        (now.step, now.generation, now.last.as_str()),
+        (1, g2, "step 1 passed")
+    );
+    assert_eq!(
+        r.history("users").await.expect("history")[0].actor,
+        "driver b"
+    );
+
+    // An operator's abort ends it and fences every driver out.
+    let ended = r
+        .end_rollout("users", ABORTED, "aborted by ops")
+        .await
+        .expect("end");
+    assert_eq!(ended.map(|e| e.id), Some("r1".to_string()));
+    assert!(r.running_rollouts().await.expect("running").is_empty());
+    assert!(matches!(
+        r.advance_rollout(&now, b, &RolloutChange { step: 2, ..next }, "driver b")
+            .await,
+        Err(RegistryError::Refused(_))
+    ));
+    assert_eq!(r.rollouts("users").await.expect("all")[0].state, ABORTED);
 }
 
 /// A version that widens what its function may do takes no traffic until approved.
