@@ -5,6 +5,8 @@
 use std::sync::Arc;
 
 use super::migrations::Migration;
+use wasmtime::component::Resource;
+
 use super::{Db, DbBackend, DbError, Value};
 
 pub fn database_url() -> String {
@@ -239,12 +241,121 @@ async fn suite(b: Arc<dyn DbBackend>, bytes_type: &str) {
     );
 }
 
+/// A run inside a transaction the host holds: the guest's statements and its transactions (as
+/// savepoints) all land in it, and the host's commit or rollback decides for all of them.
+async fn held(b: Arc<dyn DbBackend>) {
+    use super::wit::{Host, HostTransaction};
+    b.execute("CREATE TABLE held (n BIGINT NOT NULL)", vec![])
+        .await
+        .expect("create");
+    let count = || async {
+        b.query("SELECT n FROM held ORDER BY n", vec![])
+            .await
+            .expect("count")
+            .rows
+            .iter()
+            .filter_map(|r| r[0].int())
+            .collect::<Vec<_>>()
+    };
+    let insert = |n: i64| {
+        (
+            "INSERT INTO held (n) VALUES ($1)".to_string(),
+            vec![Value::Int64(n)],
+        )
+    };
+    for keep in [false, true] {
+        let mut db = super::FunctionDb { backend: b.clone() }.instance();
+        let mut table = wasmtime::component::ResourceTable::new();
+        db.hold().await.expect("hold");
+        let mut view = super::DbView {
+            table: &mut table,
+            db: &mut db,
+        };
+        let (sql, params) = insert(1);
+        assert_eq!(
+            Host::execute(&mut view, sql, params).await.expect("call"),
+            Ok(1)
+        );
+        // Undone savepoint, kept savepoint, and one the guest dropped open.
+        let undone = Host::begin(&mut view)
+            .await
+            .expect("call")
+            .expect("savepoint");
+        let (sql, params) = insert(2);
+        HostTransaction::execute(&mut view, Resource::new_borrow(undone.rep()), sql, params)
+            .await
+            .expect("call")
+            .expect("insert");
+        HostTransaction::rollback(&mut view, Resource::new_borrow(undone.rep()))
+            .await
+            .expect("call")
+            .expect("rollback");
+        assert!(
+            HostTransaction::commit(&mut view, Resource::new_borrow(undone.rep()))
+                .await
+                .expect("call")
+                .is_err(),
+            "finished once"
+        );
+        HostTransaction::drop(&mut view, undone)
+            .await
+            .expect("drop");
+        let kept = Host::begin(&mut view)
+            .await
+            .expect("call")
+            .expect("savepoint");
+        let (sql, params) = insert(3);
+        HostTransaction::execute(&mut view, Resource::new_borrow(kept.rep()), sql, params)
+            .await
+            .expect("call")
+            .expect("insert");
+        HostTransaction::commit(&mut view, Resource::new_borrow(kept.rep()))
+            .await
+            .expect("call")
+            .expect("release");
+        HostTransaction::drop(&mut view, kept).await.expect("drop");
+        let open = Host::begin(&mut view)
+            .await
+            .expect("call")
+            .expect("savepoint");
+        let (sql, params) = insert(4);
+        HostTransaction::execute(&mut view, Resource::new_borrow(open.rep()), sql, params)
+            .await
+            .expect("call")
+            .expect("insert");
+        HostTransaction::drop(&mut view, open).await.expect("drop");
+        // The guest sees its own writes; nobody else does yet.
+        let seen = Host::query(&mut view, "SELECT n FROM held ORDER BY n".into(), vec![])
+            .await
+            .expect("call")
+            .expect("query");
+        assert_eq!(seen.rows.len(), 2, "1 and 3");
+        let tx = db.release().expect("held");
+        if keep {
+            tx.commit().await.expect("commit");
+        } else {
+            tx.rollback().await.expect("rollback");
+            assert_eq!(
+                count().await,
+                Vec::<i64>::new(),
+                "a rolled-back run leaves nothing"
+            );
+        }
+    }
+    assert_eq!(
+        count().await,
+        [1, 3],
+        "a committed run keeps what the guest kept"
+    );
+}
+
 #[tokio::test]
 async fn sqlite_conforms() {
     let dir = tempfile::tempdir().expect("tmp");
     let url = format!("sqlite://{}", dir.path().join("test.db").display());
     let db = Db::connect(&url).await.expect("sqlite");
     suite(db.backend().clone(), "BLOB").await;
+    held(db.backend().clone()).await;
 }
 
 #[tokio::test]
@@ -253,6 +364,7 @@ async fn postgres_conforms() {
         .await
         .expect("postgres");
     suite(db.backend().clone(), "BYTEA").await;
+    held(db.backend().clone()).await;
 }
 
 #[tokio::test]

@@ -22,11 +22,17 @@ fn finished() -> DbError {
 
 impl wit::Host for DbView<'_> {
     async fn query(&mut self, sql: String, params: Vec<Value>) -> Answer<Rows> {
-        Ok(bounded(self.db.backend.query(&sql, params)).await)
+        Ok(match &mut self.db.held {
+            Some(h) => bounded(h.tx.query(&sql, params)).await,
+            None => bounded(self.db.backend.query(&sql, params)).await,
+        })
     }
 
     async fn execute(&mut self, sql: String, params: Vec<Value>) -> Answer<u64> {
-        Ok(bounded(self.db.backend.execute(&sql, params)).await)
+        Ok(match &mut self.db.held {
+            Some(h) => bounded(h.tx.execute(&sql, params)).await,
+            None => bounded(self.db.backend.execute(&sql, params)).await,
+        })
     }
 
     async fn begin(&mut self) -> Answer<Resource<Transaction>> {
@@ -35,12 +41,71 @@ impl wit::Host for DbView<'_> {
                 "a request may hold at most {MAX_TRANSACTIONS_PER_REQUEST} open transactions"
             ))));
         }
-        let tx = match bounded(self.db.backend.begin()).await {
-            Ok(tx) => tx,
-            Err(e) => return Ok(Err(e)),
+        let tx = match &mut self.db.held {
+            Some(h) => {
+                h.savepoints += 1;
+                let name = format!("wasmgate_sp{}", h.savepoints);
+                if let Err(e) = bounded(h.tx.execute(&format!("SAVEPOINT {name}"), vec![])).await {
+                    return Ok(Err(e));
+                }
+                Transaction::Savepoint(Some(name))
+            }
+            None => match bounded(self.db.backend.begin()).await {
+                Ok(tx) => Transaction::Own(Some(tx)),
+                Err(e) => return Ok(Err(e)),
+            },
         };
         self.db.open += 1;
-        Ok(Ok(self.table.push(Transaction(Some(tx)))?))
+        Ok(Ok(self.table.push(tx)?))
+    }
+}
+
+/// Where a transaction resource's statements go: its own connection, or (a savepoint) the held
+/// transaction; `None` once it was finished.
+fn target<'a>(
+    tx: &'a mut Transaction,
+    held: &'a mut Option<super::Held>,
+) -> Option<&'a mut Box<dyn super::DbTransaction>> {
+    match tx {
+        Transaction::Own(own) => own.as_mut(),
+        Transaction::Savepoint(Some(_)) => held.as_mut().map(|h| &mut h.tx),
+        Transaction::Savepoint(None) => None,
+    }
+}
+
+/// Ends a savepoint: kept (`RELEASE`) or undone (`ROLLBACK TO`, then `RELEASE`).
+async fn end_savepoint(
+    held: &mut Option<super::Held>,
+    name: &str,
+    keep: bool,
+) -> Result<(), DbError> {
+    let Some(h) = held.as_mut() else {
+        return Err(finished());
+    };
+    if !keep {
+        bounded(h.tx.execute(&format!("ROLLBACK TO SAVEPOINT {name}"), vec![])).await?;
+    }
+    bounded(h.tx.execute(&format!("RELEASE SAVEPOINT {name}"), vec![]))
+        .await
+        .map(|_| ())
+}
+
+impl DbView<'_> {
+    /// Commits (`keep`) or rolls back a transaction resource, once.
+    async fn finish(&mut self, tx: &Resource<Transaction>, keep: bool) -> Answer<()> {
+        let done = match self.table.get_mut(tx)? {
+            Transaction::Own(own) => match own.take() {
+                Some(tx) if keep => bounded(tx.commit()).await,
+                Some(tx) => bounded(tx.rollback()).await,
+                None => return Ok(Err(finished())),
+            },
+            Transaction::Savepoint(sp) => match sp.take() {
+                Some(name) => end_savepoint(&mut self.db.held, &name, keep).await,
+                None => return Ok(Err(finished())),
+            },
+        };
+        self.db.open = self.db.open.saturating_sub(1);
+        Ok(done)
     }
 }
 
@@ -51,7 +116,8 @@ impl wit::HostTransaction for DbView<'_> {
         sql: String,
         params: Vec<Value>,
     ) -> Answer<Rows> {
-        let Some(tx) = self.table.get_mut(&tx)?.0.as_mut() else {
+        let tx = self.table.get_mut(&tx)?;
+        let Some(tx) = target(tx, &mut self.db.held) else {
             return Ok(Err(finished()));
         };
         Ok(bounded(tx.query(&sql, params)).await)
@@ -63,31 +129,33 @@ impl wit::HostTransaction for DbView<'_> {
         sql: String,
         params: Vec<Value>,
     ) -> Answer<u64> {
-        let Some(tx) = self.table.get_mut(&tx)?.0.as_mut() else {
+        let tx = self.table.get_mut(&tx)?;
+        let Some(tx) = target(tx, &mut self.db.held) else {
             return Ok(Err(finished()));
         };
         Ok(bounded(tx.execute(&sql, params)).await)
     }
 
     async fn commit(&mut self, tx: Resource<Transaction>) -> Answer<()> {
-        let Some(tx) = self.table.get_mut(&tx)?.0.take() else {
-            return Ok(Err(finished()));
-        };
-        self.db.open = self.db.open.saturating_sub(1);
-        Ok(bounded(tx.commit()).await)
+        self.finish(&tx, true).await
     }
 
     async fn rollback(&mut self, tx: Resource<Transaction>) -> Answer<()> {
-        let Some(tx) = self.table.get_mut(&tx)?.0.take() else {
-            return Ok(Err(finished()));
-        };
-        self.db.open = self.db.open.saturating_sub(1);
-        Ok(bounded(tx.rollback()).await)
+        self.finish(&tx, false).await
     }
 
     async fn drop(&mut self, tx: Resource<Transaction>) -> wasmtime::Result<()> {
-        // Dropping an open sqlx transaction rolls it back.
-        if self.table.delete(tx)?.0.is_some() {
+        // An open transaction dropped is rolled back: sqlx does it for one of its own; a
+        // savepoint is rolled back to here.
+        let open = match self.table.delete(tx)? {
+            Transaction::Own(own) => own.is_some(),
+            Transaction::Savepoint(Some(name)) => {
+                let _ = end_savepoint(&mut self.db.held, &name, false).await;
+                true
+            }
+            Transaction::Savepoint(None) => false,
+        };
+        if open {
             self.db.open = self.db.open.saturating_sub(1);
         }
         Ok(())

@@ -3,6 +3,11 @@
 //!
 //! Guests write `$1`-style parameters in the portable subset of SQL both accept. Functions ship
 //! migrations the host applies once, in order, at start (see `migrations`).
+//!
+//! A run may instead be held in one transaction the host opens ([`RequestDb::hold`]): every
+//! call of the guest goes into it and its transactions become savepoints, so the host decides
+//! for all of it at once (an event's handler commits with its inbox record; a shadow run is
+//! always rolled back). Nothing serves a request this way yet; events and shadow traffic will.
 
 mod backend;
 #[cfg(test)]
@@ -97,6 +102,7 @@ impl FunctionDb {
         RequestDb {
             backend: self.backend.clone(),
             open: 0,
+            held: None,
         }
     }
 }
@@ -105,10 +111,41 @@ pub struct RequestDb {
     backend: Arc<dyn DbBackend>,
     /// Transactions open in this request.
     open: usize,
+    /// A transaction the host opened around the whole run (see [`RequestDb::hold`]).
+    held: Option<Held>,
 }
 
-/// The `transaction` resource. `None` once committed or rolled back.
-pub struct Transaction(Option<Box<dyn DbTransaction>>);
+struct Held {
+    tx: Box<dyn DbTransaction>,
+    /// Savepoints named so far (names are never reused within the run).
+    savepoints: usize,
+}
+
+impl RequestDb {
+    /// Runs every db call of this guest run inside one transaction the host opens now: the
+    /// guest's own calls in it, its transactions as savepoints of it. The host then commits it
+    /// with what it records itself (an event's inbox row), or rolls it back (a shadow run),
+    /// after taking it back with [`RequestDb::release`].
+    pub async fn hold(&mut self) -> Result<(), DbError> {
+        let tx = self.backend.begin().await?;
+        self.held = Some(Held { tx, savepoints: 0 });
+        Ok(())
+    }
+
+    /// The transaction [`RequestDb::hold`] opened, for the host to finish; `None` if none was.
+    /// Savepoints the guest left open are part of it.
+    pub fn release(&mut self) -> Option<Box<dyn DbTransaction>> {
+        self.held.take().map(|h| h.tx)
+    }
+}
+
+/// The `transaction` resource.
+pub enum Transaction {
+    /// On a connection of its own; `None` once committed or rolled back.
+    Own(Option<Box<dyn DbTransaction>>),
+    /// A savepoint of the host's held transaction; `None` once released or rolled back.
+    Savepoint(Option<String>),
+}
 
 pub struct DbView<'a> {
     pub table: &'a mut ResourceTable,
