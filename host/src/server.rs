@@ -66,11 +66,6 @@ impl AppState {
     pub fn swap(&self, deployment: Deployment) {
         self.current.store(Arc::new(deployment));
     }
-
-    /// This process's metrics in the Prometheus text format, when a recorder is installed.
-    pub fn metrics_text(&self) -> Option<String> {
-        self.metrics.as_ref().map(PrometheusHandle::render)
-    }
 }
 
 pub fn app(state: Arc<AppState>) -> Router {
@@ -198,18 +193,19 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
     let mut resp = resp;
     resp.headers_mut()
         .insert(VERSION_HEADER, version.header.clone());
-    let outcome = resp.extensions().get::<Outcome>().map(|o| o.0);
-    version
-        .counts
-        .record(resp.status(), outcome, started.elapsed());
-    match resp.extensions().get::<Outcome>() {
+    let (elapsed, outcome) = (
+        started.elapsed(),
+        resp.extensions().get::<Outcome>().map(|o| o.0),
+    );
+    version.counts.record(resp.status(), outcome, elapsed);
+    match outcome {
         None => metrics.ok.increment(1),
         // Rejections are the rare path: only they build labels per request.
-        Some(Outcome(outcome)) => metrics::counter!("wasmgate_requests_total",
-            "function" => metrics.function.clone(), "version" => metrics.version.clone(), "outcome" => *outcome)
+        Some(outcome) => metrics::counter!("wasmgate_requests_total",
+            "function" => metrics.function.clone(), "version" => metrics.version.clone(), "outcome" => outcome)
         .increment(1),
     }
-    metrics.duration.record(started.elapsed().as_secs_f64());
+    metrics.duration.record(elapsed.as_secs_f64());
     resp
 }
 

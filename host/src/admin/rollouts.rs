@@ -96,12 +96,7 @@ pub(super) async fn start(
     let who = actor(&headers);
     let now = crate::auth::now_ms();
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let first = format!(
-        "step 1 of {} ({}% on {})",
-        plan.steps.len(),
-        plan.steps[0],
-        req.version
-    );
+    let first = plan.step_name(0, &req.version);
     let row = RolloutRow {
         id: id.clone(),
         function: function.clone(),

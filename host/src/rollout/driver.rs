@@ -127,16 +127,7 @@ async fn step(
         interval_over,
     );
     let index = usize::try_from(row.step).unwrap_or(0);
-    let (steps, at) = (
-        plan.steps.len(),
-        plan.steps.get(index).copied().unwrap_or(100),
-    );
-    let here = format!(
-        "step {} of {steps} ({}% on {})",
-        index + 1,
-        at,
-        row.candidate
-    );
+    let here = plan.step_name(index, &row.candidate);
     let change = match verdict {
         Verdict::Wait => return Ok(()),
         Verdict::Hold(why) if why == row.last => return Ok(()),
@@ -160,7 +151,7 @@ async fn step(
                 ),
             )),
         },
-        Verdict::Pass(figures) if index + 1 >= steps => RolloutChange {
+        Verdict::Pass(figures) if index + 1 >= plan.steps.len() => RolloutChange {
             state: PROMOTED,
             step: row.step,
             step_started_at: row.step_started_at,
@@ -183,11 +174,9 @@ async fn step(
                 deployment: Some((
                     plan.spec(next, &row.baseline, &row.candidate),
                     format!(
-                        "rollout {}: step {} of {steps} ({}% on {}) after {here} passed: {figures}",
+                        "rollout {}: {} after {here} passed: {figures}",
                         row.id,
-                        next + 1,
-                        plan.steps[next],
-                        row.candidate
+                        plan.step_name(next, &row.candidate)
                     ),
                 )),
             }

@@ -116,6 +116,16 @@ impl Plan {
         Ok(())
     }
 
+    /// `step 2 of 4 (25% on v2)`: how the history, the CLI and the API name a step.
+    pub fn step_name(&self, step: usize, candidate: &str) -> String {
+        format!(
+            "step {} of {} ({}% on {candidate})",
+            step + 1,
+            self.steps.len(),
+            self.steps.get(step).copied().unwrap_or(100)
+        )
+    }
+
     /// The traffic at `step`: the candidate takes the step's share, the baseline the rest (at
     /// 100% the baseline stays deployed at 0, so a rollback at the last step is instant).
     pub fn spec(&self, step: usize, baseline: &str, candidate: &str) -> Spec {
