@@ -492,6 +492,22 @@ pub fn with_admin(dir: &Path, manifest: &str, backends: &[&str]) -> Server {
     Server::start_with_args(manifest, &args)
 }
 
+/// Runs `wasmgate <args> --admin-url <admin> --admin-token <ADMIN_TOKEN>`: (exit code, stdout,
+/// stderr).
+pub fn admin_cli(admin: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .args(["--admin-url", admin, "--admin-token", ADMIN_TOKEN])
+        .env_remove("WASMGATE_ADMIN_TOKEN")
+        .output()
+        .expect("running wasmgate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The password every test account gets.
 pub const PASSWORD: &str = "correct horse";
 

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use wasmgate_tests::{ADMIN_TOKEN as TOKEN, Server, expect_problem, version_of, wasm, with_admin};
+use wasmgate_tests::{
+    ADMIN_TOKEN as TOKEN, Server, admin_cli as cli, expect_problem, version_of, wasm, with_admin,
+};
 
 const MANIFEST: &str = r#"
     [functions.pages]
@@ -392,21 +394,6 @@ async fn without_redis_the_registry_poll_converges_within_a_second_too() {
     eprintln!(
         "polling the registry, the other process served the new version {took:?} after the admin call"
     );
-}
-
-/// Runs `wasmgate <args> --admin-url <admin> --admin-token <TOKEN>`: (exit code, stdout, stderr).
-fn cli(admin: &str, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(wasmgate_tests::binary())
-        .args(args)
-        .args(["--admin-url", admin, "--admin-token", TOKEN])
-        .env_remove("WASMGATE_ADMIN_TOKEN")
-        .output()
-        .expect("running wasmgate");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test]

@@ -294,21 +294,7 @@ async fn a_healthy_canary_is_promoted_through_every_step_and_a_quiet_one_holds()
 
 /// Runs `wasmgate <args>` against `s`'s admin API: (exit code, stdout, stderr).
 fn cli(s: &Server, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(wasmgate_tests::binary())
-        .args(args)
-        .args([
-            "--admin-url",
-            s.admin.as_deref().expect("admin"),
-            "--admin-token",
-            ADMIN_TOKEN,
-        ])
-        .output()
-        .expect("running wasmgate");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    wasmgate_tests::admin_cli(s.admin.as_deref().expect("admin"), args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
