@@ -21,6 +21,7 @@ use crate::config::{Manifest, ManifestError};
 use crate::deploy::{Version, VersionSet};
 use crate::policy::{
     AuthPolicy, CachePolicy, IdempotencyPolicy, LoginThrottle, PolicyState, RoutePolicies,
+    ShadowPolicy,
 };
 use crate::router::RouteTable;
 use crate::runtime::{Function, Limits, Runtime, RuntimeOptions, Source};
@@ -33,6 +34,8 @@ pub struct Platform {
     pub backends: Backends,
     /// Per-version figures, kept across deployments and written to the registry.
     pub stats: crate::deploy::Stats,
+    /// Shadow runs' slots (over every function).
+    pub shadows: crate::policy::shadow::Shadows,
     /// The manifest sections this was built from, to tell a reload what it cannot change.
     pub settings: Settings,
 }
@@ -121,6 +124,8 @@ pub fn effective(
 pub struct Loaded {
     pub versions: Vec<(u32, Function, String)>,
     pub sticky: Option<crate::deploy::StickyKey>,
+    /// The registry's shadow: `(percent, label)` of one of `versions`.
+    pub shadow: Option<(u32, String)>,
 }
 
 /// One deployment: the functions and the routes to them.
@@ -312,6 +317,7 @@ impl Platform {
                 runtime,
                 backends,
                 stats: crate::deploy::Stats::default(),
+                shadows: crate::policy::shadow::shadows(),
                 settings,
             },
             problems,
@@ -371,6 +377,7 @@ pub async fn build(
                 .map(|loaded| Loaded {
                     versions: vec![(100, loaded, "manifest".to_string())],
                     sticky: None,
+                    shadow: None,
                 })
                 .map_err(|e| e.to_string()),
             Some(l) => load_live(runtime, name, l, f, platform.settings.max_memory, &caps),
@@ -443,8 +450,25 @@ pub async fn build(
                 shared_throttle.clone(),
             ))
         });
+        let shadow = loaded.shadow.as_ref().and_then(|(percent, label)| {
+            let (_, candidate, _) = loaded.versions.iter().find(|(_, _, l)| l == label)?;
+            Some((*percent, candidate, label))
+        });
         let version = |function: &Function, label: &str| {
             let route_policies = RoutePolicies {
+                shadow: shadow
+                    .filter(|(_, _, shadow_label)| *shadow_label != label)
+                    .map(|(percent, candidate, shadow_label)| {
+                        Arc::new(ShadowPolicy::new(
+                            candidate.clone(),
+                            percent,
+                            function.limits().max_body,
+                            platform
+                                .stats
+                                .comparisons(&r.function, shadow_label, &r.path),
+                            platform.shadows.clone(),
+                        ))
+                    }),
                 auth: auth.clone(),
                 login_throttle: login_throttle.clone(),
                 idempotency: r.idempotency.as_ref().zip(idempotency_store.clone()).map(
@@ -545,7 +569,16 @@ fn load_live(
             .map_err(|e| e.to_string())?;
         versions.push((w.weight, f, w.label.clone()));
     }
-    Ok(Loaded { versions, sticky })
+    let shadow = live
+        .spec
+        .shadow
+        .as_ref()
+        .map(|s| (s.percent, s.label.clone()));
+    Ok(Loaded {
+        versions,
+        sticky,
+        shadow,
+    })
 }
 
 fn as_ms(d: Duration) -> f64 {

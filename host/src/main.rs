@@ -164,6 +164,25 @@ enum Command {
         #[command(flatten)]
         api: AdminConn,
     },
+    /// Run a copy of a share of a function's requests on a version, after the live response,
+    /// with its side effects held back, and compare the answers:
+    /// `wasmgate shadow users v2 --percent 20`. Without a version, shows the comparisons per
+    /// route; `--stop` ends it.
+    Shadow {
+        function: String,
+        /// The version the copies run on (omit to see the comparisons).
+        version: Option<String>,
+        /// Percent of requests copied (1 to 100).
+        #[arg(long, default_value_t = 10)]
+        percent: u32,
+        /// Stop the shadow (prints its last comparisons).
+        #[arg(long, conflicts_with = "version")]
+        stop: bool,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: AdminConn,
+    },
     /// Every change to a function's deployment, newest first.
     History {
         function: String,
@@ -484,6 +503,29 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Shadow {
+            function,
+            version,
+            percent,
+            stop,
+            reason,
+            api,
+        } => {
+            let client = api.client();
+            let body = if stop {
+                client.stop_shadow(&function).await?
+            } else if let Some(version) = version {
+                let shadow = serde_json::json!({
+                    "version": version,
+                    "percent": percent,
+                    "reason": reason,
+                });
+                client.start_shadow(&function, &shadow).await?
+            } else {
+                client.shadow(&function).await?
+            };
+            api.print(&body, shadow_table);
+        }
         _ => unreachable!("only deployment commands come here"),
     }
     Ok(())
@@ -509,6 +551,44 @@ fn rollout_table(r: &serde_json::Value) -> String {
             "  this step: {}\n",
             f["summary"].as_str().unwrap_or("")
         ));
+    }
+    out
+}
+
+/// `users shadow on v2 (20% of requests)`, then per route its match rate and mismatches.
+fn shadow_table(s: &serde_json::Value) -> String {
+    let mut out = format!(
+        "{} shadow on {} ({}% of requests)\n",
+        s["function"].as_str().unwrap_or("?"),
+        s["version"].as_str().unwrap_or("?"),
+        s["percent"],
+    );
+    let routes = s["routes"].as_array().cloned().unwrap_or_default();
+    if routes.is_empty() {
+        out.push_str("  nothing compared yet\n");
+    }
+    for r in &routes {
+        let rate = r["match_percent"]
+            .as_f64()
+            .map_or("-".to_string(), |p| format!("{p:.1}%"));
+        out.push_str(&format!(
+            "  {}: {rate} of {} matched ({} other status, {} other body, {} failed, {} skipped)\n",
+            r["route"].as_str().unwrap_or("?"),
+            r["compared"],
+            r["status_differs"],
+            r["body_differs"],
+            r["shadow_failed"],
+            r["skipped"],
+        ));
+        for m in r["mismatches"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "    {} {}: live {}, shadow {}\n",
+                m["request_id"].as_str().unwrap_or("?"),
+                m["verdict"].as_str().unwrap_or("?"),
+                m["live_status"],
+                m["shadow_status"],
+            ));
+        }
     }
     out
 }
@@ -672,6 +752,7 @@ fn real_main() -> anyhow::Result<()> {
             | Command::Promote { .. }
             | Command::Rollback { .. }
             | Command::Rollout { .. }
+            | Command::Shadow { .. }
             | Command::Approve { .. }
             | Command::History { .. }) => deployments(c).await,
             Command::Keys { action, target } => keys(action, target.store().await?).await,

@@ -157,6 +157,29 @@ impl AdminClient {
             .0)
     }
 
+    /// Copies `percent` of the function's requests to version `label` (`{"version", "percent",
+    /// "reason"}`).
+    pub async fn start_shadow(&self, function: &str, shadow: &Value) -> Result<Value> {
+        let req = self.http.put(self.url(function, "shadow")).json(shadow);
+        Ok(self.send(req).await?.0)
+    }
+
+    /// The shadow and its comparisons per route.
+    pub async fn shadow(&self, function: &str) -> Result<Value> {
+        Ok(self
+            .send(self.http.get(self.url(function, "shadow")))
+            .await?
+            .0)
+    }
+
+    /// Stops the shadow; answers its last comparisons.
+    pub async fn stop_shadow(&self, function: &str) -> Result<Value> {
+        Ok(self
+            .send(self.http.delete(self.url(function, "shadow")))
+            .await?
+            .0)
+    }
+
     /// Approves what version `label` may do beyond the live one.
     pub async fn approve(&self, function: &str, label: &str) -> Result<Value> {
         let req = self

@@ -21,6 +21,8 @@
 //! - `GET summary?window=300`: per version, every process's requests, failures, refusals,
 //!   success rate, p50 and p99 over the window (figures reach the registry once a second).
 //! - `POST|GET|DELETE rollout`: start, follow and abort a progressive rollout (`rollouts`).
+//! - `PUT|GET|DELETE shadow`: copy a share of requests to a version with its side effects held
+//!   back, and compare its answers with the live ones (`shadows`).
 //! - `POST preview-tokens`: a token (an hour) that lets requests pick any deployed version with
 //!   `x-wasmgate-preview: <label>`.
 //!
@@ -29,6 +31,7 @@
 
 pub mod client;
 mod rollouts;
+mod shadows;
 
 use std::sync::Arc;
 
@@ -146,6 +149,12 @@ pub fn router(deployer: Arc<Deployer>, token: &str) -> Router {
             get(rollouts::status)
                 .post(rollouts::start)
                 .delete(rollouts::abort),
+        )
+        .route(
+            "/admin/v1/functions/{function}/shadow",
+            get(shadows::status)
+                .put(shadows::start)
+                .delete(shadows::stop),
         )
         .route("/admin/v1/functions/{function}/summary", get(summary))
         .route(
@@ -409,8 +418,9 @@ fn deployment_response(function: &str, generation: i64, spec: &Spec) -> Response
     let mut resp = axum::Json(serde_json::json!({
         "function": function,
         "generation": generation,
-        "versions": spec.versions.iter().map(|w| serde_json::json!({"label": w.label, "weight": w.weight})).collect::<Vec<_>>(),
+        "versions": spec.versions,
         "sticky": spec.sticky,
+        "shadow": spec.shadow,
     }))
     .into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("\"{generation}\"")) {
@@ -431,8 +441,9 @@ async fn all_deployments(State(admin): State<Arc<Admin>>) -> Answer {
             serde_json::json!({
                 "function": d.function,
                 "generation": d.generation,
-                "versions": d.spec.versions.iter().map(|w| serde_json::json!({"label": w.label, "weight": w.weight})).collect::<Vec<_>>(),
+                "versions": d.spec.versions,
                 "sticky": d.spec.sticky,
+                "shadow": d.spec.shadow,
                 "updated_by": d.updated_by,
                 "updated_at": d.updated_at,
             })
@@ -524,15 +535,29 @@ async fn deploy(
     function_config(&admin, &function)?;
     let req: DeployRequest = json_body(&body)?;
     let expected = expected_generation(&headers)?;
+    let registry = admin.deployer.registry();
+    let mut reason = req.reason.unwrap_or_else(|| "traffic change".into());
+    // A shadow stays while its version stays in the split (a stale change is refused anyway).
+    let shadow = match registry
+        .deployment(&function)
+        .await?
+        .filter(|d| Some(d.generation) == expected)
+        .and_then(|d| d.spec.shadow)
+    {
+        Some(s) if req.versions.iter().any(|w| w.label == s.label) => Some(s),
+        Some(s) => {
+            reason.push_str(&format!("; the shadow on {} ended with it", s.label));
+            None
+        }
+        None => None,
+    };
     let spec = Spec {
         versions: req.versions,
         sticky: req.sticky,
+        shadow,
     };
     let who = actor(&headers);
-    let reason = req.reason.unwrap_or_else(|| "traffic change".into());
-    let generation = admin
-        .deployer
-        .registry()
+    let generation = registry
         .set_deployment(&function, expected, &spec, &who, &reason)
         .await?;
     rollouts::superseded(&admin, &function, generation).await;
@@ -559,6 +584,7 @@ async fn rollback(
         .unwrap_or(Spec {
             versions: Vec::new(),
             sticky: None,
+            shadow: None,
         });
     Ok(deployment_response(&function, generation, &spec))
 }
@@ -646,8 +672,9 @@ async fn history(State(admin): State<Arc<Admin>>, Path(function): Path<String>) 
         .map(|h| {
             serde_json::json!({
                 "generation": h.generation,
-                "versions": h.spec.versions.iter().map(|w| serde_json::json!({"label": w.label, "weight": w.weight})).collect::<Vec<_>>(),
+                "versions": h.spec.versions,
                 "sticky": h.spec.sticky,
+                "shadow": h.spec.shadow,
                 "reason": h.reason,
                 "actor": h.actor,
                 "at": h.at,

@@ -272,6 +272,20 @@ impl FunctionCaps {
             auth: self.auth.instance(),
         }
     }
+
+    /// Per shadow run: nothing it does may reach what live requests share. The database is the
+    /// same (the runtime holds the run in a transaction it rolls back); the cache and locks are
+    /// the run's own and empty; response-cache purges are dropped; tokens cannot be issued,
+    /// refreshed or revoked (`unavailable`).
+    pub fn shadow(&self) -> RequestCaps {
+        RequestCaps {
+            db: self.db.instance(),
+            cache: self.cache.private(),
+            lock: self.lock.private(),
+            response_cache: self.response_cache.discarding(),
+            auth: auth::FunctionAuth::new(None).instance(),
+        }
+    }
 }
 
 /// What one request's store holds for its capabilities.

@@ -1,6 +1,8 @@
 //! Deployments: what serves now, and how it changes while the process keeps running.
 //!
 //! Layout:
+//! - `comparisons`: what shadow runs found per route (matches, mismatches with sample request
+//!   ids, skips), shared through the registry like `stats`.
 //! - `diff`: what a version may do, and whether a new one may do more than the live one.
 //! - `preview`: requests pinned to a version by label, with an admin-issued preview token.
 //! - `stats`: per-version requests, failures and latency, shared by every process through the
@@ -19,6 +21,7 @@
 //! registry's generations with the ones it serves every [`POLL_WITH_REDIS`] (or
 //! [`POLL_WITHOUT_REDIS`] when there is no Redis), which covers a lost notice.
 
+mod comparisons;
 mod diff;
 mod preview;
 mod stats;
@@ -31,6 +34,7 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex, Notify};
 
+pub use comparisons::{Comparisons, SAMPLES, Sample, Tally, Verdict};
 pub use diff::Surface;
 pub use preview::{PREVIEW_HEADER, PREVIEW_TOKEN_HEADER, PREVIEW_TTL, Previews};
 pub use stats::{Counts, Figures, Stats};

@@ -15,6 +15,7 @@ use std::time::Duration;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 
+use super::Comparisons;
 use crate::registry::Registry;
 
 /// How often a process writes what its versions served.
@@ -185,6 +186,8 @@ impl Figures {
 
 /// Counters by (function, label).
 type ByVersion = HashMap<(String, String), Arc<Counts>>;
+/// Shadow comparisons by (function, shadow label, route).
+type ByRoute = HashMap<(String, String, String), Arc<Comparisons>>;
 
 /// This process's counters, per function and label, and the id its rows carry.
 #[derive(Clone)]
@@ -192,6 +195,7 @@ pub struct Stats {
     process: Arc<str>,
     flushes: Arc<std::sync::atomic::AtomicI64>,
     counts: Arc<Mutex<ByVersion>>,
+    comparisons: Arc<Mutex<ByRoute>>,
 }
 
 impl Default for Stats {
@@ -200,6 +204,7 @@ impl Default for Stats {
             process: uuid::Uuid::new_v4().to_string().into(),
             flushes: Arc::default(),
             counts: Arc::default(),
+            comparisons: Arc::default(),
         }
     }
 }
@@ -213,6 +218,17 @@ impl Stats {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .entry((function.to_string(), label.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// The comparisons of the shadow on `label` of `function` for `route` (kept across
+    /// reloads, like [`Self::counts`]).
+    pub fn comparisons(&self, function: &str, label: &str, route: &str) -> Arc<Comparisons> {
+        self.comparisons
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry((function.to_string(), label.to_string(), route.to_string()))
             .or_default()
             .clone()
     }
@@ -241,6 +257,31 @@ impl Stats {
                 c.restore(&figures);
             }
         }
+        let comparisons: Vec<_> = self
+            .comparisons
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(k, c)| (k.clone(), c.clone()))
+            .collect();
+        for ((function, label, route), c) in comparisons {
+            let tally = c.take();
+            if tally.is_empty() {
+                continue;
+            }
+            if let Err(e) = registry
+                .add_comparisons(
+                    (&function, &label, &route),
+                    (&self.process, flush),
+                    at,
+                    &tally,
+                )
+                .await
+            {
+                tracing::debug!(error = %e, function, label, route, "shadow comparisons not written; kept for the next flush");
+                c.restore(tally);
+            }
+        }
     }
 
     /// Flushes every [`FLUSH_EVERY`] and prunes old rows once a minute, until `owner` is dropped.
@@ -260,6 +301,9 @@ impl Stats {
                     - i64::try_from(KEEP.as_secs()).unwrap_or(i64::MAX);
                 if let Err(e) = registry.prune_figures(before).await {
                     tracing::debug!(error = %e, "old version figures not pruned");
+                }
+                if let Err(e) = registry.prune_comparisons(before).await {
+                    tracing::debug!(error = %e, "old shadow comparisons not pruned");
                 }
             }
         }

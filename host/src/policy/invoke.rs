@@ -55,7 +55,7 @@ impl tower::Service<GuestRequest> for Invoke {
     }
 }
 
-fn problem_for(failure: Failure) -> Problem {
+pub(super) fn problem_for(failure: Failure) -> Problem {
     match failure {
         Failure::Trap => Problem::GuestTrap,
         Failure::MemoryExceeded => Problem::GuestMemoryExceeded,

@@ -10,13 +10,15 @@
 //! - `bulkhead`: max concurrent executions plus a bounded queue with a max wait.
 //! - `idempotency`: `Idempotency-Key` on POST/PATCH routes that opt in (store in `crate::idempotency`).
 //! - `response_cache`: GET/HEAD responses of routes that opt in (storage in `crate::response_cache`).
+//! - `shadow`: a copy of a share of requests runs on a candidate version after the live
+//!   response has gone, its side effects held back, and the answers are compared.
 //! - `gate`: what rate limit and bulkhead share: admit on the request's head, or answer the
 //!   policy's problem at once.
 //! - `layer`: the tower layer/service every policy is wrapped in, written once.
 //! - `invoke`: the innermost service: one request through the function.
 //!
 //! Order, outermost first: auth, rate limit, login throttle, idempotency, response cache,
-//! bulkhead, invoke. A refused token costs microseconds and touches nothing else; a cache hit
+//! bulkhead, shadow, invoke. A refused token costs microseconds and touches nothing else; a cache hit
 //! or a replay costs no bulkhead slot; a rate-limited request never touches the stores.
 //!
 //! The deadline is not a layer here: the guest runs in its own task (it may stream its body
@@ -35,6 +37,7 @@ mod layer;
 pub mod login_throttle;
 pub mod rate_limit;
 pub mod response_cache;
+pub mod shadow;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -54,6 +57,7 @@ use layer::PolicyLayer;
 pub use login_throttle::LoginThrottle;
 pub use rate_limit::RateLimiter;
 pub use response_cache::CachePolicy;
+pub use shadow::ShadowPolicy;
 
 /// The policies a route adds to its function's.
 #[derive(Default, Clone)]
@@ -62,6 +66,8 @@ pub struct RoutePolicies {
     pub login_throttle: Option<Arc<LoginThrottle>>,
     pub idempotency: Option<Arc<IdempotencyPolicy>>,
     pub cache: Option<Arc<CachePolicy>>,
+    /// Set on the live versions' stacks while the function has a shadow.
+    pub shadow: Option<Arc<ShadowPolicy>>,
 }
 
 /// A request on its way to a function: body already capped, request id in the extensions.
@@ -112,7 +118,7 @@ impl PolicyState {
     }
 
     /// Builds the stack for one version of the function on one route. Order, outermost first:
-    /// auth, rate limit, login throttle, idempotency, response cache, bulkhead, invoke.
+    /// auth, rate limit, login throttle, idempotency, response cache, bulkhead, shadow, invoke.
     pub fn stack(&self, function: Function, route: &RoutePolicies) -> FunctionService {
         let service = ServiceBuilder::new()
             .option_layer(route.auth.clone().map(PolicyLayer::new))
@@ -125,6 +131,7 @@ impl PolicyState {
             .option_layer(route.idempotency.clone().map(PolicyLayer::new))
             .option_layer(route.cache.clone().map(PolicyLayer::new))
             .layer(PolicyLayer::new(self.bulkhead.1.clone()))
+            .option_layer(route.shadow.clone().map(PolicyLayer::new))
             .service(invoke::Invoke::new(function));
         BoxCloneSyncService::new(service)
     }

@@ -2,12 +2,12 @@
 //! to `DATABASE_URL`'s).
 
 use super::{
-    ABORTED, RUNNING, Registry, RegistryError, RolloutChange, RolloutRow, Spec, VersionRow,
+    ABORTED, RUNNING, Registry, RegistryError, RolloutChange, RolloutRow, Shadow, Spec, VersionRow,
     Weighted,
 };
 use crate::capabilities::db::Db;
 use crate::capabilities::db::conformance::fresh_postgres;
-use crate::deploy::Figures;
+use crate::deploy::{Figures, Sample, Tally, Verdict};
 
 async fn open(url: &str) -> Registry {
     Registry::open(Db::connect(url).await.expect("db").backend().clone())
@@ -39,6 +39,7 @@ fn split(weights: &[(&str, u32)]) -> Spec {
             })
             .collect(),
         sticky: None,
+        shadow: None,
     }
 }
 
@@ -170,8 +171,136 @@ async fn suite(r: Registry) {
     ));
 
     figures(&r).await;
+    comparisons(&r).await;
     approval(&r, &a).await;
+    shadows(&r, &a).await;
     rollouts(&r).await;
+}
+
+/// A shadow is part of the deployment: on one of its versions, 1 to 100 percent, never on a
+/// version held for approval.
+async fn shadows(r: &Registry, module: &str) {
+    let live = r.deployment("users").await.expect("get").expect("live");
+    let with_shadow = |label: &str, percent| Spec {
+        shadow: Some(Shadow {
+            label: label.into(),
+            percent,
+            since: 1,
+        }),
+        ..split(&[("v1", 90), ("wide", 10), ("v2", 0)])
+    };
+    for (label, percent) in [("v3", 10), ("v2", 0), ("v2", 101)] {
+        let refused = r
+            .set_deployment(
+                "users",
+                Some(live.generation),
+                &with_shadow(label, percent),
+                "ops",
+                "x",
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(RegistryError::Invalid(_))),
+            "{label} at {percent}%: {refused:?}"
+        );
+    }
+    let g = r
+        .set_deployment(
+            "users",
+            Some(live.generation),
+            &with_shadow("v2", 20),
+            "ops",
+            "shadow",
+        )
+        .await
+        .expect("shadow on a 0% version");
+    let d = r.deployment("users").await.expect("get").expect("live");
+    assert_eq!(
+        d.spec.shadow.map(|s| (s.label, s.percent)),
+        Some(("v2".into(), 20))
+    );
+    assert_eq!(
+        r.history("users").await.expect("history")[0].spec.shadow,
+        with_shadow("v2", 20).shadow
+    );
+
+    // A version held for approval may not run copies of live requests either.
+    let held = VersionRow {
+        widens: vec!["imports the `lock` capability".into()],
+        ..version("held", module)
+    };
+    r.create_version(&held).await.expect("create");
+    let refused = r
+        .set_deployment(
+            "users",
+            Some(g),
+            &Spec {
+                versions: [("v1", 100), ("wide", 0), ("held", 0)]
+                    .iter()
+                    .map(|(l, w)| Weighted {
+                        label: (*l).into(),
+                        weight: *w,
+                    })
+                    .collect(),
+                ..with_shadow("held", 5)
+            },
+            "ops",
+            "x",
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(RegistryError::Refused(why)) if why.contains("lock")),
+        "{refused:?}"
+    );
+}
+
+/// Shadow comparisons: rows of several processes add up per route, with the newest mismatches;
+/// a window and pruning leave out the old ones.
+async fn comparisons(r: &Registry) {
+    let sample = |n: u16| Sample {
+        request_id: format!("r{n}"),
+        verdict: Verdict::Body,
+        live_status: 200,
+        shadow_status: 200,
+    };
+    let tally = |matched, body: u16| Tally {
+        matched,
+        body: u64::from(body),
+        samples: (0..body).map(sample).collect(),
+        ..Tally::default()
+    };
+    let add = |route, process, flush, at, t: Tally| async move {
+        r.add_comparisons(("users", "v2", route), (process, flush), at, &t)
+            .await
+            .expect("add");
+    };
+    add("/users/{id}", "a", 0, 100, tally(10, 1)).await;
+    add("/users/{id}", "b", 0, 101, tally(5, 12)).await;
+    add("/users", "a", 1, 101, tally(3, 0)).await;
+    let all = r.comparisons("users", "v2", 0).await.expect("read");
+    let one = &all["/users/{id}"];
+    assert_eq!((one.matched, one.body, one.compared()), (15, 13, 28));
+    assert_eq!(one.samples.len(), crate::deploy::SAMPLES);
+    assert_eq!(
+        one.samples.last().map(|s| s.request_id.as_str()),
+        Some("r11")
+    );
+    assert_eq!(all["/users"].match_percent(), Some(100.0));
+    assert!(
+        r.comparisons("users", "v3", 0)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    assert_eq!(
+        r.comparisons("users", "v2", 101).await.expect("read")["/users/{id}"].matched,
+        5
+    );
+    assert_eq!(r.prune_comparisons(101).await.expect("prune"), 1);
+    assert_eq!(
+        r.comparisons("users", "v2", 0).await.expect("read")["/users/{id}"].matched,
+        5
+    );
 }
 
 /// Rollouts: one running per function, started with its first step in one transaction; a

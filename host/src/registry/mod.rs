@@ -11,6 +11,7 @@
 //! silently. Every change is appended to the history with who made it and why. The admin API
 //! writes it; the deployer (`deploy`) serves what it holds.
 
+mod comparisons;
 #[cfg(test)]
 mod conformance;
 mod figures;
@@ -77,6 +78,21 @@ pub struct Spec {
     /// `header:<name>`, `cookie:<name>` or `client-ip`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sticky: Option<String>,
+    /// A copy of a share of the other versions' requests runs on this one, its side effects
+    /// held back (see `policy::shadow`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Shadow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shadow {
+    /// The version the copies run on: one of the deployment's (usually at 0%).
+    pub label: String,
+    /// The share of requests copied, 1 to 100.
+    pub percent: u32,
+    /// When it started (ms since the epoch): its comparisons are counted from then.
+    pub since: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,6 +122,20 @@ impl Spec {
         }
         if let Some(k) = &self.sticky {
             crate::deploy::StickyKey::parse(k).map_err(RegistryError::Invalid)?;
+        }
+        if let Some(s) = &self.shadow {
+            if !(1..=100).contains(&s.percent) {
+                return invalid(format!(
+                    "a shadow copies 1 to 100 percent of requests, not {}",
+                    s.percent
+                ));
+            }
+            if !labels.contains(&s.label.as_str()) {
+                return invalid(format!(
+                    "the shadow runs on {}, which is not in the deployment",
+                    s.label
+                ));
+            }
         }
         Ok(())
     }
@@ -264,6 +294,7 @@ impl Registry {
                      ALTER TABLE wasmgate_versions ADD COLUMN widens TEXT NOT NULL DEFAULT '[]';
                      ALTER TABLE wasmgate_versions ADD COLUMN approved_by TEXT NOT NULL DEFAULT ''",
                 ),
+                Migration::new("0006_shadow_comparisons", comparisons::DDL),
             ],
         )
         .await?;
@@ -485,7 +516,9 @@ impl Registry {
             .versions
             .iter()
             .filter(|w| w.weight > 0)
-            .find_map(|w| known.iter().find(|v| v.label == w.label && v.held()))
+            .map(|w| &w.label)
+            .chain(spec.shadow.as_ref().map(|s| &s.label))
+            .find_map(|label| known.iter().find(|v| &v.label == label && v.held()))
         {
             return Err(RegistryError::Refused(format!(
                 "{} of {function} may do more than the live version ({}); it stays at 0% until an operator approves it (`wasmgate approve {function} {}`)",

@@ -142,6 +142,8 @@ impl Plan {
                 },
             ],
             sticky: self.sticky.clone(),
+            // The candidate takes live traffic now: a shadow on it has served its purpose.
+            shadow: None,
         }
     }
 }
@@ -154,6 +156,7 @@ pub fn only(label: &str, sticky: Option<String>) -> Spec {
             weight: 100,
         }],
         sticky,
+        shadow: None,
     }
 }
 

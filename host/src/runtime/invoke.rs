@@ -17,6 +17,8 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use super::{Function, GuestState};
+use crate::capabilities::RequestCaps;
+use crate::capabilities::db::DbTransaction;
 use crate::request_id::RequestId;
 
 /// Why a request produced no guest response. Details are logged where the failure is detected;
@@ -42,6 +44,12 @@ enum Stage {
     Call(wasmtime::Error),
 }
 
+/// How a held run ended: its outcome and the transaction the host held it in, if any.
+pub struct Ended {
+    pub outcome: Result<(), Failure>,
+    pub held: Option<Box<dyn DbTransaction>>,
+}
+
 /// An instance kept for reuse, with the store it lives in.
 pub(super) struct Warm {
     store: Store<GuestState>,
@@ -51,13 +59,10 @@ pub(super) struct Warm {
 }
 
 impl Function {
-    fn new_store(&self, deadline: Instant) -> Store<GuestState> {
+    fn new_store(&self, deadline: Instant, caps: RequestCaps) -> Store<GuestState> {
         let f = &self.inner;
         let memory_cap = usize::try_from(f.limits.memory).unwrap_or(usize::MAX);
-        let mut store = Store::new(
-            f.pre.engine(),
-            GuestState::new(memory_cap, deadline, f.caps.instance()),
-        );
+        let mut store = Store::new(f.pre.engine(), GuestState::new(memory_cap, deadline, caps));
         store.limiter(|s| s);
         store.epoch_deadline_callback(|mut ctx| {
             let state = ctx.data_mut();
@@ -112,16 +117,51 @@ impl Function {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let f = &self.inner;
-        f.runs.increment(1);
         let deadline = Instant::now() + f.limits.timeout;
-        let (mut store, warm) = match self.take_warm() {
+        let (store, warm) = match self.take_warm() {
             Some(w) => {
                 let mut store = w.store;
                 store.data_mut().reset(deadline, f.caps.instance());
                 (store, Some((w.proxy, w.uses)))
             }
-            None => (self.new_store(deadline), None),
+            None => (self.new_store(deadline, f.caps.instance()), None),
         };
+        self.run(store, warm, req, request_id, None).await
+    }
+
+    /// Runs `req` in a fresh instance with `caps`, never kept for reuse, and hands what the run
+    /// left of its database to `ended` when the instance is done: a host-held transaction (see
+    /// `RequestDb::hold`) for the caller to commit or roll back.
+    pub async fn handle_held<B>(
+        &self,
+        req: hyper::Request<B>,
+        request_id: &RequestId,
+        caps: crate::capabilities::RequestCaps,
+        ended: oneshot::Sender<Ended>,
+    ) -> Result<hyper::Response<HyperOutgoingBody>, Failure>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let deadline = Instant::now() + self.inner.limits.timeout;
+        let store = self.new_store(deadline, caps);
+        self.run(store, None, req, request_id, Some(ended)).await
+    }
+
+    async fn run<B>(
+        &self,
+        mut store: Store<GuestState>,
+        warm: Option<(Proxy, u32)>,
+        req: hyper::Request<B>,
+        request_id: &RequestId,
+        ended: Option<oneshot::Sender<Ended>>,
+    ) -> Result<hyper::Response<HyperOutgoingBody>, Failure>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let f = &self.inner;
+        f.runs.increment(1);
         store.set_epoch_deadline(1);
 
         let (tx, rx) = oneshot::channel();
@@ -164,8 +204,11 @@ impl Function {
             };
             let result = tokio::time::timeout(timeout, run).await;
             let outcome = this.classify(result, store.data(), &id);
-            // Only an instance that finished cleanly may serve again.
-            if let (Ok(()), Some(proxy)) = (&outcome, proxy) {
+            if let Some(ended) = ended {
+                let held = store.data_mut().caps.db.release();
+                let _ = ended.send(Ended { outcome, held });
+            } else if let (Ok(()), Some(proxy)) = (&outcome, proxy) {
+                // Only an instance that finished cleanly may serve again.
                 this.put_warm(Warm {
                     store,
                     proxy,

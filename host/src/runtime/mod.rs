@@ -5,6 +5,7 @@
 //! - `state`: what a request's `Store` holds (WASI contexts, limits, deadline flags).
 //! - `compile_cache`: compiled components on disk, keyed by sha256 + engine compatibility hash.
 //! - `invoke`: one request through a fresh instance, with its deadline and failure causes.
+//! - `shadow`: a run whose side effects go nowhere (shadow traffic), its database rolled back.
 //! - `deny_outgoing`: refuses `wasi:http` outgoing requests (capabilities are the only way out).
 //! - `epoch`: the ticker that makes deadlines real for guests that never call the host.
 //!
@@ -16,6 +17,7 @@ mod compile_cache;
 mod deny_outgoing;
 mod epoch;
 mod invoke;
+mod shadow;
 mod state;
 
 use std::collections::BTreeMap;
@@ -29,7 +31,8 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub use compile_cache::Source;
-pub use invoke::Failure;
+pub use invoke::{Ended, Failure};
+pub use shadow::Answer;
 pub use state::GuestState;
 
 use crate::capabilities::{self, FunctionCaps, Grants};

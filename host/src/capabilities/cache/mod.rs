@@ -61,9 +61,21 @@ pub struct FunctionCache {
     prefix: Arc<str>,
 }
 
+/// What a shadow run's cache holds at most: it starts empty and lives as long as the run.
+const SHADOW_CAPACITY: u64 = 4 * 1024 * 1024;
+
 impl FunctionCache {
     pub fn instance(&self) -> RequestCache {
         RequestCache(self.clone())
+    }
+
+    /// A cache of the request's own, empty and in-process: what a shadow run writes is seen by
+    /// that run alone and dropped with it.
+    pub fn private(&self) -> RequestCache {
+        RequestCache(FunctionCache {
+            backend: Arc::new(MemoryCache::new(SHADOW_CAPACITY)),
+            prefix: self.prefix.clone(),
+        })
     }
 }
 

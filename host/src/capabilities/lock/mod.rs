@@ -77,6 +77,18 @@ impl FunctionLock {
             held: 0,
         }
     }
+
+    /// Locks of the request's own, in-process: a shadow run never holds a lock a live request
+    /// could wait on.
+    pub fn private(&self) -> RequestLock {
+        RequestLock {
+            function: FunctionLock {
+                backend: Arc::new(MemoryLocks::default()),
+                prefix: self.prefix.clone(),
+            },
+            held: 0,
+        }
+    }
 }
 
 /// A request's handle on its function's locks.

@@ -17,10 +17,10 @@ impl wit::Host for RequestResponseCache {
                 Err(e) => return Ok(Err(PurgeError::Invalid(e))),
             }
         }
-        if full.is_empty() {
+        let Some(cache) = self.0.cache.as_ref().filter(|_| !full.is_empty()) else {
             return Ok(Ok(()));
-        }
-        Ok(self.0.cache.purge(&full).await.map_err(|e| match e {
+        };
+        Ok(cache.purge(&full).await.map_err(|e| match e {
             response_cache::PurgeError::Unavailable => PurgeError::Unavailable,
             response_cache::PurgeError::Timeout => PurgeError::Timeout,
         }))

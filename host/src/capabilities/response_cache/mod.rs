@@ -18,20 +18,29 @@ pub const TAG_HEADER: &str = "wasmgate-cache-tags";
 /// A function's handle: the process-wide cache and the function's tag namespace.
 #[derive(Clone)]
 pub struct FunctionResponseCache {
-    cache: ResponseCache,
+    /// `None` in a shadow run: its purges are checked, then dropped.
+    cache: Option<ResponseCache>,
     function: std::sync::Arc<str>,
 }
 
 impl FunctionResponseCache {
     pub fn new(cache: ResponseCache, function: &str) -> Self {
         Self {
-            cache,
+            cache: Some(cache),
             function: function.into(),
         }
     }
 
     pub fn instance(&self) -> RequestResponseCache {
         RequestResponseCache(self.clone())
+    }
+
+    /// For a shadow run: purges are answered as done and reach no cache.
+    pub fn discarding(&self) -> RequestResponseCache {
+        RequestResponseCache(Self {
+            cache: None,
+            function: self.function.clone(),
+        })
     }
 }
 
