@@ -226,7 +226,10 @@ impl Server {
             .await
             .expect("text");
         text.lines()
-            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
+            .filter(|l| {
+                (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+                    && l.contains(labels)
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
@@ -622,4 +625,70 @@ pub async fn sorted_statuses(tasks: Vec<tokio::task::JoinHandle<u16>>) -> Vec<u1
     }
     statuses.sort_unstable();
     statuses
+}
+
+/// The admin API of a test server ([`with_admin`]), every call expected to succeed.
+pub struct AdminApi {
+    pub base: String,
+    pub c: reqwest::Client,
+}
+
+impl AdminApi {
+    pub fn of(s: &Server) -> Self {
+        Self {
+            base: s.admin.clone().expect("the admin API is on"),
+            c: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> serde_json::Value {
+        let mut req = self
+            .c
+            .request(method, format!("{}/admin/v1/functions/{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("admin call");
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+        assert!(status.is_success(), "{path}: {status} {body}");
+        body
+    }
+
+    /// Uploads fixture `name` as `label` of `function`.
+    pub async fn upload(&self, function: &str, label: &str, name: &str) {
+        let resp = self
+            .c
+            .post(format!(
+                "{}/admin/v1/functions/{function}/versions?label={label}",
+                self.base
+            ))
+            .bearer_auth(ADMIN_TOKEN)
+            .body(std::fs::read(wasm(name)).expect("wasm"))
+            .send()
+            .await
+            .expect("upload");
+        assert_eq!(
+            resp.status(),
+            201,
+            "{}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+
+    /// `function` on `label` at 100%, as its first deployment.
+    pub async fn first(&self, function: &str, label: &str) {
+        self.call(
+            reqwest::Method::PUT,
+            &format!("{function}/deployment"),
+            Some(serde_json::json!({"versions": [{"label": label, "weight": 100}]})),
+        )
+        .await;
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use wasmgate_tests::{ADMIN_TOKEN, Server, wasm, with_admin};
+use wasmgate_tests::{AdminApi, Server, with_admin};
 
 /// `functions` functions named `f0`, `f1`..., each on `/f<k>/{name}`.
 fn manifest(functions: usize) -> String {
@@ -28,65 +28,14 @@ fn manifest(functions: usize) -> String {
         .collect()
 }
 
-struct Api {
-    base: String,
-    c: reqwest::Client,
+/// What the rollout tests ask of the admin API.
+trait Rollouts {
+    async fn rollout(&self, function: &str) -> Value;
+    async fn history(&self, function: &str) -> Vec<Value>;
+    async fn until_ended(&self, function: &str, limit: Duration) -> Value;
 }
 
-impl Api {
-    fn of(s: &Server) -> Self {
-        Self {
-            base: s.admin.clone().expect("the admin API is on"),
-            c: reqwest::Client::new(),
-        }
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut req = self
-            .c
-            .request(method, format!("{}/admin/v1/functions/{path}", self.base))
-            .bearer_auth(ADMIN_TOKEN);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("admin call");
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        assert!(status.is_success(), "{path}: {status} {body}");
-        body
-    }
-
-    /// Uploads fixture `name` as `label` of `function`.
-    async fn upload(&self, function: &str, label: &str, name: &str) {
-        let resp = self
-            .c
-            .post(format!(
-                "{}/admin/v1/functions/{function}/versions?label={label}",
-                self.base
-            ))
-            .bearer_auth(ADMIN_TOKEN)
-            .body(std::fs::read(wasm(name)).expect("wasm"))
-            .send()
-            .await
-            .expect("upload");
-        assert_eq!(
-            resp.status(),
-            201,
-            "{}",
-            resp.text().await.unwrap_or_default()
-        );
-    }
-
-    /// `function` on `label` at 100%, as its first deployment.
-    async fn first(&self, function: &str, label: &str) {
-        self.call(
-            reqwest::Method::PUT,
-            &format!("{function}/deployment"),
-            Some(json!({"versions": [{"label": label, "weight": 100}]})),
-        )
-        .await;
-    }
-
+impl Rollouts for AdminApi {
     async fn rollout(&self, function: &str) -> Value {
         self.call(reqwest::Method::GET, &format!("{function}/rollout"), None)
             .await
@@ -166,7 +115,7 @@ async fn a_canary_answering_5_percent_500s_is_rolled_back_with_the_failing_gate(
         &manifest(1),
         &["--database-url", &sqlite(dir.path())],
     );
-    let api = Api::of(&s);
+    let api = AdminApi::of(&s);
     api.upload("f0", "v1", "hello").await;
     api.upload("f0", "v2", "flaky").await;
     api.first("f0", "v1").await;
@@ -222,7 +171,7 @@ async fn a_healthy_canary_is_promoted_through_every_step_and_a_quiet_one_holds()
         &manifest(2),
         &["--database-url", &sqlite(dir.path())],
     );
-    let api = Api::of(&s);
+    let api = AdminApi::of(&s);
     for f in ["f0", "f1"] {
         api.upload(f, "v1", "hello").await;
         api.upload(f, "v2", "echo").await;
@@ -307,7 +256,7 @@ async fn a_hundred_healthy_canaries_with_the_default_gates_are_never_rolled_back
         &manifest(FUNCTIONS),
         &["--database-url", &sqlite(dir.path())],
     );
-    let api = Arc::new(Api::of(&s));
+    let api = Arc::new(AdminApi::of(&s));
     let paths = (0..FUNCTIONS).map(|k| format!("/f{k}/x")).collect();
     let _load = Load::start(vec![s.url("")], paths, 8);
     let started = Instant::now();
@@ -366,7 +315,7 @@ async fn another_process_takes_over_a_rollout_whose_driver_was_killed() {
     let shared = ["--database-url", db.as_str(), "--redis-url", redis.as_str()];
     let a = with_admin(dir.path(), &manifest(1), &shared);
     let b = with_admin(dir.path(), &manifest(1), &shared);
-    let api = Api::of(&a);
+    let api = AdminApi::of(&a);
     api.upload("f0", "v1", "hello").await;
     api.upload("f0", "v2", "echo").await;
     api.first("f0", "v1").await;
@@ -397,7 +346,7 @@ async fn another_process_takes_over_a_rollout_whose_driver_was_killed() {
     };
     let killed = Instant::now();
     drop(victim);
-    let api = Api::of(&survivor);
+    let api = AdminApi::of(&survivor);
 
     // The other process continues within a lease (3 s) and finishes the rollout.
     let r = api.until_ended("f0", Duration::from_secs(40)).await;

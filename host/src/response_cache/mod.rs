@@ -286,6 +286,7 @@ impl ResponseCache {
     /// Forgets every entry carrying one of `tags` (already namespaced): in this process before
     /// it returns, in L2 before it returns, in other processes when the message reaches them.
     pub async fn purge(&self, tags: &[String]) -> Result<(), PurgeError> {
+        metrics::counter!("wasmgate_response_cache_purges_total").increment(1);
         self.inner.forget(tags);
         match &self.inner.l2 {
             None => Ok(()),
