@@ -106,6 +106,81 @@ def login(url, email, password):
         return json.load(r)
 
 
+USERS_ROUTES = """
+[[routes]]
+path = "/v1/users"
+methods = ["POST"]
+function = "users"
+idempotency = {}
+[[routes]]
+path = "/v1/login"
+methods = ["POST"]
+function = "users"
+[[routes]]
+path = "/v1/users/{id}"
+methods = ["GET", "PATCH", "DELETE"]
+function = "users"
+auth = { owner = "id" }
+cache = { ttl = "60s" }
+idempotency = {}
+"""
+
+
+def fresh_database(skipped, what):
+    """An empty PostgreSQL database beside DATABASE_URL's: (its URL, a function that drops it)."""
+    base_url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
+    name = f"wgbench_{os.getpid()}_{int(time.time() * 1000)}"
+    if subprocess.run(["psql", base_url, "-qc", f"CREATE DATABASE {name}"], capture_output=True).returncode:
+        skipped.append(f"{what}: cannot create a database at {base_url}")
+        return None, None
+    drop = lambda: subprocess.run(["psql", base_url, "-qc", f"DROP DATABASE IF EXISTS {name}"], capture_output=True)
+    return base_url.rsplit("/", 1)[0] + "/" + name, drop
+
+
+def users_manifest(work, name):
+    """The users service as the example manifest deploys it."""
+    path = work / name
+    path.write_text(f"""
+[functions.users]
+wasm = "{ROOT / 'functions/dist/users.wasm'}"
+capabilities = ["db", "response-cache", "auth"]
+migrations = "{ROOT / 'functions/users/migrations'}"
+bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
+""" + USERS_ROUTES)
+    return path
+
+
+def seed_users(wasmgate, manifest, db, base, work, n_users):
+    """`n_users` accounts in the database and an admin (ops) who may read and change them all,
+    made as an operator would (`wasmgate roles grant`). Returns the admin's bearer header and
+    the file of seeded ids."""
+    seed = (f"INSERT INTO users (id, email, email_lower, name, password_hash, version, created_at, updated_at) "
+            f"SELECT lpad(to_hex(g), 24, '0'), 'seed' || g || '@example.com', 'seed' || g || '@example.com', "
+            f"'Seed ' || g, '{DUMMY_HASH}', 1, now(), now() FROM generate_series(1, {n_users}) g")
+    subprocess.run(["psql", db, "-qc", seed], check=True, capture_output=True)
+    req = urllib.request.Request(f"{base}/v1/users", method="POST", headers={"content-type": "application/json"},
+                                 data=json.dumps({"email": "ops@example.com", "name": "Ops",
+                                                  "password": "bench-password"}).encode())
+    with urllib.request.urlopen(req, timeout=30) as r:
+        ops = json.load(r)["id"]
+    subprocess.run([wasmgate, "roles", "--manifest", manifest, "--database-url", db, "grant", ops, "admin"],
+                   check=True, capture_output=True)
+    bearer = "Authorization: Bearer " + login(f"{base}/v1/login", "ops@example.com", "bench-password")["token"]
+    ids = work / "ids.txt"
+    ids.write_text("".join(f"{g:024x}\n" for g in range(1, n_users + 1)))
+    return bearer, ids
+
+
+def wrk_script(url, conns, secs, headers, script, *script_args):
+    args = ["wrk", "-t2", f"-c{conns}", f"-d{secs}s", "--latency"]
+    for h in headers:
+        args += ["-H", h]
+    args += ["-s", ROOT / "bench" / script, url]
+    if script_args:
+        args += ["--", *script_args]
+    return subprocess.run(args, capture_output=True, text=True, check=True).stdout
+
+
 def users_mix(work, wasmgate, cache, seconds, conns, rows, skipped, n_users=10_000):
     """On PostgreSQL + Redis with 10,000 seeded users, as the example manifest deploys them
     (accounts behind the host's `auth` policy, reads of one user cached, writes idempotent).
@@ -114,38 +189,11 @@ def users_mix(work, wasmgate, cache, seconds, conns, rows, skipped, n_users=10_0
     and against the same read with the cache missed (the guest and PostgreSQL run); then the
     mix: 90% GET / 8% PATCH / 2% POST, as an admin (whose token may read and change every
     seeded account)."""
-    base_url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
     redis = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
-    name = f"wgbench_{os.getpid()}_{int(time.time())}"
-    if subprocess.run(["psql", base_url, "-qc", f"CREATE DATABASE {name}"], capture_output=True).returncode:
-        skipped.append(f"user-management mix: cannot create a database at {base_url}")
+    db, drop = fresh_database(skipped, "user-management mix")
+    if not db:
         return
-    db = base_url.rsplit("/", 1)[0] + "/" + name
-    users = ROOT / "functions/dist/users.wasm"
-    manifest = work / "users.toml"
-    manifest.write_text(f"""
-[functions.users]
-wasm = "{users}"
-capabilities = ["db", "response-cache", "auth"]
-migrations = "{ROOT / 'functions/users/migrations'}"
-bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
-[[routes]]
-path = "/v1/users"
-methods = ["POST"]
-function = "users"
-idempotency = {{}}
-[[routes]]
-path = "/v1/login"
-methods = ["POST"]
-function = "users"
-[[routes]]
-path = "/v1/users/{{id}}"
-methods = ["GET", "PATCH", "DELETE"]
-function = "users"
-auth = {{ owner = "id" }}
-cache = {{ ttl = "60s" }}
-idempotency = {{}}
-""")
+    manifest = users_manifest(work, "users.toml")
     # The baseline: the same function and route with no `auth`, in a second process on the
     # same Redis, so it serves the very entry the first one cached.
     open_manifest = work / "users-open.toml"
@@ -159,22 +207,8 @@ idempotency = {{}}
         if not wait_ok(f"http://127.0.0.1:{port}/healthz"):
             skipped.append("user-management mix: wasmgate did not start")
             return
-        seed = (f"INSERT INTO users (id, email, email_lower, name, password_hash, version, created_at, updated_at) "
-                f"SELECT lpad(to_hex(g), 24, '0'), 'seed' || g || '@example.com', 'seed' || g || '@example.com', "
-                f"'Seed ' || g, '{DUMMY_HASH}', 1, now(), now() FROM generate_series(1, {n_users}) g")
-        subprocess.run(["psql", db, "-qc", seed], check=True, capture_output=True)
-        # An operator account, made admin as an operator would (`wasmgate roles grant`).
         base = f"http://127.0.0.1:{port}"
-        req = urllib.request.Request(f"{base}/v1/users", method="POST", headers={"content-type": "application/json"},
-                                     data=json.dumps({"email": "ops@example.com", "name": "Ops",
-                                                      "password": "bench-password"}).encode())
-        with urllib.request.urlopen(req, timeout=30) as r:
-            ops = json.load(r)["id"]
-        subprocess.run([wasmgate, "roles", "--manifest", manifest, "--database-url", db, "grant", ops, "admin"],
-                       check=True, capture_output=True)
-        bearer = "Authorization: Bearer " + login(f"{base}/v1/login", "ops@example.com", "bench-password")["token"]
-        ids = work / "ids.txt"
-        ids.write_text("".join(f"{g:024x}\n" for g in range(1, n_users + 1)))
+        bearer, ids = seed_users(wasmgate, manifest, db, base, work, n_users)
         one = f"{base}/v1/users/{1:024x}"
         urllib.request.urlopen(urllib.request.Request(one, headers=dict([bearer.split(": ", 1)]))).read()
         oport = free_port()
@@ -186,12 +220,9 @@ idempotency = {{}}
         with urllib.request.urlopen(open_one) as r:
             assert r.headers["cache-status"].startswith("wasmgate; hit"), r.headers["cache-status"]
         def run_row(url, headers, script, secs):
-            args = ["wrk", "-t2", f"-c{conns}", f"-d{secs}s", "--latency"]
-            for h in headers:
-                args += ["-H", h]
             if script:
-                args += ["-s", ROOT / "bench" / script]
-            return parse_wrk(subprocess.run(args + [url], capture_output=True, text=True, check=True).stdout)
+                return parse_wrk(wrk_script(url, conns, secs, headers, script))
+            return wrk(url, secs, conns, headers)
 
         # The two hit rows alternate in short runs (A B A B A B) and each reports the mean, so a
         # drift of the machine during the run falls on both alike.
@@ -201,8 +232,7 @@ idempotency = {{}}
             open_hit.append(run_row(open_one, (), None, max(1, seconds // 3)))
         for row_name, runs, pid in (("users GET one id, cache hit, token verified", verified, gate.p.pid),
                                     ("users GET one id, cache hit, no auth on the route", open_hit, opened.p.pid)):
-            r = {k: (sum(x[k] for x in runs) / len(runs) if k != "errors" else sum(x[k] for x in runs))
-                 for k in ("rps", "p50_ms", "p99_ms", "errors")}
+            r = mean_of(runs)
             r.update(name=row_name, rss_kib=rss_kib(pid), note="mean of 3 alternating runs")
             rows.append(r)
             print(f"  {row_name}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']}", file=sys.stderr)
@@ -210,9 +240,7 @@ idempotency = {{}}
         r.update(name="users GET one id, cache missed (guest + PostgreSQL)", rss_kib=rss_kib(gate.p.pid), note="")
         rows.append(r)
         print(f"  {r['name']}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']}", file=sys.stderr)
-        args = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", "-H", bearer,
-                "-s", ROOT / "bench/users-mix.lua", base, "--", ids]
-        out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+        out = wrk_script(base, conns, seconds, (bearer,), "users-mix.lua", ids)
         r = parse_wrk(out)
         failures = ", ".join(re.findall(r"^non-2xx: (.*)$", out, re.M))
         r.update(name="user-management mix (PostgreSQL + Redis)", rss_kib=rss_kib(gate.p.pid),
@@ -224,7 +252,67 @@ idempotency = {{}}
         gate.stop()
         if opened:
             opened.stop()
-        subprocess.run(["psql", base_url, "-qc", f"DROP DATABASE IF EXISTS {name}"], capture_output=True)
+        drop()
+
+
+def mean_of(runs):
+    """The mean of wrk runs' figures (errors summed)."""
+    return {k: (sum(x[k] for x in runs) / len(runs) if k != "errors" else sum(x[k] for x in runs))
+            for k in ("rps", "p50_ms", "p99_ms", "errors")}
+
+
+def shadow_rows(work, wasmgate, cache, seconds, conns, rows, skipped, extra, n_users=10_000):
+    """Shadow traffic's cost to the live path: users PATCH (a write to one of 10,000 seeded
+    accounts, PostgreSQL + Redis) with every request copied to a second version, against the
+    same load with no shadow, alternated in short runs (A B A B A B) at a load below
+    saturation (2 connections: about 60% of what this machine's PATCH path takes; at 8 it is
+    saturated and the shadow's doubled work shows in the queue: +4 ms p99 measured), so the
+    figure is the latency a client sees rather than a queue."""
+    token = "bench-admin-token-0123456789"
+    redis = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
+    db, drop = fresh_database(skipped, "shadow rows")
+    if not db:
+        return
+    manifest = users_manifest(work, "users-shadow.toml")
+    port, aport = free_port(), free_port()
+    gate = Proc([wasmgate, "up", "--manifest", manifest, "--listen", f"127.0.0.1:{port}",
+                 "--admin-listen", f"127.0.0.1:{aport}", "--cache-dir", cache, "--database-url", db,
+                 "--redis-url", redis], env=dict(os.environ, WASMGATE_ADMIN_TOKEN=token))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        if not wait_ok(f"{base}/healthz"):
+            skipped.append("shadow rows: wasmgate did not start")
+            return
+        admin = f"http://127.0.0.1:{aport}/admin/v1/functions/users"
+        module = (ROOT / "functions/dist/users.wasm").read_bytes()
+        for label in ("live", "candidate"):
+            admin_call(f"{admin}/versions?label={label}", token, "POST", module)
+        admin_call(f"{admin}/deployment", token, "PUT", {"versions": [{"label": "live", "weight": 100}]})
+        bearer, ids = seed_users(wasmgate, manifest, db, base, work, n_users)
+        light = max(2, conns // 32)
+        plain, shadowed = [], []
+        for _ in range(3):
+            plain.append(parse_wrk(wrk_script(base, light, max(1, seconds // 3), (bearer,), "users-mix.lua", ids, "patch")))
+            admin_call(f"{admin}/shadow", token, "PUT", {"version": "candidate", "percent": 100})
+            shadowed.append(parse_wrk(wrk_script(base, light, max(1, seconds // 3), (bearer,), "users-mix.lua", ids, "patch")))
+            time.sleep(1.2)  # the comparisons reach the registry once a second
+            seen = admin_call(f"{admin}/shadow", token)
+            admin_call(f"{admin}/shadow", token, "DELETE")
+        routes = {r["route"]: r for r in seen["routes"]}
+        patch = routes.get("/v1/users/{id}", {})
+        for row_name, runs, note in (
+                ("users PATCH, no shadow (shadow baseline)", plain, "mean of 3 alternating runs"),
+                ("users PATCH, 100% shadowed", shadowed,
+                 f"mean of 3 alternating runs; last run: {patch.get('compared', 0)} compared, "
+                 f"{patch.get('matched', 0)} matched, {patch.get('skipped', 0)} skipped")):
+            r = mean_of(runs)
+            r.update(name=row_name, rss_kib=rss_kib(gate.p.pid), note=note)
+            rows.append(r)
+            print(f"  {row_name}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']}", file=sys.stderr)
+        extra["shadow_p99_minus_without_ms"] = round(rows[-1]["p99_ms"] - rows[-2]["p99_ms"], 2)
+    finally:
+        gate.stop()
+        drop()
 
 
 def admin_call(url, token, method="GET", body=None, headers=None):
@@ -442,6 +530,7 @@ function = "spin"
     users_mix(work, wasmgate, cache, seconds, conns, rows, skipped)
     swaps = {}
     swap_rows(work, wasmgate, cache, seconds, conns, rows, skipped, swaps)
+    shadow_rows(work, wasmgate, cache, seconds, conns, rows, skipped, swaps)
 
     ratio = lambda a, b: round(a / b, 2) if a and b else None
     row = lambda prefix: next((r["rps"] for r in rows if r["name"].startswith(prefix)), None)

@@ -1,9 +1,11 @@
 -- The user-management mix for wrk: 90% GET /v1/users/{id}, 8% PATCH, 2% POST, with a skewed
 -- (Zipf-like) popularity over the seeded ids. Writes carry an Idempotency-Key, as a careful
--- client's would. Usage: wrk -s bench/users-mix.lua URL -- IDS_FILE
+-- client's would. Usage: wrk -s bench/users-mix.lua URL -- IDS_FILE [patch]
+-- With `patch`, every request is a PATCH of an id drawn uniformly (the write path alone).
 local ids = {}
 local counter = 0
 local tag = ""
+local patch_only = false
 local threads = {}
 -- A global, so `done` can read each thread's copy with thread:get.
 failures = {}
@@ -37,6 +39,7 @@ end
 
 function init(args)
   for line in io.lines(args[1]) do ids[#ids + 1] = line end
+  patch_only = args[2] == "patch"
   tag = tid .. "-" .. os.time()
   math.randomseed(os.time() * 100 + tid)
 end
@@ -52,6 +55,10 @@ local function write_headers()
 end
 
 function request()
+  if patch_only then
+    local id = ids[math.random(#ids)]
+    return wrk.format("PATCH", "/v1/users/" .. id, write_headers(), '{"name":"n' .. math.random(1, 1000000000) .. '"}')
+  end
   local r = math.random()
   -- u^4 puts most requests on a few ids, like real popularity.
   local id = ids[math.floor(#ids * math.random() ^ 4) + 1]
