@@ -692,3 +692,25 @@ impl AdminApi {
         .await;
     }
 }
+
+/// The notes example (`functions/notes`) granted `caps` (`"db", "cache"`...), on `/notes` and
+/// `/notes/{id}`.
+pub fn notes_manifest(caps: &str) -> String {
+    format!(
+        r#"
+        [functions.notes]
+        wasm = "{{wasm:notes}}"
+        capabilities = [{caps}]
+        migrations = "{}"
+        [[routes]]
+        path = "/notes"
+        methods = ["GET", "POST"]
+        function = "notes"
+        [[routes]]
+        path = "/notes/{{id}}"
+        methods = ["GET"]
+        function = "notes"
+        "#,
+        repo().join("functions/notes/migrations").display()
+    )
+}

@@ -4,29 +4,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use wasmgate_tests::{Server, check, fresh_postgres, get_json, redis_url};
-
-fn notes_manifest(caps: &str) -> String {
-    format!(
-        r#"
-        [functions.notes]
-        wasm = "{{wasm:notes}}"
-        capabilities = [{caps}]
-        migrations = "{}"
-        [[routes]]
-        path = "/notes"
-        methods = ["GET", "POST"]
-        function = "notes"
-        [[routes]]
-        path = "/notes/{{id}}"
-        methods = ["GET"]
-        function = "notes"
-        "#,
-        wasmgate_tests::repo()
-            .join("functions/notes/migrations")
-            .display()
-    )
-}
+use wasmgate_tests::{Server, check, fresh_postgres, get_json, notes_manifest, redis_url};
 
 async fn notes_roundtrip(s: &Server) {
     let client = reqwest::Client::new();

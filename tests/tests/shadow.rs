@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 use wasmgate_tests::{
-    AdminApi, Server, fresh_postgres, redis_url, sql, users_manifest, with_admin,
+    AdminApi, Server, fresh_postgres, notes_manifest, redis_url, sql, users_manifest, with_admin,
 };
 
 /// Waits until the shadow of `function` has compared (or skipped) `n` runs on `route`, every
@@ -34,34 +34,16 @@ async fn compared(api: &AdminApi, function: &str, route: &str, n: u64) -> Value 
     }
 }
 
-fn notes_manifest() -> String {
-    format!(
-        r#"
-        [functions.notes]
-        wasm = "{{wasm:notes}}"
-        capabilities = ["db", "cache", "lock"]
-        migrations = "{}"
-        [[routes]]
-        path = "/notes"
-        methods = ["GET", "POST"]
-        function = "notes"
-        [[routes]]
-        path = "/notes/{{id}}"
-        methods = ["GET"]
-        function = "notes"
-        "#,
-        wasmgate_tests::repo()
-            .join("functions/notes/migrations")
-            .display()
-    )
-}
-
 /// The notes example takes a lock, inserts a row and counts it in the cache. Its shadow does all
 /// three for real (201, like the live run) and none of it is left: the rows are the live
 /// requests', the shared counter counts only them.
 async fn notes_shadow_leaves_no_rows_and_no_cache_writes(backends: &[&str], db: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let s = with_admin(dir.path(), &notes_manifest(), backends);
+    let s = with_admin(
+        dir.path(),
+        &notes_manifest(r#""db", "cache", "lock""#),
+        backends,
+    );
     let api = AdminApi::of(&s);
     api.upload("notes", "a", "notes").await;
     api.first("notes", "a").await;

@@ -589,6 +589,27 @@ async fn rollback(
     Ok(deployment_response(&function, generation, &spec))
 }
 
+/// The function's live deployment in the registry, or a 409 saying there is none yet.
+async fn live_deployment(
+    admin: &Admin,
+    function: &str,
+) -> Result<crate::registry::DeploymentRow, Failure> {
+    admin
+        .deployer
+        .registry()
+        .deployment(function)
+        .await?
+        .ok_or_else(|| {
+            Failure(
+                StatusCode::CONFLICT,
+                "no-deployment",
+                format!(
+                    "`{function}` has no deployment in the registry yet; deploy a version first"
+                ),
+            )
+        })
+}
+
 /// `?window=<seconds>`: how far back the summary looks.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

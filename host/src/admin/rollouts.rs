@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 
-use super::{Admin, Answer, Failure, actor, apply, function_config, json_body};
+use super::{Admin, Answer, Failure, actor, apply, function_config, json_body, live_deployment};
 use crate::registry::{ABORTED, RUNNING, RolloutRow};
 use crate::rollout::{DEFAULT_INTERVAL, DEFAULT_STEPS, Gates, Plan, describe, only};
 
@@ -44,13 +44,7 @@ pub(super) async fn start(
         None => DEFAULT_INTERVAL,
     };
     let registry = admin.deployer.registry();
-    let live = registry.deployment(&function).await?.ok_or_else(|| {
-        Failure(
-            StatusCode::CONFLICT,
-            "no-deployment",
-            format!("`{function}` has no deployment in the registry yet; deploy a version first"),
-        )
-    })?;
+    let live = live_deployment(&admin, &function).await?;
     let full: Vec<&str> = live
         .spec
         .versions

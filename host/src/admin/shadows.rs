@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 
-use super::{Admin, Answer, Failure, actor, apply, function_config, json_body};
+use super::{Admin, Answer, Failure, actor, apply, function_config, json_body, live_deployment};
 use crate::registry::{DeploymentRow, MAX_VERSIONS_PER_DEPLOYMENT, RUNNING, Shadow, Weighted};
 
 #[derive(Deserialize)]
@@ -25,23 +25,6 @@ struct ShadowRequest {
     version: String,
     percent: u32,
     reason: Option<String>,
-}
-
-async fn live(admin: &Admin, function: &str) -> Result<DeploymentRow, Failure> {
-    admin
-        .deployer
-        .registry()
-        .deployment(function)
-        .await?
-        .ok_or_else(|| {
-            Failure(
-                StatusCode::CONFLICT,
-                "no-deployment",
-                format!(
-                    "`{function}` has no deployment in the registry yet; deploy a version first"
-                ),
-            )
-        })
 }
 
 async fn no_rollout(admin: &Admin, function: &str) -> Result<(), Failure> {
@@ -68,7 +51,7 @@ pub(super) async fn start(
     function_config(&admin, &function)?;
     let req: ShadowRequest = json_body(&body)?;
     no_rollout(&admin, &function).await?;
-    let live = live(&admin, &function).await?;
+    let live = live_deployment(&admin, &function).await?;
     let mut spec = live.spec.clone();
     if spec
         .versions
@@ -125,7 +108,7 @@ pub(super) async fn stop(
     headers: HeaderMap,
 ) -> Answer {
     function_config(&admin, &function)?;
-    let live = live(&admin, &function).await?;
+    let live = live_deployment(&admin, &function).await?;
     let Some(shadow) = &live.spec.shadow else {
         return Err(Failure(
             StatusCode::CONFLICT,
@@ -170,7 +153,7 @@ pub(super) async fn status(
 
 /// The function's shadow and its comparisons per route, as JSON.
 async fn view(admin: &Admin, function: &str) -> Result<serde_json::Value, Failure> {
-    let live = live(admin, function).await?;
+    let live = live_deployment(admin, function).await?;
     let Some(shadow) = live.spec.shadow else {
         return Err(Failure(
             StatusCode::NOT_FOUND,
