@@ -40,6 +40,11 @@ pub fn begin() -> Result<Transaction, Error> {
 pub struct Transaction(wit::Transaction);
 
 impl Transaction {
+    /// The capability's handle, for the calls that take a transaction (`events::publish_in`).
+    pub(crate) fn raw(&self) -> &wit::Transaction {
+        &self.0
+    }
+
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows, Error> {
         self.0.query(sql, params)
     }

@@ -414,6 +414,18 @@ pub async fn build(
         }
     }
 
+    // The outbox tables are created only when a loaded version publishes events.
+    let publishes = functions
+        .values()
+        .flat_map(|l| &l.versions)
+        .any(|(_, f, _)| f.imports().contains(&"events"));
+    if publishes
+        && let Err(e) =
+            crate::capabilities::events::outbox::open(backends.db.backend().as_ref()).await
+    {
+        problems.push(format!("events outbox: {e}"));
+    }
+
     // The idempotency table is created only when a route uses it.
     let idempotency_store = if manifest.routes.iter().any(|r| r.idempotency.is_some()) {
         match crate::idempotency::Store::open(backends.db.backend().clone()).await {

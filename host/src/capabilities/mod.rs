@@ -14,6 +14,7 @@ pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod db;
+pub mod events;
 pub mod lock;
 pub mod response_cache;
 
@@ -67,15 +68,17 @@ pub enum Capability {
     Lock,
     ResponseCache,
     Auth,
+    Events,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 5] = [
+    pub const ALL: [Capability; 6] = [
         Capability::Db,
         Capability::Cache,
         Capability::Lock,
         Capability::ResponseCache,
         Capability::Auth,
+        Capability::Events,
     ];
 
     pub fn name(self) -> &'static str {
@@ -85,6 +88,7 @@ impl Capability {
             Capability::Lock => "lock",
             Capability::ResponseCache => "response-cache",
             Capability::Auth => "auth",
+            Capability::Events => "events",
         }
     }
 }
@@ -102,6 +106,7 @@ pub fn link(linker: &mut Linker<GuestState>, grants: &Grants) -> wasmtime::Resul
             Capability::Lock => lock::link(linker)?,
             Capability::ResponseCache => response_cache::link(linker)?,
             Capability::Auth => auth::link(linker)?,
+            Capability::Events => events::link(linker)?,
         }
     }
     Ok(())
@@ -141,7 +146,7 @@ pub fn check_grants(engine: &Engine, component: &Component, grants: &Grants) -> 
             }
             None => {
                 return Err(format!(
-                    "it imports `{name}`, which wasmgate does not provide; the capabilities are db, cache, lock, response-cache and auth"
+                    "it imports `{name}`, which wasmgate does not provide; the capabilities are db, cache, lock, response-cache, auth and events"
                 ));
             }
         }
@@ -216,6 +221,7 @@ impl Backends {
                 function,
             ),
             auth: auth::FunctionAuth::new(self.auth.clone()),
+            events: events::FunctionEvents::new(function),
         }
     }
 
@@ -259,6 +265,7 @@ pub struct FunctionCaps {
     lock: lock::FunctionLock,
     response_cache: response_cache::FunctionResponseCache,
     auth: auth::FunctionAuth,
+    events: events::FunctionEvents,
 }
 
 impl FunctionCaps {
@@ -270,13 +277,14 @@ impl FunctionCaps {
             lock: self.lock.instance(),
             response_cache: self.response_cache.instance(),
             auth: self.auth.instance(),
+            events: self.events.instance(),
         }
     }
 
     /// Per shadow run: nothing it does may reach what live requests share. The database is the
     /// same (the runtime holds the run in a transaction it rolls back); the cache and locks are
     /// the run's own and empty; response-cache purges are dropped; tokens cannot be issued,
-    /// refreshed or revoked (`unavailable`).
+    /// refreshed or revoked (`unavailable`); events are checked and answered, never written.
     pub fn shadow(&self) -> RequestCaps {
         RequestCaps {
             db: self.db.instance(),
@@ -284,6 +292,7 @@ impl FunctionCaps {
             lock: self.lock.private(),
             response_cache: self.response_cache.discarding(),
             auth: auth::FunctionAuth::new(None).instance(),
+            events: self.events.discarding(),
         }
     }
 }
@@ -295,4 +304,5 @@ pub struct RequestCaps {
     pub lock: lock::RequestLock,
     pub response_cache: response_cache::RequestResponseCache,
     pub auth: auth::RequestAuth,
+    pub events: events::RequestEvents,
 }

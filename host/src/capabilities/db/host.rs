@@ -62,7 +62,7 @@ impl wit::Host for DbView<'_> {
 
 /// Where a transaction resource's statements go: its own connection, or (a savepoint) the held
 /// transaction; `None` once it was finished.
-fn target<'a>(
+pub(super) fn target<'a>(
     tx: &'a mut Transaction,
     held: &'a mut Option<super::Held>,
 ) -> Option<&'a mut Box<dyn super::DbTransaction>> {

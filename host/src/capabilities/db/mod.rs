@@ -19,7 +19,7 @@ mod sqlite;
 
 use std::sync::Arc;
 
-use wasmtime::component::{HasData, Linker, ResourceTable};
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 use super::bindings::wasmgate::platform::db as wit;
 use super::config::ConnectError;
@@ -130,6 +130,25 @@ impl RequestDb {
         let tx = self.backend.begin().await?;
         self.held = Some(Held { tx, savepoints: 0 });
         Ok(())
+    }
+
+    /// The transaction the host holds the run in, if it does: where the run's statements go.
+    pub(crate) fn held_transaction(&mut self) -> Option<&mut Box<dyn DbTransaction>> {
+        self.held.as_mut().map(|h| &mut h.tx)
+    }
+
+    pub(crate) fn backend(&self) -> &Arc<dyn DbBackend> {
+        &self.backend
+    }
+
+    /// Where the guest's transaction `tx` sends statements (its own connection, or the held
+    /// transaction for a savepoint); `None` once it was committed or rolled back.
+    pub(crate) fn statements_of<'a>(
+        &'a mut self,
+        table: &'a mut ResourceTable,
+        tx: &Resource<Transaction>,
+    ) -> wasmtime::Result<Option<&'a mut Box<dyn DbTransaction>>> {
+        Ok(host::target(table.get_mut(tx)?, &mut self.held))
     }
 
     /// The transaction [`RequestDb::hold`] opened, for the host to finish; `None` if none was.

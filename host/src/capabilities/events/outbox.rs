@@ -1,0 +1,188 @@
+//! The outbox: events written in the platform database, in the transaction that publishes
+//! them, until the relay has handed them to the broker.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Event, Published};
+use crate::capabilities::db::migrations::{Migration, MigrationError};
+use crate::capabilities::db::{DbBackend, DbError, DbTransaction, Value};
+
+/// The migrations namespace of these tables (function names cannot start with `_`).
+const OWNER: &str = "_wasmgate_events";
+
+pub const MAX_TOPIC_LEN: usize = 128;
+pub const MAX_KEY_LEN: usize = 256;
+pub const MAX_PAYLOAD: usize = 1024 * 1024;
+pub const MAX_HEADERS: usize = 32;
+const MAX_HEADER_LEN: usize = 4096;
+
+fn ddl(blob: &str) -> String {
+    format!(
+        "CREATE TABLE wasmgate_outbox (
+           id TEXT PRIMARY KEY,
+           topic TEXT NOT NULL,
+           key TEXT NOT NULL,
+           sequence BIGINT NOT NULL,
+           payload {blob} NOT NULL,
+           headers TEXT NOT NULL,
+           source TEXT NOT NULL,
+           created_at BIGINT NOT NULL,
+           sent_at BIGINT
+         );
+         CREATE INDEX wasmgate_outbox_unsent ON wasmgate_outbox (sent_at, id);
+         CREATE TABLE wasmgate_event_keys (
+           topic TEXT NOT NULL,
+           key TEXT NOT NULL,
+           sequence BIGINT NOT NULL,
+           PRIMARY KEY (topic, key)
+         )"
+    )
+}
+
+/// Creates the outbox tables if needed (once, under the migrations lock).
+pub async fn open(db: &dyn DbBackend) -> Result<(), MigrationError> {
+    let blob = if db.kind() == "postgres" {
+        "BYTEA"
+    } else {
+        "BLOB"
+    };
+    db.migrate(OWNER, &[Migration::new("0001_outbox", ddl(blob))])
+        .await
+        .map(|_| ())
+}
+
+/// Why `event` is refused, if it is.
+pub fn check(event: &Event) -> Result<(), String> {
+    let topic = &event.topic;
+    if topic.is_empty()
+        || topic.len() > MAX_TOPIC_LEN
+        || !topic
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+    {
+        return Err(format!(
+            "topic `{topic}`: 1 to {MAX_TOPIC_LEN} of a-z 0-9 . _ -"
+        ));
+    }
+    if event.key.is_empty() || event.key.len() > MAX_KEY_LEN {
+        return Err(format!("a key is 1 to {MAX_KEY_LEN} bytes"));
+    }
+    if event.payload.len() > MAX_PAYLOAD {
+        return Err(format!(
+            "the payload is {} bytes; at most {MAX_PAYLOAD}",
+            event.payload.len()
+        ));
+    }
+    if event.headers.len() > MAX_HEADERS {
+        return Err(format!("at most {MAX_HEADERS} headers"));
+    }
+    for (name, value) in &event.headers {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(format!("header name `{name}`: a-z 0-9 -"));
+        }
+        if value.len() > MAX_HEADER_LEN {
+            return Err(format!("header {name}: at most {MAX_HEADER_LEN} bytes"));
+        }
+    }
+    Ok(())
+}
+
+/// A new event id: a UUIDv7 (time-ordered) in 32 hex digits.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// Writes `event` in `tx` with the next sequence of its key, and returns where it landed. The
+/// key's counter row stays locked until `tx` ends, so the events of one key commit in the
+/// order of their sequence, and a rolled-back event takes its number back with it.
+pub async fn append(
+    tx: &mut dyn DbTransaction,
+    source: &str,
+    event: &Event,
+) -> Result<Published, DbError> {
+    let rows = tx
+        .query(
+            "INSERT INTO wasmgate_event_keys (topic, key, sequence) VALUES ($1, $2, 1) \
+             ON CONFLICT (topic, key) DO UPDATE SET sequence = wasmgate_event_keys.sequence + 1 \
+             RETURNING sequence",
+            vec![
+                Value::Text(event.topic.clone()),
+                Value::Text(event.key.clone()),
+            ],
+        )
+        .await?;
+    let sequence = rows
+        .rows
+        .first()
+        .and_then(|r| r.first())
+        .and_then(Value::int)
+        .ok_or_else(|| DbError::InvalidState("the key's sequence was not returned".into()))?;
+    let id = new_id();
+    tx.execute(
+        "INSERT INTO wasmgate_outbox (id, topic, key, sequence, payload, headers, source, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        vec![
+            Value::Text(id.clone()),
+            Value::Text(event.topic.clone()),
+            Value::Text(event.key.clone()),
+            Value::Int64(sequence),
+            Value::Bytes(event.payload.clone()),
+            Value::Text(serde_json::to_string(&event.headers).expect("strings serialize")),
+            Value::Text(source.into()),
+            Value::Int64(crate::auth::now_ms()),
+        ],
+    )
+    .await?;
+    Ok(Published {
+        id,
+        sequence: u64::try_from(sequence).unwrap_or(0),
+    })
+}
+
+/// An event in the outbox, as the relay reads it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stored {
+    pub id: String,
+    pub topic: String,
+    pub key: String,
+    pub sequence: u64,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    pub source: String,
+    pub created_at: i64,
+}
+
+/// Up to `limit` committed events not yet handed to the broker, oldest first.
+pub async fn unsent(db: &dyn DbBackend, limit: u32) -> Result<Vec<Stored>, DbError> {
+    let rows = db
+        .query(
+            "SELECT id, topic, key, sequence, payload, headers, source, created_at \
+             FROM wasmgate_outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1",
+            vec![Value::Int64(i64::from(limit))],
+        )
+        .await?;
+    rows.rows
+        .into_iter()
+        .map(|r| {
+            let headers = serde_json::from_str(&r[5].text())
+                .map_err(|e| DbError::InvalidState(format!("stored headers: {e}")))?;
+            Ok(Stored {
+                id: r[0].text(),
+                topic: r[1].text(),
+                key: r[2].text(),
+                sequence: u64::try_from(r[3].int().unwrap_or(0)).unwrap_or(0),
+                payload: match &r[4] {
+                    Value::Bytes(b) => b.clone(),
+                    _ => Vec::new(),
+                },
+                headers,
+                source: r[6].text(),
+                created_at: r[7].int().unwrap_or(0),
+            })
+        })
+        .collect()
+}

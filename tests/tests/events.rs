@@ -1,0 +1,154 @@
+//! Publishing events, black-box: through the `events` capability an event lands in the outbox
+//! on its own, or with the transaction that publishes it (and vanishes with one rolled back),
+//! each key numbered in order; a shadow run publishes nothing. The relay, the brokers and
+//! consumers are not built yet.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use wasmgate_tests::{AdminApi, Server, fresh_postgres, sql, with_admin};
+
+const MANIFEST: &str = r#"
+    [functions.publisher]
+    wasm = "{wasm:publisher}"
+    capabilities = ["db", "events"]
+    [[routes]]
+    path = "/publish/{topic}"
+    methods = ["POST"]
+    function = "publisher"
+"#;
+
+async fn publish(s: &Server, topic: &str, query: &str, body: &str) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(s.url(&format!("/publish/{topic}?{query}")))
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("publish");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// `topic`'s events in the outbox: `key|sequence|payload as text`, in sequence order.
+fn outbox(db: &str, topic: &str) -> Vec<String> {
+    sql(
+        db,
+        &format!(
+            "SELECT key, sequence, source FROM wasmgate_outbox WHERE topic = '{topic}' ORDER BY key, sequence"
+        ),
+    )
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+async fn publishes_with_its_transaction(s: &Server, db: &str) {
+    let (status, first) = publish(s, "order.placed", "key=a", r#"{"n":1}"#).await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(first["sequence"], 1);
+    assert_eq!(first["id"].as_str().map(str::len), Some(32), "{first}");
+    let (status, second) = publish(s, "order.placed", "key=a&tx=commit", "{}").await;
+    assert_eq!((status, second["sequence"].as_u64()), (201, Some(2)));
+    // Rolled back: the guest was told where it would land, and nothing of it is left.
+    let (status, _) = publish(s, "order.placed", "key=a&tx=rollback", "{}").await;
+    assert_eq!(status, 201);
+    let (_, other) = publish(s, "order.placed", "key=b", "{}").await;
+    assert_eq!(other["sequence"], 1, "keys are numbered apart");
+    let (_, next) = publish(s, "order.placed", "key=a", "{}").await;
+    assert_eq!(
+        next["sequence"], 3,
+        "the rolled-back event took its number back"
+    );
+    assert_eq!(
+        outbox(db, "order.placed"),
+        [
+            "a|1|publisher",
+            "a|2|publisher",
+            "a|3|publisher",
+            "b|1|publisher"
+        ]
+    );
+    assert_eq!(sql(db, "SELECT count(*) FROM publisher_writes").trim(), "1");
+    let id = first["id"].as_str().expect("id");
+    assert_eq!(
+        sql(
+            db,
+            &format!("SELECT length(payload) FROM wasmgate_outbox WHERE id = '{id}'")
+        )
+        .trim(),
+        "7"
+    );
+
+    // Refused (the guest gets `invalid` with the reason and answers 500), nothing written.
+    let (status, problem) = publish(s, "Order%20Placed", "key=a", "{}").await;
+    assert_eq!(status, 500, "{problem}");
+    assert_eq!(outbox(db, "order.placed").len(), 4);
+}
+
+#[tokio::test]
+async fn events_on_the_embedded_default() {
+    let (s, _dir, db) = wasmgate_tests::start_embedded(MANIFEST);
+    publishes_with_its_transaction(&s, &db).await;
+}
+
+#[tokio::test]
+async fn events_on_postgres() {
+    let db = fresh_postgres();
+    let s = Server::start_with_args(MANIFEST, &["--database-url", &db]);
+    publishes_with_its_transaction(&s, &db).await;
+}
+
+#[test]
+fn publishing_needs_the_grant() {
+    let manifest = MANIFEST.replace(r#"["db", "events"]"#, r#"["db"]"#);
+    let (ok, out) = wasmgate_tests::check(&manifest);
+    assert!(!ok);
+    assert!(
+        out.contains("imports `wasmgate:platform/events@0.1.0` but is not granted `events`"),
+        "{out}"
+    );
+}
+
+/// A shadow of a publishing route runs the handler, and the outbox holds the live events only.
+#[tokio::test]
+async fn a_shadow_publishes_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = fresh_postgres();
+    let s = with_admin(dir.path(), MANIFEST, &["--database-url", &db]);
+    let api = AdminApi::of(&s);
+    api.upload("publisher", "a", "publisher").await;
+    api.first("publisher", "a").await;
+    api.upload("publisher", "b", "publisher").await;
+    api.call(
+        Method::PUT,
+        "publisher/shadow",
+        Some(json!({"version": "b", "percent": 100})),
+    )
+    .await;
+    for (i, mode) in ["none", "commit", "none", "commit", "none"]
+        .iter()
+        .enumerate()
+    {
+        let (status, published) = publish(&s, "audit", &format!("key=k&tx={mode}"), "{}").await;
+        assert_eq!(
+            (status, published["sequence"].as_u64()),
+            (201, Some(i as u64 + 1))
+        );
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let view = api.call(Method::GET, "publisher/shadow", None).await;
+        let compared = view["routes"][0]["compared"].as_u64().unwrap_or(0);
+        if compared == 5 {
+            // Each shadow run answered 201 too, with an id of its own.
+            assert_eq!(view["routes"][0]["body_differs"], 5, "{view}");
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 20, "{view}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(outbox(&db, "audit").len(), 5, "the live events only");
+    assert_eq!(
+        sql(&db, "SELECT count(*) FROM publisher_writes").trim(),
+        "2"
+    );
+}
