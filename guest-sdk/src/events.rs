@@ -54,8 +54,8 @@ pub fn publish_json_in<T: Serialize>(
     key: &str,
     value: &T,
 ) -> Result<Published, Problem> {
-    let payload = serde_json::to_vec(value)
-        .map_err(|e| Problem::internal(format!("event payload: {e}")))?;
+    let payload =
+        serde_json::to_vec(value).map_err(|e| Problem::internal(format!("event payload: {e}")))?;
     Ok(wit::publish_in(
         tx.raw(),
         &event(topic, key, payload, &[("content-type", "application/json")]),
