@@ -10,6 +10,8 @@
 //! - [`loader`]: manifest -> the platform (engine, backends: once per process) and a deployment
 //!   (functions, routes), or every problem at once.
 //! - [`deploy`]: the deployer that outlives deployments (reload), version sets and the pick.
+//! - [`events`]: between a publisher's outbox and a subscriber: brokers (embedded queue, Redis
+//!   Streams) and the relay.
 //! - [`heap`]: freed heap handed back to the OS once a version drains.
 //! - [`registry`]: modules, versions, deployments and their history in the platform database.
 //! - [`rollout`]: progressive delivery: step plans, gates judged from per-version figures, the
@@ -37,6 +39,7 @@ pub mod body_limit;
 pub mod capabilities;
 pub mod config;
 pub mod deploy;
+pub mod events;
 pub mod heap;
 pub mod idempotency;
 pub mod loader;

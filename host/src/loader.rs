@@ -132,6 +132,8 @@ pub struct Loaded {
 pub struct Built {
     pub routes: RouteTable<VersionSet>,
     pub functions: BTreeMap<String, Loaded>,
+    /// Whether a loaded version publishes events (the outbox tables exist then).
+    pub publishes: bool,
     /// Per-function policy state, handed to the next reload so budgets and slots carry over.
     pub policies: BTreeMap<String, Arc<PolicyState>>,
 }
@@ -545,6 +547,7 @@ pub async fn build(
     Ok(Built {
         routes,
         functions,
+        publishes,
         policies,
     })
 }

@@ -1,11 +1,11 @@
 //! Publishing events, black-box: through the `events` capability an event lands in the outbox
 //! on its own, or with the transaction that publishes it (and vanishes with one rolled back),
-//! each key numbered in order; a shadow run publishes nothing. The relay, the brokers and
-//! consumers are not built yet.
+//! each key numbered in order, and relayed to the broker (the embedded queue, or a Redis
+//! stream); a shadow run publishes nothing. Consumers are not built yet.
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use wasmgate_tests::{AdminApi, Server, fresh_postgres, sql, with_admin};
+use wasmgate_tests::{AdminApi, Server, fresh_postgres, redis_url, sql, with_admin};
 
 const MANIFEST: &str = r#"
     [functions.publisher]
@@ -41,25 +41,45 @@ fn outbox(db: &str, topic: &str) -> Vec<String> {
     .collect()
 }
 
-async fn publishes_with_its_transaction(s: &Server, db: &str) {
-    let (status, first) = publish(s, "order.placed", "key=a", r#"{"n":1}"#).await;
+/// Waits until the relay has handed every event of the outbox to the broker.
+async fn relayed(db: &str) {
+    let started = std::time::Instant::now();
+    while sql(
+        db,
+        "SELECT count(*) FROM wasmgate_outbox WHERE sent_at IS NULL",
+    )
+    .trim()
+        != "0"
+    {
+        assert!(
+            started.elapsed().as_secs() < 10,
+            "events still in the outbox"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes on `topic` (unique per test: a Redis stream outlives it) and checks the outbox;
+/// returns how many events the topic got.
+async fn publishes_with_its_transaction(s: &Server, db: &str, topic: &str) -> usize {
+    let (status, first) = publish(s, topic, "key=a", r#"{"n":1}"#).await;
     assert_eq!(status, 201, "{first}");
     assert_eq!(first["sequence"], 1);
     assert_eq!(first["id"].as_str().map(str::len), Some(32), "{first}");
-    let (status, second) = publish(s, "order.placed", "key=a&tx=commit", "{}").await;
+    let (status, second) = publish(s, topic, "key=a&tx=commit", "{}").await;
     assert_eq!((status, second["sequence"].as_u64()), (201, Some(2)));
     // Rolled back: the guest was told where it would land, and nothing of it is left.
-    let (status, _) = publish(s, "order.placed", "key=a&tx=rollback", "{}").await;
+    let (status, _) = publish(s, topic, "key=a&tx=rollback", "{}").await;
     assert_eq!(status, 201);
-    let (_, other) = publish(s, "order.placed", "key=b", "{}").await;
+    let (_, other) = publish(s, topic, "key=b", "{}").await;
     assert_eq!(other["sequence"], 1, "keys are numbered apart");
-    let (_, next) = publish(s, "order.placed", "key=a", "{}").await;
+    let (_, next) = publish(s, topic, "key=a", "{}").await;
     assert_eq!(
         next["sequence"], 3,
         "the rolled-back event took its number back"
     );
     assert_eq!(
-        outbox(db, "order.placed"),
+        outbox(db, topic),
         [
             "a|1|publisher",
             "a|2|publisher",
@@ -81,20 +101,56 @@ async fn publishes_with_its_transaction(s: &Server, db: &str) {
     // Refused (the guest gets `invalid` with the reason and answers 500), nothing written.
     let (status, problem) = publish(s, "Order%20Placed", "key=a", "{}").await;
     assert_eq!(status, 500, "{problem}");
-    assert_eq!(outbox(db, "order.placed").len(), 4);
+    assert_eq!(outbox(db, topic).len(), 4);
+    relayed(db).await;
+    4
 }
 
 #[tokio::test]
 async fn events_on_the_embedded_default() {
     let (s, _dir, db) = wasmgate_tests::start_embedded(MANIFEST);
-    publishes_with_its_transaction(&s, &db).await;
+    publishes_with_its_transaction(&s, &db, "order.placed").await;
+    // Relayed to the embedded queue, in the same database.
+    assert_eq!(
+        sql(
+            &db,
+            "SELECT key, sequence FROM wasmgate_queue WHERE topic = 'order.placed' ORDER BY entry"
+        )
+        .lines()
+        .collect::<Vec<_>>()
+        .len(),
+        4
+    );
 }
 
 #[tokio::test]
-async fn events_on_postgres() {
+async fn events_on_postgres_and_redis() {
     let db = fresh_postgres();
-    let s = Server::start_with_args(MANIFEST, &["--database-url", &db]);
-    publishes_with_its_transaction(&s, &db).await;
+    let s = Server::start_with_args(
+        MANIFEST,
+        &["--database-url", &db, "--redis-url", &redis_url()],
+    );
+    let topic = format!("order.placed.{}", wasmgate_tests::unique_suffix());
+    let n = publishes_with_its_transaction(&s, &db, &topic).await;
+    // Relayed to a Redis stream of the topic.
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "-u",
+            &redis_url(),
+            "XLEN",
+            &format!("wasmgate:events:{topic}"),
+        ])
+        .output()
+        .expect("redis-cli");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), n.to_string());
+    let _ = std::process::Command::new("redis-cli")
+        .args([
+            "-u",
+            &redis_url(),
+            "DEL",
+            &format!("wasmgate:events:{topic}"),
+        ])
+        .output();
 }
 
 #[test]

@@ -68,6 +68,8 @@ pub struct Deployer {
     policies: Mutex<BTreeMap<String, Arc<PolicyState>>>,
     /// The registry generations the live deployment was built from.
     applied: std::sync::Mutex<Generations>,
+    /// Set once the outbox relay runs (from the first deployment with a publishing version).
+    relay: std::sync::OnceLock<()>,
 }
 
 impl Deployer {
@@ -117,7 +119,11 @@ impl Deployer {
             state,
             policies: Mutex::new(built.policies),
             applied: std::sync::Mutex::new(generations),
+            relay: std::sync::OnceLock::new(),
         });
+        if built.publishes {
+            deployer.start_relay().await;
+        }
         tokio::spawn(watch(Arc::downgrade(&deployer), redis));
         tokio::spawn(crate::rollout::drive(Arc::downgrade(&deployer)));
         tokio::spawn(
@@ -128,6 +134,29 @@ impl Deployer {
                 .run(deployer.registry.clone(), Arc::downgrade(&deployer)),
         );
         Ok(deployer)
+    }
+
+    /// Starts moving the outbox to the broker, once per process. A broker that cannot be
+    /// opened is logged; the events wait in the outbox and the next reload tries again.
+    async fn start_relay(&self) {
+        if self.relay.get().is_some() {
+            return;
+        }
+        match crate::events::broker(&self.platform.backends).await {
+            Ok(broker) => {
+                if self.relay.set(()).is_ok() {
+                    tracing::info!(broker = broker.kind(), "relaying events from the outbox");
+                    let relay = crate::events::relay::Relay::new(
+                        self.platform.backends.db.backend().clone(),
+                        broker,
+                    );
+                    tokio::spawn(relay.run(Arc::downgrade(&self.state)));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the event broker cannot be opened; events wait in the outbox")
+            }
+        }
     }
 
     /// Tells the other processes that `function`'s deployment changed (they also find out by
@@ -215,6 +244,9 @@ impl Deployer {
             routes: built.routes,
             functions,
         });
+        if built.publishes {
+            self.start_relay().await;
+        }
         *policies = built.policies;
         *self
             .applied

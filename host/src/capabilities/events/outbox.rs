@@ -27,6 +27,8 @@ fn ddl(blob: &str) -> String {
            headers TEXT NOT NULL,
            source TEXT NOT NULL,
            created_at BIGINT NOT NULL,
+           relay TEXT,
+           claimed_at BIGINT,
            sent_at BIGINT
          );
          CREATE INDEX wasmgate_outbox_unsent ON wasmgate_outbox (sent_at, id);
@@ -156,33 +158,104 @@ pub struct Stored {
     pub created_at: i64,
 }
 
+const COLUMNS: &str = "id, topic, key, sequence, payload, headers, source, created_at";
+
+fn stored(r: Vec<Value>) -> Result<Stored, DbError> {
+    let headers = serde_json::from_str(&r[5].text())
+        .map_err(|e| DbError::InvalidState(format!("stored headers: {e}")))?;
+    Ok(Stored {
+        id: r[0].text(),
+        topic: r[1].text(),
+        key: r[2].text(),
+        sequence: u64::try_from(r[3].int().unwrap_or(0)).unwrap_or(0),
+        payload: match &r[4] {
+            Value::Bytes(b) => b.clone(),
+            _ => Vec::new(),
+        },
+        headers,
+        source: r[6].text(),
+        created_at: r[7].int().unwrap_or(0),
+    })
+}
+
 /// Up to `limit` committed events not yet handed to the broker, oldest first.
 pub async fn unsent(db: &dyn DbBackend, limit: u32) -> Result<Vec<Stored>, DbError> {
     let rows = db
         .query(
-            "SELECT id, topic, key, sequence, payload, headers, source, created_at \
-             FROM wasmgate_outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1",
+            &format!(
+                "SELECT {COLUMNS} FROM wasmgate_outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1"
+            ),
             vec![Value::Int64(i64::from(limit))],
         )
         .await?;
-    rows.rows
+    rows.rows.into_iter().map(stored).collect()
+}
+
+/// Claims up to `limit` unsent events for `relay` until `lease` from now: those nobody claimed
+/// and those whose claim lapsed (a relay that died between appending and marking). The
+/// condition is repeated outside the subquery so that, of two relays racing for a row, the
+/// second sees the first one's claim and skips it.
+pub async fn claim(
+    db: &dyn DbBackend,
+    relay: &str,
+    limit: u32,
+    lease: std::time::Duration,
+) -> Result<Vec<Stored>, DbError> {
+    let now = crate::auth::now_ms();
+    let lapsed = now - i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    let rows = db
+        .query(
+            &format!(
+                "UPDATE wasmgate_outbox SET relay = $1, claimed_at = $2 \
+                 WHERE sent_at IS NULL AND (claimed_at IS NULL OR claimed_at < $3) AND id IN \
+                 (SELECT id FROM wasmgate_outbox WHERE sent_at IS NULL AND (claimed_at IS NULL OR claimed_at < $3) \
+                 ORDER BY id LIMIT $4) RETURNING {COLUMNS}"
+            ),
+            vec![
+                Value::Text(relay.into()),
+                Value::Int64(now),
+                Value::Int64(lapsed),
+                Value::Int64(i64::from(limit)),
+            ],
+        )
+        .await?;
+    let mut claimed = rows
+        .rows
         .into_iter()
-        .map(|r| {
-            let headers = serde_json::from_str(&r[5].text())
-                .map_err(|e| DbError::InvalidState(format!("stored headers: {e}")))?;
-            Ok(Stored {
-                id: r[0].text(),
-                topic: r[1].text(),
-                key: r[2].text(),
-                sequence: u64::try_from(r[3].int().unwrap_or(0)).unwrap_or(0),
-                payload: match &r[4] {
-                    Value::Bytes(b) => b.clone(),
-                    _ => Vec::new(),
-                },
-                headers,
-                source: r[6].text(),
-                created_at: r[7].int().unwrap_or(0),
-            })
-        })
-        .collect()
+        .map(stored)
+        .collect::<Result<Vec<_>, _>>()?;
+    claimed.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(claimed)
+}
+
+/// Marks events `relay` handed to the broker as sent.
+pub async fn mark_sent(db: &dyn DbBackend, relay: &str, ids: &[String]) -> Result<u64, DbError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let mut params = vec![
+        Value::Int64(crate::auth::now_ms()),
+        Value::Text(relay.into()),
+    ];
+    params.extend(ids.iter().map(|id| Value::Text(id.clone())));
+    let list = (3..3 + ids.len())
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    db.execute(
+        &format!(
+            "UPDATE wasmgate_outbox SET sent_at = $1 WHERE relay = $2 AND sent_at IS NULL AND id IN ({list})"
+        ),
+        params,
+    )
+    .await
+}
+
+/// Deletes events sent before `before` (ms since the epoch).
+pub async fn prune_sent(db: &dyn DbBackend, before: i64) -> Result<u64, DbError> {
+    db.execute(
+        "DELETE FROM wasmgate_outbox WHERE sent_at IS NOT NULL AND sent_at < $1",
+        vec![Value::Int64(before)],
+    )
+    .await
 }

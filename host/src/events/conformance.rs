@@ -1,0 +1,259 @@
+//! The brokers' conformance suite: the embedded queue (on SQLite and on PostgreSQL) and Redis
+//! Streams pass the same tests; and the relay hands every committed outbox row over once per
+//! claim, again only when a claim lapsed.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::broker::Broker;
+use super::queue::Queue;
+use super::relay::Relay;
+use super::streams::Streams;
+use crate::capabilities::db::conformance::fresh_postgres;
+use crate::capabilities::db::{Db, DbBackend};
+use crate::capabilities::events::Event;
+use crate::capabilities::events::outbox::{self, Stored};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn stored(topic: &str, key: &str, sequence: u64, payload: &[u8]) -> Stored {
+    Stored {
+        id: outbox::new_id(),
+        topic: topic.into(),
+        key: key.into(),
+        sequence,
+        payload: payload.to_vec(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        source: "users".into(),
+        created_at: 1_700_000_000_000,
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}.{}", uuid::Uuid::new_v4().simple())
+}
+
+async fn suite(broker: Arc<dyn Broker>) {
+    let topic = unique("user.created");
+    broker.create_group(&topic, "audit").await.expect("group");
+    broker
+        .create_group(&topic, "audit")
+        .await
+        .expect("again: nothing to do");
+    assert!(
+        broker.read(&topic, "nobody", "c1", 10, LONG).await.is_err(),
+        "reading a group that does not exist fails"
+    );
+
+    let sent: Vec<Stored> = (1..=5)
+        .map(|i| {
+            stored(
+                &topic,
+                if i % 2 == 0 { "b" } else { "a" },
+                i,
+                &[0, 255, i as u8],
+            )
+        })
+        .collect();
+    broker.append(&sent).await.expect("append");
+
+    // New entries in order, each handed out once.
+    let first = broker
+        .read(&topic, "audit", "c1", 3, LONG)
+        .await
+        .expect("read");
+    assert_eq!(
+        first.iter().map(|d| &d.event).collect::<Vec<_>>(),
+        sent[..3].iter().collect::<Vec<_>>(),
+        "the events as appended, bytes and headers included"
+    );
+    let rest = broker
+        .read(&topic, "audit", "c1", 10, LONG)
+        .await
+        .expect("read");
+    assert_eq!(rest.len(), 2);
+    assert!(
+        broker
+            .read(&topic, "audit", "c2", 10, LONG)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+
+    // Unacknowledged entries go to whoever asks once they have been idle long enough.
+    let entries = |ds: &[super::Delivery]| ds.iter().map(|d| d.entry.clone()).collect::<Vec<_>>();
+    broker
+        .ack(&topic, "audit", &entries(&first))
+        .await
+        .expect("ack");
+    let again = broker
+        .read(&topic, "audit", "c2", 10, Duration::ZERO)
+        .await
+        .expect("claim");
+    assert_eq!(
+        entries(&again),
+        entries(&rest),
+        "the unacknowledged ones, again"
+    );
+    broker
+        .ack(&topic, "audit", &entries(&again))
+        .await
+        .expect("ack");
+    assert!(
+        broker
+            .read(&topic, "audit", "c2", 10, Duration::ZERO)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+
+    // Another group reads the topic from its start, on its own.
+    broker
+        .create_group(&topic, "projection")
+        .await
+        .expect("group");
+    let all = broker
+        .read(&topic, "projection", "p", 10, LONG)
+        .await
+        .expect("read");
+    assert_eq!(all.len(), 5);
+
+    // Four consumers of one group at once: every entry to exactly one of them.
+    let busy = unique("hot");
+    broker.create_group(&busy, "g").await.expect("group");
+    let many: Vec<Stored> = (1..=100).map(|i| stored(&busy, "k", i, b"x")).collect();
+    broker.append(&many).await.expect("append");
+    let readers: Vec<_> = (0..4)
+        .map(|c| {
+            let (broker, busy) = (broker.clone(), busy.clone());
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let batch = broker
+                        .read(&busy, "g", &format!("c{c}"), 7, LONG)
+                        .await
+                        .expect("read");
+                    if batch.is_empty() {
+                        return got;
+                    }
+                    let ids: Vec<String> = batch.iter().map(|d| d.entry.clone()).collect();
+                    broker.ack(&busy, "g", &ids).await.expect("ack");
+                    got.extend(batch.into_iter().map(|d| d.event.sequence));
+                }
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for r in readers {
+        seen.extend(r.await.expect("reader"));
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=100).collect::<Vec<u64>>(), "each once");
+}
+
+/// Every committed event reaches the broker; two relays at once hand over each once; a claim
+/// that lapsed (its relay died before marking) is handed over again.
+async fn relay(db: Arc<dyn DbBackend>, broker: Arc<dyn Broker>) {
+    outbox::open(db.as_ref()).await.expect("outbox");
+    let topic = unique("relayed");
+    broker.create_group(&topic, "g").await.expect("group");
+    for i in 0..40 {
+        let mut tx = db.begin().await.expect("begin");
+        outbox::append(
+            tx.as_mut(),
+            "users",
+            &Event {
+                topic: topic.clone(),
+                key: format!("k{}", i % 3),
+                payload: vec![i],
+                headers: vec![],
+            },
+        )
+        .await
+        .expect("append");
+        tx.commit().await.expect("commit");
+    }
+    let (a, b) = (
+        Relay::new(db.clone(), broker.clone()),
+        Relay::new(db.clone(), broker.clone()),
+    );
+    let (ra, rb) = tokio::join!(a.pass(), b.pass());
+    assert_eq!(ra.expect("a") + rb.expect("b"), 40);
+    assert_eq!(a.pass().await.expect("a"), 0, "nothing left");
+    let got = broker
+        .read(&topic, "g", "c", 100, LONG)
+        .await
+        .expect("read");
+    let ids: BTreeSet<&str> = got.iter().map(|d| d.event.id.as_str()).collect();
+    assert_eq!((got.len(), ids.len()), (40, 40), "each once");
+
+    // A relay that claimed and died: nobody else takes its rows until the claim lapses.
+    let mut tx = db.begin().await.expect("begin");
+    outbox::append(
+        tx.as_mut(),
+        "users",
+        &Event {
+            topic: topic.clone(),
+            key: "late".into(),
+            payload: vec![],
+            headers: vec![],
+        },
+    )
+    .await
+    .expect("append");
+    tx.commit().await.expect("commit");
+    let dead = outbox::claim(db.as_ref(), "dead-relay", 10, LONG)
+        .await
+        .expect("claim");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(a.pass().await.expect("a"), 0, "claimed by another");
+    let lapsed = outbox::claim(db.as_ref(), "next-relay", 10, Duration::ZERO)
+        .await
+        .expect("claim");
+    assert_eq!(
+        lapsed.iter().map(|e| &e.id).collect::<Vec<_>>(),
+        [&dead[0].id]
+    );
+}
+
+async fn sqlite() -> (tempfile::TempDir, Arc<dyn DbBackend>) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let url = format!("sqlite://{}", dir.path().join("events.db").display());
+    let db = Db::connect(&url).await.expect("sqlite").backend().clone();
+    (dir, db)
+}
+
+async fn queue(db: &Arc<dyn DbBackend>) -> Arc<dyn Broker> {
+    Arc::new(Queue::open(db.clone()).await.expect("queue"))
+}
+
+#[tokio::test]
+async fn queue_on_sqlite_conforms() {
+    let (_dir, db) = sqlite().await;
+    let broker = queue(&db).await;
+    suite(broker.clone()).await;
+    relay(db, broker).await;
+}
+
+#[tokio::test]
+async fn queue_on_postgres_conforms() {
+    let db = Db::connect(&fresh_postgres().await)
+        .await
+        .expect("postgres")
+        .backend()
+        .clone();
+    let broker = queue(&db).await;
+    suite(broker.clone()).await;
+    relay(db, broker).await;
+}
+
+#[tokio::test]
+async fn redis_streams_conform() {
+    let url = crate::capabilities::cache::conformance::redis_url();
+    let conn = crate::capabilities::cache::redis_manager(&url).expect("redis");
+    let broker: Arc<dyn Broker> = Arc::new(Streams::new(conn));
+    suite(broker.clone()).await;
+    let (_dir, db) = sqlite().await;
+    relay(db, broker).await;
+}

@@ -1,0 +1,36 @@
+//! Events between functions, exactly once: what the platform does between a publisher's
+//! outbox (the `events` capability) and a subscriber's handler.
+//!
+//! Layout:
+//! - `broker`: the trait a broker implements (append, consumer groups, read with claims of
+//!   entries a dead consumer left, acknowledge) and its errors.
+//! - `queue`: the embedded broker, a queue in the platform database (nothing to install).
+//! - `streams`: Redis Streams, a consumer group per subscription.
+//! - `relay`: moves committed outbox rows to the broker, at least once (a crash between the
+//!   append and the mark appends again; consumers drop duplicates by event id).
+//! - `conformance` (tests): one suite, run against both brokers.
+//!
+//! Not built yet: event functions, subscriptions and the inbox (issue 14).
+
+pub mod broker;
+#[cfg(test)]
+mod conformance;
+pub mod queue;
+pub mod relay;
+pub mod streams;
+
+pub use broker::{Broker, BrokerError, Delivery};
+
+use std::sync::Arc;
+
+use crate::capabilities::Backends;
+use crate::capabilities::db::migrations::MigrationError;
+
+/// The broker of this platform: Redis Streams when Redis is configured, the queue in the
+/// platform database otherwise.
+pub async fn broker(backends: &Backends) -> Result<Arc<dyn Broker>, MigrationError> {
+    Ok(match &backends.redis {
+        Some(conn) => Arc::new(streams::Streams::new(conn.clone())),
+        None => Arc::new(queue::Queue::open(backends.db.backend().clone()).await?),
+    })
+}

@@ -1,0 +1,288 @@
+//! The embedded broker: a queue in the platform database (SQLite by default), so events work
+//! with nothing to install. A group is a cursor over its topic's entries plus the entries it
+//! has received and not acknowledged (each with who received it and when, so another consumer
+//! can claim what a dead one left).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::broker::{Broker, BrokerError, Delivery};
+use crate::capabilities::db::migrations::{Migration, MigrationError};
+use crate::capabilities::db::{DbBackend, DbError, DbTransaction, Value};
+use crate::capabilities::events::outbox::Stored;
+
+const OWNER: &str = "_wasmgate_queue";
+
+fn ddl(kind: &str) -> String {
+    let (serial, blob) = if kind == "postgres" {
+        ("BIGSERIAL PRIMARY KEY", "BYTEA")
+    } else {
+        ("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB")
+    };
+    format!(
+        "CREATE TABLE wasmgate_queue (
+           entry {serial},
+           topic TEXT NOT NULL,
+           id TEXT NOT NULL,
+           key TEXT NOT NULL,
+           sequence BIGINT NOT NULL,
+           payload {blob} NOT NULL,
+           headers TEXT NOT NULL,
+           source TEXT NOT NULL,
+           created_at BIGINT NOT NULL
+         );
+         CREATE INDEX wasmgate_queue_topic ON wasmgate_queue (topic, entry);
+         CREATE TABLE wasmgate_queue_groups (
+           topic TEXT NOT NULL,
+           grp TEXT NOT NULL,
+           cursor BIGINT NOT NULL,
+           PRIMARY KEY (topic, grp)
+         );
+         CREATE TABLE wasmgate_queue_pending (
+           topic TEXT NOT NULL,
+           grp TEXT NOT NULL,
+           entry BIGINT NOT NULL,
+           consumer TEXT NOT NULL,
+           delivered_at BIGINT NOT NULL,
+           PRIMARY KEY (topic, grp, entry)
+         )"
+    )
+}
+
+pub struct Queue {
+    db: Arc<dyn DbBackend>,
+}
+
+fn unavailable(e: DbError) -> BrokerError {
+    BrokerError::Unavailable(format!("{e:?}"))
+}
+
+impl Queue {
+    /// Creates the queue's tables if needed.
+    pub async fn open(db: Arc<dyn DbBackend>) -> Result<Self, MigrationError> {
+        db.migrate(OWNER, &[Migration::new("0001_queue", ddl(db.kind()))])
+            .await?;
+        Ok(Self { db })
+    }
+}
+
+/// `$from, $from+1, ...` for `n` values.
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The events of `entries`, in entry order.
+async fn events_of(
+    tx: &mut dyn DbTransaction,
+    topic: &str,
+    entries: &[i64],
+) -> Result<Vec<Delivery>, DbError> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut params = vec![Value::Text(topic.into())];
+    params.extend(entries.iter().map(|e| Value::Int64(*e)));
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT entry, id, key, sequence, payload, headers, source, created_at FROM wasmgate_queue \
+                 WHERE topic = $1 AND entry IN ({}) ORDER BY entry",
+                placeholders(2, entries.len())
+            ),
+            params,
+        )
+        .await?;
+    rows.rows
+        .into_iter()
+        .map(|r| {
+            Ok(Delivery {
+                entry: r[0].int().unwrap_or(0).to_string(),
+                event: Stored {
+                    id: r[1].text(),
+                    topic: topic.into(),
+                    key: r[2].text(),
+                    sequence: u64::try_from(r[3].int().unwrap_or(0)).unwrap_or(0),
+                    payload: match &r[4] {
+                        Value::Bytes(b) => b.clone(),
+                        _ => Vec::new(),
+                    },
+                    headers: serde_json::from_str(&r[5].text())
+                        .map_err(|e| DbError::InvalidState(format!("stored headers: {e}")))?,
+                    source: r[6].text(),
+                    created_at: r[7].int().unwrap_or(0),
+                },
+            })
+        })
+        .collect()
+}
+
+fn entries_of(rows: &crate::capabilities::db::Rows) -> Vec<i64> {
+    rows.rows
+        .iter()
+        .filter_map(|r| r.first().and_then(Value::int))
+        .collect()
+}
+
+#[async_trait]
+impl Broker for Queue {
+    fn kind(&self) -> &'static str {
+        "queue"
+    }
+
+    async fn append(&self, events: &[Stored]) -> Result<(), BrokerError> {
+        let mut tx = self.db.begin().await.map_err(unavailable)?;
+        for e in events {
+            tx.execute(
+                "INSERT INTO wasmgate_queue (topic, id, key, sequence, payload, headers, source, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                vec![
+                    Value::Text(e.topic.clone()),
+                    Value::Text(e.id.clone()),
+                    Value::Text(e.key.clone()),
+                    Value::Int64(i64::try_from(e.sequence).unwrap_or(i64::MAX)),
+                    Value::Bytes(e.payload.clone()),
+                    Value::Text(serde_json::to_string(&e.headers).expect("strings serialize")),
+                    Value::Text(e.source.clone()),
+                    Value::Int64(e.created_at),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn create_group(&self, topic: &str, group: &str) -> Result<(), BrokerError> {
+        self.db
+            .execute(
+                "INSERT INTO wasmgate_queue_groups (topic, grp, cursor) VALUES ($1, $2, 0) \
+                 ON CONFLICT (topic, grp) DO NOTHING",
+                vec![Value::Text(topic.into()), Value::Text(group.into())],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        max: usize,
+        idle: Duration,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let now = crate::auth::now_ms();
+        let cut = now - i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
+        let max_i = i64::try_from(max).unwrap_or(i64::MAX);
+        let (t, g, c) = (
+            Value::Text(topic.into()),
+            Value::Text(group.into()),
+            Value::Text(consumer.into()),
+        );
+        let mut tx = self.db.begin().await.map_err(unavailable)?;
+        // The group's row first: it serializes readers of one group (a row lock on PostgreSQL,
+        // the write lock on SQLite), so no entry is handed out twice at once.
+        let locked = tx
+            .query(
+                "UPDATE wasmgate_queue_groups SET cursor = cursor WHERE topic = $1 AND grp = $2 RETURNING cursor",
+                vec![t.clone(), g.clone()],
+            )
+            .await
+            .map_err(unavailable)?;
+        let Some(cursor) = locked
+            .rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(Value::int)
+        else {
+            return Err(BrokerError::Corrupt(format!(
+                "group {group} of {topic} does not exist"
+            )));
+        };
+        let claimed = tx
+            .query(
+                "UPDATE wasmgate_queue_pending SET consumer = $3, delivered_at = $4 \
+                 WHERE topic = $1 AND grp = $2 AND entry IN (SELECT entry FROM wasmgate_queue_pending \
+                 WHERE topic = $1 AND grp = $2 AND delivered_at <= $5 ORDER BY entry LIMIT $6) RETURNING entry",
+                vec![
+                    t.clone(),
+                    g.clone(),
+                    c.clone(),
+                    Value::Int64(now),
+                    Value::Int64(cut),
+                    Value::Int64(max_i),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut entries = entries_of(&claimed);
+        entries.sort_unstable();
+        let room = max.saturating_sub(entries.len());
+        if room > 0 {
+            let fresh = tx
+                .query(
+                    "SELECT entry FROM wasmgate_queue WHERE topic = $1 AND entry > $2 ORDER BY entry LIMIT $3",
+                    vec![
+                        t.clone(),
+                        Value::Int64(cursor),
+                        Value::Int64(i64::try_from(room).unwrap_or(i64::MAX)),
+                    ],
+                )
+                .await
+                .map_err(unavailable)?;
+            let fresh = entries_of(&fresh);
+            for e in &fresh {
+                tx.execute(
+                    "INSERT INTO wasmgate_queue_pending (topic, grp, entry, consumer, delivered_at) VALUES ($1, $2, $3, $4, $5)",
+                    vec![t.clone(), g.clone(), Value::Int64(*e), c.clone(), Value::Int64(now)],
+                )
+                .await
+                .map_err(unavailable)?;
+            }
+            if let Some(last) = fresh.last() {
+                tx.execute(
+                    "UPDATE wasmgate_queue_groups SET cursor = $3 WHERE topic = $1 AND grp = $2",
+                    vec![t.clone(), g.clone(), Value::Int64(*last)],
+                )
+                .await
+                .map_err(unavailable)?;
+            }
+            entries.extend(fresh);
+        }
+        let deliveries = events_of(tx.as_mut(), topic, &entries)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(deliveries)
+    }
+
+    async fn ack(&self, topic: &str, group: &str, entries: &[String]) -> Result<(), BrokerError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut params = vec![Value::Text(topic.into()), Value::Text(group.into())];
+        for e in entries {
+            let n: i64 = e
+                .parse()
+                .map_err(|_| BrokerError::Corrupt(format!("entry `{e}` is not a queue entry")))?;
+            params.push(Value::Int64(n));
+        }
+        self.db
+            .execute(
+                &format!(
+                    "DELETE FROM wasmgate_queue_pending WHERE topic = $1 AND grp = $2 AND entry IN ({})",
+                    placeholders(3, entries.len())
+                ),
+                params,
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}

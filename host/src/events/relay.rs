@@ -1,0 +1,88 @@
+//! The relay: moves committed outbox rows to the broker. Every process runs one; a claim (a
+//! lease on the rows, in the outbox itself) keeps two relays from handing over the same rows at
+//! once. Appending and marking are two steps, so a relay that dies between them leaves rows
+//! that another relay claims again once the lease lapses: an event may reach the broker twice,
+//! never zero times. Consumers drop the second by its id.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use super::broker::{Broker, BrokerError};
+use crate::capabilities::db::{DbBackend, DbError};
+use crate::capabilities::events::outbox;
+
+/// Rows one pass moves at most.
+pub const BATCH: u32 = 256;
+/// How long a claim keeps other relays off its rows.
+pub const CLAIM: Duration = Duration::from_secs(30);
+/// The pause between passes that found nothing.
+pub const IDLE: Duration = Duration::from_millis(50);
+/// Sent rows are deleted after this long.
+pub const KEEP_SENT: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("the outbox cannot be read or marked: {0:?}")]
+    Outbox(DbError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+pub struct Relay {
+    db: Arc<dyn DbBackend>,
+    broker: Arc<dyn Broker>,
+    id: String,
+}
+
+impl Relay {
+    pub fn new(db: Arc<dyn DbBackend>, broker: Arc<dyn Broker>) -> Self {
+        Self {
+            db,
+            broker,
+            id: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
+
+    /// One pass: claims, appends, marks. Returns how many events went to the broker.
+    pub async fn pass(&self) -> Result<usize, RelayError> {
+        let events = outbox::claim(self.db.as_ref(), &self.id, BATCH, CLAIM)
+            .await
+            .map_err(RelayError::Outbox)?;
+        if events.is_empty() {
+            return Ok(0);
+        }
+        self.broker.append(&events).await?;
+        let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+        outbox::mark_sent(self.db.as_ref(), &self.id, &ids)
+            .await
+            .map_err(RelayError::Outbox)?;
+        Ok(events.len())
+    }
+
+    /// Passes until `owner` is dropped: back to back while there is work, every [`IDLE`]
+    /// otherwise; sent rows older than [`KEEP_SENT`] are deleted once a minute.
+    pub async fn run<T: Send + Sync + 'static>(self, owner: Weak<T>) {
+        let mut pruned = tokio::time::Instant::now();
+        loop {
+            if owner.strong_count() == 0 {
+                return;
+            }
+            match self.pass().await {
+                Ok(0) => tokio::time::sleep(IDLE).await,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, broker = self.broker.kind(), "events not relayed; retrying");
+                    tokio::time::sleep(IDLE * 10).await;
+                }
+            }
+            if pruned.elapsed() > Duration::from_secs(60) {
+                pruned = tokio::time::Instant::now();
+                let before = crate::auth::now_ms()
+                    - i64::try_from(KEEP_SENT.as_millis()).unwrap_or(i64::MAX);
+                if let Err(e) = outbox::prune_sent(self.db.as_ref(), before).await {
+                    tracing::debug!(error = ?e, "sent events not pruned");
+                }
+            }
+        }
+    }
+}
