@@ -30,6 +30,7 @@ pub mod cache;
 #[doc(hidden)]
 pub mod capabilities;
 pub mod db;
+pub mod event;
 pub mod events;
 pub mod lock;
 pub mod response_cache;

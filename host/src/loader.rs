@@ -449,6 +449,19 @@ pub async fn build(
         else {
             continue;
         };
+        if let Some((_, _, label)) = loaded
+            .versions
+            .iter()
+            .find(|(_, f, _)| f.is_event_function())
+        {
+            problems.push(format!(
+                "{}: `{}` ({}) is an event function (it exports `wasmgate:platform/event-handler`); a route needs an HTTP function",
+                r.label(i),
+                r.function,
+                if label.is_empty() { MANIFEST_LABEL } else { label }
+            ));
+            continue;
+        }
         // Who may call, and login throttling, belong to the route; the cache and idempotency
         // policies to each version (its entries, its timeout).
         let auth = r

@@ -208,3 +208,20 @@ async fn a_shadow_publishes_nothing() {
         "2"
     );
 }
+
+/// An event function (the `tally` fixture exports `wasmgate:platform/event-handler`) loads, and
+/// a route to it is refused with the reason.
+#[test]
+fn a_route_to_an_event_function_is_refused() {
+    let function = "[functions.tally]\nwasm = \"{wasm:tally}\"\ncapabilities = [\"db\"]\n";
+    let hello = "[functions.hello]\nwasm = \"{wasm:hello}\"\n[[routes]]\npath = \"/hello\"\nfunction = \"hello\"\n";
+    let (ok, out) = wasmgate_tests::check(&format!("{function}{hello}"));
+    assert!(ok, "{out}");
+    let routed = format!("{function}[[routes]]\npath = \"/tally\"\nfunction = \"tally\"\n");
+    let (ok, out) = wasmgate_tests::check(&routed);
+    assert!(!ok);
+    assert!(
+        out.contains("`tally` (manifest) is an event function (it exports `wasmgate:platform/event-handler`); a route needs an HTTP function"),
+        "{out}"
+    );
+}

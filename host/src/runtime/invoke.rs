@@ -39,7 +39,7 @@ pub enum Failure {
     Internal,
 }
 
-enum Stage {
+pub(super) enum Stage {
     Instantiate(wasmtime::Error),
     Call(wasmtime::Error),
 }
@@ -59,10 +59,13 @@ pub(super) struct Warm {
 }
 
 impl Function {
-    fn new_store(&self, deadline: Instant, caps: RequestCaps) -> Store<GuestState> {
+    pub(super) fn new_store(&self, deadline: Instant, caps: RequestCaps) -> Store<GuestState> {
         let f = &self.inner;
         let memory_cap = usize::try_from(f.limits.memory).unwrap_or(usize::MAX);
-        let mut store = Store::new(f.pre.engine(), GuestState::new(memory_cap, deadline, caps));
+        let mut store = Store::new(
+            f.entry.engine(),
+            GuestState::new(memory_cap, deadline, caps),
+        );
         store.limiter(|s| s);
         store.epoch_deadline_callback(|mut ctx| {
             let state = ctx.data_mut();
@@ -178,7 +181,11 @@ impl Function {
             }
         };
 
-        let pre = f.pre.clone();
+        let super::Entry::Http(pre) = &f.entry else {
+            tracing::error!(function = %f.name, %request_id, "an event function was handed an HTTP request");
+            return Err(Failure::Internal);
+        };
+        let pre = pre.clone();
         let timeout = f.limits.timeout;
         let this = self.clone();
         let id = request_id.clone();
@@ -241,7 +248,7 @@ impl Function {
 
     /// Names the cause of a failed run and logs it once, with the details that stay out of the
     /// response.
-    fn classify(
+    pub(super) fn classify(
         &self,
         result: Result<Result<(), Stage>, tokio::time::error::Elapsed>,
         state: &GuestState,
@@ -292,10 +299,10 @@ impl Function {
 }
 
 /// One running instance in `wasmgate_instances_running`, until dropped.
-struct Running(metrics::Gauge);
+pub(super) struct Running(metrics::Gauge);
 
 impl Running {
-    fn start(gauge: &metrics::Gauge) -> Self {
+    pub(super) fn start(gauge: &metrics::Gauge) -> Self {
         gauge.increment(1.0);
         Self(gauge.clone())
     }

@@ -5,6 +5,8 @@
 //! - `state`: what a request's `Store` holds (WASI contexts, limits, deadline flags).
 //! - `compile_cache`: compiled components on disk, keyed by sha256 + engine compatibility hash.
 //! - `invoke`: one request through a fresh instance, with its deadline and failure causes.
+//! - `event`: one event through a fresh instance of an event function (the
+//!   `wasmgate:platform/event-handler` export).
 //! - `shadow`: a run whose side effects go nowhere (shadow traffic), its database rolled back.
 //! - `deny_outgoing`: refuses `wasi:http` outgoing requests (capabilities are the only way out).
 //! - `epoch`: the ticker that makes deadlines real for guests that never call the host.
@@ -16,6 +18,7 @@
 mod compile_cache;
 mod deny_outgoing;
 mod epoch;
+mod event;
 mod invoke;
 mod shadow;
 mod state;
@@ -31,6 +34,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub use compile_cache::Source;
+pub use event::{Delivery, HandlerError};
 pub use invoke::{Ended, Failure};
 pub use shadow::Answer;
 pub use state::GuestState;
@@ -118,7 +122,7 @@ pub enum LoadError {
     #[error("`{path}` is refused: {reason}")]
     NotGranted { path: PathBuf, reason: String },
     #[error(
-        "`{path}` does not export the `wasi:http/incoming-handler` interface of the `http-function` world: {reason}; write the handler with wasmgate-sdk's `export_http_function!` (or any wasi:http 0.2 proxy toolchain)"
+        "`{path}` does not export the `wasi:http/incoming-handler` interface of the `http-function` world, nor the `wasmgate:platform/event-handler` of the `event-function` world: {reason}; write the handler with wasmgate-sdk's `export_http_function!` (or any wasi:http 0.2 proxy toolchain) or `export_event_function!`"
     )]
     WrongWorld { path: PathBuf, reason: String },
 }
@@ -248,10 +252,18 @@ impl Runtime {
             .linker(grants)
             .and_then(|l| l.instantiate_pre(&component))
             .map_err(import_err)?;
-        let pre = ProxyPre::new(instance_pre).map_err(|e| LoadError::WrongWorld {
-            path: path.to_path_buf(),
-            reason: format!("{e:#}"),
-        })?;
+        let entry = match ProxyPre::new(instance_pre.clone()) {
+            Ok(pre) => Entry::Http(pre),
+            Err(http) => match event::EventExportsPre::new(instance_pre) {
+                Ok(pre) => Entry::Event(pre),
+                Err(_) => {
+                    return Err(LoadError::WrongWorld {
+                        path: path.to_path_buf(),
+                        reason: format!("{http:#}"),
+                    });
+                }
+            },
+        };
         let runs = metrics::counter!("wasmgate_guest_runs_total",
             "function" => name.to_string(), "version" => sha256[..12].to_string());
         let running = metrics::gauge!("wasmgate_instances_running",
@@ -261,7 +273,7 @@ impl Runtime {
             runs,
             name: name.to_string(),
             sha256,
-            pre,
+            entry,
             limits,
             caps,
             source,
@@ -274,6 +286,21 @@ impl Runtime {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(key, Arc::downgrade(&inner));
         Ok(Function { inner })
+    }
+}
+
+/// What a component exports, pre-instantiated: a `wasi:http` handler or an event handler.
+enum Entry {
+    Http(ProxyPre<GuestState>),
+    Event(event::EventExportsPre<GuestState>),
+}
+
+impl Entry {
+    fn engine(&self) -> &Engine {
+        match self {
+            Entry::Http(pre) => pre.engine(),
+            Entry::Event(pre) => pre.engine(),
+        }
     }
 }
 
@@ -292,7 +319,7 @@ struct FunctionInner {
     running: metrics::Gauge,
     name: String,
     sha256: String,
-    pre: ProxyPre<GuestState>,
+    entry: Entry,
     limits: Limits,
     caps: FunctionCaps,
     source: Source,
