@@ -55,6 +55,73 @@ pub struct Manifest {
     pub functions: BTreeMap<String, FunctionConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Event functions fed from topics.
+    #[serde(default)]
+    pub subscriptions: Vec<SubscriptionConfig>,
+}
+
+/// `[[subscriptions]]`: the events of `topic` delivered to event function `function`, each
+/// handled once.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionConfig {
+    pub topic: String,
+    pub function: String,
+    /// Names the subscription (its consumer group and inbox); default `<function>.<topic>`.
+    /// Renaming it starts a new subscription from the topic's first retained event.
+    pub name: Option<String>,
+    /// `key` (default): one key's events one after another in sequence order, other keys in
+    /// parallel. `none`: in any order, all in parallel.
+    #[serde(default)]
+    pub ordering: Ordering,
+    /// Tries before an event goes to the dead-letter queue.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// The first retry's delay; each next one doubles, with jitter, up to [`MAX_BACKOFF`].
+    #[serde(default = "default_backoff", deserialize_with = "human_duration")]
+    pub backoff: Duration,
+    /// How long an event may stay with a consumer that neither acknowledges nor renews it
+    /// before another consumer takes it (a process that died).
+    #[serde(
+        default = "default_redeliver_after",
+        deserialize_with = "human_duration"
+    )]
+    pub redeliver_after: Duration,
+    /// Events handled at once (of different keys, with `ordering = "key"`).
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ordering {
+    #[default]
+    Key,
+    None,
+}
+
+/// The longest pause between two tries of an event.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_backoff() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_redeliver_after() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_concurrency() -> u32 {
+    16
+}
+
+impl SubscriptionConfig {
+    pub fn name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("{}.{}", self.function, self.topic))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -342,8 +409,48 @@ impl Manifest {
             }
         }
         problems.extend(crate::auth::config::validate(&self.auth));
-        if self.routes.is_empty() {
-            problems.push("no [[routes]]: add one so wasmgate has something to serve".to_string());
+        let mut names = std::collections::BTreeSet::new();
+        for (i, s) in self.subscriptions.iter().enumerate() {
+            let label = format!("subscriptions[{i}] ({} -> {})", s.topic, s.function);
+            if !self.functions.contains_key(&s.function) {
+                problems.push(format!(
+                    "{label}: unknown function `{}`; define [functions.{}]",
+                    s.function, s.function
+                ));
+            }
+            if s.topic.is_empty()
+                || !s
+                    .topic
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+            {
+                problems.push(format!(
+                    "{label}: topic `{}` may only hold a-z 0-9 . _ -",
+                    s.topic
+                ));
+            }
+            if s.max_attempts == 0 || s.concurrency == 0 {
+                problems.push(format!(
+                    "{label}: max_attempts and concurrency must be at least 1"
+                ));
+            }
+            if s.redeliver_after < Duration::from_millis(100) {
+                problems.push(format!(
+                    "{label}: redeliver_after below 100ms would hand events still being handled to another consumer"
+                ));
+            }
+            if !names.insert(s.name()) {
+                problems.push(format!(
+                    "{label}: another subscription is named `{}`; give one a `name`",
+                    s.name()
+                ));
+            }
+        }
+        if self.routes.is_empty() && self.subscriptions.is_empty() {
+            problems.push(
+                "no [[routes]] and no [[subscriptions]]: add one so wasmgate has something to serve"
+                    .to_string(),
+            );
         }
         for (i, r) in self.routes.iter().enumerate() {
             let label = r.label(i);

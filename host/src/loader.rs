@@ -120,6 +120,16 @@ pub fn effective(
     Ok((limits, grants))
 }
 
+impl Loaded {
+    /// The version taking the most traffic (an event function's events run on it).
+    pub fn heaviest(&self) -> Option<&Function> {
+        self.versions
+            .iter()
+            .max_by_key(|(w, _, _)| *w)
+            .map(|(_, f, _)| f)
+    }
+}
+
 /// A function's versions in one deployment: `(weight, function, label)`, and the sticky key.
 pub struct Loaded {
     pub versions: Vec<(u32, Function, String)>,
@@ -414,6 +424,28 @@ pub async fn build(
                 Err(e) => problems.push(format!("[functions.{name}] migrations: {e}")),
             }
         }
+    }
+
+    for (i, s) in manifest.subscriptions.iter().enumerate() {
+        if let Some(loaded) = functions.get(&s.function)
+            && let Some((_, _, label)) = loaded
+                .versions
+                .iter()
+                .find(|(_, f, _)| !f.is_event_function())
+        {
+            problems.push(format!(
+                "subscriptions[{i}] ({} -> {}): `{}` ({}) is an HTTP function; a subscription needs an event function (one that exports `wasmgate:platform/event-handler`)",
+                s.topic,
+                s.function,
+                s.function,
+                if label.is_empty() { MANIFEST_LABEL } else { label }
+            ));
+        }
+    }
+    if !manifest.subscriptions.is_empty()
+        && let Err(e) = crate::events::inbox::open(backends.db.backend().as_ref()).await
+    {
+        problems.push(format!("events inbox: {e}"));
     }
 
     // The outbox tables are created only when a loaded version publishes events.

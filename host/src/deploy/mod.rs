@@ -70,6 +70,8 @@ pub struct Deployer {
     applied: std::sync::Mutex<Generations>,
     /// Set once the outbox relay runs (from the first deployment with a publishing version).
     relay: std::sync::OnceLock<()>,
+    /// Each subscription's consumer's version, by subscription name (swapped on reload).
+    consumers: std::sync::Mutex<BTreeMap<String, crate::events::consumer::Target>>,
 }
 
 impl Deployer {
@@ -120,10 +122,12 @@ impl Deployer {
             policies: Mutex::new(built.policies),
             applied: std::sync::Mutex::new(generations),
             relay: std::sync::OnceLock::new(),
+            consumers: std::sync::Mutex::default(),
         });
         if built.publishes {
             deployer.start_relay().await;
         }
+        deployer.consume(&manifest, &built.functions).await;
         tokio::spawn(watch(Arc::downgrade(&deployer), redis));
         tokio::spawn(crate::rollout::drive(Arc::downgrade(&deployer)));
         tokio::spawn(
@@ -134,6 +138,50 @@ impl Deployer {
                 .run(deployer.registry.clone(), Arc::downgrade(&deployer)),
         );
         Ok(deployer)
+    }
+
+    /// Starts a consumer for each subscription that has none yet, and points every consumer at
+    /// its function's current version. A subscription removed from the manifest keeps its
+    /// consumer until the process restarts (its events wait in the broker meanwhile).
+    async fn consume(&self, manifest: &Manifest, functions: &BTreeMap<String, loader::Loaded>) {
+        if manifest.subscriptions.is_empty() {
+            return;
+        }
+        let broker = match crate::events::broker(&self.platform.backends).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "the event broker cannot be opened; subscriptions wait");
+                return;
+            }
+        };
+        for s in &manifest.subscriptions {
+            let Some(version) = functions
+                .get(&s.function)
+                .and_then(loader::Loaded::heaviest)
+            else {
+                continue;
+            };
+            let mut consumers = self
+                .consumers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match consumers.get(&s.name()) {
+                Some(target) => target.store(Arc::new(version.clone())),
+                None => {
+                    let target: crate::events::consumer::Target =
+                        Arc::new(arc_swap::ArcSwap::from_pointee(version.clone()));
+                    consumers.insert(s.name(), target.clone());
+                    let consumer = crate::events::consumer::Consumer::new(
+                        s.clone(),
+                        target,
+                        self.platform.backends.configure(&s.function),
+                        self.platform.backends.db.backend().clone(),
+                        broker.clone(),
+                    );
+                    tokio::spawn(consumer.run(Arc::downgrade(&self.state)));
+                }
+            }
+        }
     }
 
     /// Starts moving the outbox to the broker, once per process. A broker that cannot be
@@ -244,6 +292,7 @@ impl Deployer {
             routes: built.routes,
             functions,
         });
+        self.consume(&manifest, &built.functions).await;
         if built.publishes {
             self.start_relay().await;
         }

@@ -8,13 +8,17 @@
 //! - `streams`: Redis Streams, a consumer group per subscription.
 //! - `relay`: moves committed outbox rows to the broker, at least once (a crash between the
 //!   append and the mark appends again; consumers drop duplicates by event id).
+//! - `inbox`: what each subscription handled (written with the handler's effects), per-key
+//!   sequences, failed tries, dead letters.
+//! - `consumer`: a subscription's loop: read, admit through the inbox, run the handler in a
+//!   held transaction, commit, acknowledge; retries with backoff; dead letters.
 //! - `conformance` (tests): one suite, run against both brokers.
-//!
-//! Not built yet: event functions, subscriptions and the inbox (issue 14).
 
 pub mod broker;
 #[cfg(test)]
 mod conformance;
+pub mod consumer;
+pub mod inbox;
 pub mod queue;
 pub mod relay;
 pub mod streams;

@@ -1,0 +1,269 @@
+//! The inbox: what a subscription has handled, in the platform database, written in the same
+//! transaction as the handler's own writes, so an event's effects and the record that it was
+//! handled commit together or not at all.
+//!
+//! - `wasmgate_inbox`: `(subscription, event id)` of every handled event. A second delivery
+//!   (a broker redelivery, a relay that appended twice, a replay) finds it and is acknowledged
+//!   without running the handler. Rows are kept as long as the subscription exists: events can
+//!   be redelivered for as long as the broker retains them, and replayed from the dead-letter
+//!   queue at any time, so no shorter window would be safe.
+//! - `wasmgate_inbox_keys`: per key, the sequence last applied (`ordering = "key"`). The
+//!   commit takes the key's row from `sequence - 1` to `sequence` (compare and set, the row
+//!   locked until commit), so a consumer that lost the event to another (paused past its
+//!   lease, partitioned) cannot commit it too, and no key applies an event out of order.
+//! - `wasmgate_inbox_attempts`: failed tries per event, so `max_attempts` holds across
+//!   restarts.
+//! - `wasmgate_dead_letters`: events that failed `max_attempts` times or were rejected, with
+//!   the error, attempts and times.
+
+use super::broker::Delivery;
+use crate::capabilities::db::migrations::{Migration, MigrationError};
+use crate::capabilities::db::{DbBackend, DbError, DbTransaction, Value};
+
+const OWNER: &str = "_wasmgate_inbox";
+
+fn ddl(blob: &str) -> String {
+    format!(
+        "CREATE TABLE wasmgate_inbox (
+           subscription TEXT NOT NULL,
+           event_id TEXT NOT NULL,
+           handled_at BIGINT NOT NULL,
+           PRIMARY KEY (subscription, event_id)
+         );
+         CREATE TABLE wasmgate_inbox_keys (
+           subscription TEXT NOT NULL,
+           topic TEXT NOT NULL,
+           key TEXT NOT NULL,
+           sequence BIGINT NOT NULL,
+           PRIMARY KEY (subscription, topic, key)
+         );
+         CREATE TABLE wasmgate_inbox_attempts (
+           subscription TEXT NOT NULL,
+           event_id TEXT NOT NULL,
+           attempts BIGINT NOT NULL,
+           last_error TEXT NOT NULL,
+           first_failed_at BIGINT NOT NULL,
+           last_failed_at BIGINT NOT NULL,
+           PRIMARY KEY (subscription, event_id)
+         );
+         CREATE TABLE wasmgate_dead_letters (
+           subscription TEXT NOT NULL,
+           event_id TEXT NOT NULL,
+           topic TEXT NOT NULL,
+           key TEXT NOT NULL,
+           sequence BIGINT NOT NULL,
+           payload {blob} NOT NULL,
+           headers TEXT NOT NULL,
+           source TEXT NOT NULL,
+           published_at BIGINT NOT NULL,
+           error TEXT NOT NULL,
+           attempts BIGINT NOT NULL,
+           first_failed_at BIGINT NOT NULL,
+           dead_at BIGINT NOT NULL,
+           state TEXT NOT NULL,
+           PRIMARY KEY (subscription, event_id)
+         );
+         CREATE INDEX wasmgate_dead_letters_key ON wasmgate_dead_letters (subscription, topic, key, state)"
+    )
+}
+
+/// Creates the inbox tables if needed.
+pub async fn open(db: &dyn DbBackend) -> Result<(), MigrationError> {
+    let blob = if db.kind() == "postgres" {
+        "BYTEA"
+    } else {
+        "BLOB"
+    };
+    db.migrate(OWNER, &[Migration::new("0001_inbox", ddl(blob))])
+        .await
+        .map(|_| ())
+}
+
+/// What the inbox says of a delivery, inside the transaction that would handle it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Handle it: recorded (and, by key, the key moved to its sequence) in this transaction.
+    Apply,
+    /// Handled before: acknowledge it.
+    Duplicate,
+    /// Older than (or equal to) what its key already applied: acknowledge it.
+    Stale,
+    /// Its key has not applied the previous sequence yet: try again later.
+    Early,
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.into())
+}
+
+fn int(n: u64) -> Value {
+    Value::Int64(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// Records `d` as handled by `subscription` in `tx` (and, with `by_key`, moves its key from the
+/// previous sequence to this one), or says why not.
+pub async fn admit(
+    tx: &mut dyn DbTransaction,
+    subscription: &str,
+    d: &Delivery,
+    by_key: bool,
+) -> Result<Admission, DbError> {
+    let e = &d.event;
+    let recorded = tx
+        .execute(
+            "INSERT INTO wasmgate_inbox (subscription, event_id, handled_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (subscription, event_id) DO NOTHING",
+            vec![
+                text(subscription),
+                text(&e.id),
+                Value::Int64(crate::auth::now_ms()),
+            ],
+        )
+        .await?;
+    if recorded == 0 {
+        return Ok(Admission::Duplicate);
+    }
+    if !by_key {
+        return Ok(Admission::Apply);
+    }
+    let moved = if e.sequence == 1 {
+        tx.execute(
+            "INSERT INTO wasmgate_inbox_keys (subscription, topic, key, sequence) VALUES ($1, $2, $3, 1) \
+             ON CONFLICT (subscription, topic, key) DO NOTHING",
+            vec![text(subscription), text(&e.topic), text(&e.key)],
+        )
+        .await?
+    } else {
+        tx.execute(
+            "UPDATE wasmgate_inbox_keys SET sequence = $4 \
+             WHERE subscription = $1 AND topic = $2 AND key = $3 AND sequence = $5",
+            vec![
+                text(subscription),
+                text(&e.topic),
+                text(&e.key),
+                int(e.sequence),
+                int(e.sequence - 1),
+            ],
+        )
+        .await?
+    };
+    if moved == 1 {
+        return Ok(Admission::Apply);
+    }
+    let last = tx
+        .query(
+            "SELECT sequence FROM wasmgate_inbox_keys WHERE subscription = $1 AND topic = $2 AND key = $3",
+            vec![text(subscription), text(&e.topic), text(&e.key)],
+        )
+        .await?
+        .rows
+        .first()
+        .and_then(|r| r.first())
+        .and_then(Value::int)
+        .unwrap_or(0);
+    Ok(if u64::try_from(last).unwrap_or(0) >= e.sequence {
+        Admission::Stale
+    } else {
+        Admission::Early
+    })
+}
+
+/// Failed tries of `event_id` so far.
+pub async fn attempts(
+    db: &dyn DbBackend,
+    subscription: &str,
+    event_id: &str,
+) -> Result<u32, DbError> {
+    let rows = db
+        .query(
+            "SELECT attempts FROM wasmgate_inbox_attempts WHERE subscription = $1 AND event_id = $2",
+            vec![text(subscription), text(event_id)],
+        )
+        .await?;
+    Ok(rows
+        .rows
+        .first()
+        .and_then(|r| r.first())
+        .and_then(Value::int)
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(0))
+}
+
+/// Counts a failed try; returns the tries so far.
+pub async fn failed(
+    db: &dyn DbBackend,
+    subscription: &str,
+    event_id: &str,
+    error: &str,
+) -> Result<u32, DbError> {
+    let now = Value::Int64(crate::auth::now_ms());
+    db.execute(
+        "INSERT INTO wasmgate_inbox_attempts (subscription, event_id, attempts, last_error, first_failed_at, last_failed_at) \
+         VALUES ($1, $2, 1, $3, $4, $4) ON CONFLICT (subscription, event_id) \
+         DO UPDATE SET attempts = wasmgate_inbox_attempts.attempts + 1, last_error = $3, last_failed_at = $4",
+        vec![text(subscription), text(event_id), text(error), now],
+    )
+    .await?;
+    attempts(db, subscription, event_id).await
+}
+
+/// Moves `d` to the dead-letter queue (once: a second move changes nothing).
+pub async fn dead_letter(
+    db: &dyn DbBackend,
+    subscription: &str,
+    d: &Delivery,
+    error: &str,
+    attempts: u32,
+) -> Result<(), DbError> {
+    let e = &d.event;
+    let now = crate::auth::now_ms();
+    let first = db
+        .query(
+            "SELECT first_failed_at FROM wasmgate_inbox_attempts WHERE subscription = $1 AND event_id = $2",
+            vec![text(subscription), text(&e.id)],
+        )
+        .await?
+        .rows
+        .first()
+        .and_then(|r| r.first())
+        .and_then(Value::int)
+        .unwrap_or(now);
+    db.execute(
+        "INSERT INTO wasmgate_dead_letters (subscription, event_id, topic, key, sequence, payload, headers, source, published_at, error, attempts, first_failed_at, dead_at, state) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'dead') ON CONFLICT (subscription, event_id) DO NOTHING",
+        vec![
+            text(subscription),
+            text(&e.id),
+            text(&e.topic),
+            text(&e.key),
+            int(e.sequence),
+            Value::Bytes(e.payload.clone()),
+            Value::Text(serde_json::to_string(&e.headers).expect("strings serialize")),
+            text(&e.source),
+            Value::Int64(e.created_at),
+            text(error),
+            Value::Int64(i64::from(attempts)),
+            Value::Int64(first),
+            Value::Int64(now),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Whether `key` of `topic` has a dead letter waiting in `subscription` (its later events wait).
+pub async fn parked(
+    db: &dyn DbBackend,
+    subscription: &str,
+    topic: &str,
+    key: &str,
+) -> Result<bool, DbError> {
+    Ok(!db
+        .query(
+            "SELECT 1 FROM wasmgate_dead_letters WHERE subscription = $1 AND topic = $2 AND key = $3 AND state = 'dead' LIMIT 1",
+            vec![text(subscription), text(topic), text(key)],
+        )
+        .await?
+        .rows
+        .is_empty())
+}

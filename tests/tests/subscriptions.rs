@@ -1,0 +1,170 @@
+//! Consuming events exactly once, black-box: the `publisher` fixture publishes amounts, the
+//! `tally` event function (subscribed to them) keeps a total per key and records each event
+//! under a unique id, rejecting any event that arrives out of its key's order. So a lost event
+//! shows in the totals, a double application as a unique violation (a dead letter), and a key
+//! applied out of order as a rejection (a dead letter).
+
+use std::time::{Duration, Instant};
+
+use wasmgate_tests::{Server, fresh_postgres, redis_url, sql};
+
+/// `topic` is new for each test: a Redis stream outlives it.
+fn manifest(topic: &str, extra: &str) -> String {
+    format!(
+        r#"
+        [functions.publisher]
+        wasm = "{{wasm:publisher}}"
+        capabilities = ["db", "events"]
+        [functions.tally]
+        wasm = "{{wasm:tally}}"
+        capabilities = ["db"]
+        [[routes]]
+        path = "/publish/{{topic}}"
+        methods = ["POST"]
+        function = "publisher"
+        [[subscriptions]]
+        topic = "{topic}"
+        function = "tally"
+        redeliver_after = "2s"
+        {extra}
+        "#
+    )
+}
+
+async fn publish(s: &Server, topic: &str, key: &str, body: &str) {
+    let resp = reqwest::Client::new()
+        .post(s.url(&format!("/publish/{topic}?key={key}")))
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(resp.status(), 201);
+}
+
+/// Waits until `query` answers `want` (at most 30 s).
+async fn until(db: &str, query: &str, want: &str) {
+    let started = Instant::now();
+    loop {
+        let got = sql(db, query);
+        if got == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{query}: {got:?}, waiting for {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn totals(db: &str) -> String {
+    sql(
+        db,
+        "SELECT key, total, last_sequence FROM tally_totals ORDER BY key",
+    )
+}
+
+/// 100 events over 10 keys, then every one of them delivered twice more in shuffled order, and
+/// 60 events of 6 more keys delivered shuffled from the start: each applied once, in its key's
+/// order (the embedded queue, in PostgreSQL).
+#[tokio::test]
+async fn duplicates_and_shuffled_deliveries_are_applied_once_in_order() {
+    let db = fresh_postgres();
+    let s = Server::start_with_args(&manifest("amounts", ""), &["--database-url", &db]);
+    for i in 0..100 {
+        publish(&s, "amounts", &format!("k{}", i % 10), &i.to_string()).await;
+    }
+    until(&db, "SELECT count(*) FROM tally_applied", "100").await;
+    let expected: String = (0..10)
+        .map(|k| {
+            let total: i32 = (0..100).filter(|i| i % 10 == k).sum();
+            format!("k{k}|{total}|10")
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(totals(&db), expected);
+
+    // Every entry twice more, shuffled: what a broker redelivering does at its worst.
+    for _ in 0..2 {
+        sql(
+            &db,
+            "INSERT INTO wasmgate_queue (topic, id, key, sequence, payload, headers, source, created_at) \
+             SELECT topic, id, key, sequence, payload, headers, source, created_at FROM wasmgate_queue \
+             WHERE topic = 'amounts' ORDER BY random()",
+        );
+    }
+    // 6 keys whose 10 events each arrive in random order (bypassing the outbox).
+    sql(
+        &db,
+        "INSERT INTO wasmgate_queue (topic, id, key, sequence, payload, headers, source, created_at) \
+         SELECT 'amounts', md5('shuffled' || g), 's' || (g % 6), (g / 6) + 1, convert_to(g::text, 'UTF8'), '[]', 'test', 0 \
+         FROM generate_series(0, 59) g ORDER BY random()",
+    );
+    until(&db, "SELECT count(*) FROM wasmgate_queue_pending", "0").await;
+    until(&db, "SELECT count(*) FROM tally_applied", "160").await;
+    until(
+        &db,
+        "SELECT max(cursor) = (SELECT max(entry) FROM wasmgate_queue) FROM wasmgate_queue_groups",
+        "t",
+    )
+    .await;
+    assert_eq!(sql(&db, "SELECT count(*) FROM wasmgate_dead_letters"), "0");
+    assert_eq!(sql(&db, "SELECT count(*) FROM wasmgate_inbox"), "160");
+    let shuffled: String = (0..6)
+        .map(|k| {
+            let total: i32 = (0..60).filter(|g| g % 6 == k).sum();
+            format!("s{k}|{total}|10")
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(totals(&db), format!("{expected}\n{shuffled}"));
+}
+
+/// On PostgreSQL and Redis Streams: a rejected event is a dead letter at once, one that keeps
+/// failing after `max_attempts`; the key of a dead letter waits, the other keys flow.
+#[tokio::test]
+async fn failing_events_become_dead_letters_and_park_only_their_key() {
+    let db = fresh_postgres();
+    let topic = format!("amounts-{}", wasmgate_tests::unique_suffix());
+    let m = manifest(&topic, "max_attempts = 3\nbackoff = \"50ms\"");
+    let s = Server::start_with_args(&m, &["--database-url", &db, "--redis-url", &redis_url()]);
+    for (key, body) in [
+        ("p", "1"),
+        ("p", "poison"),
+        ("p", "2"),
+        ("f", "fail"),
+        ("ok", "1"),
+        ("ok", "2"),
+        ("ok", "3"),
+    ] {
+        publish(&s, &topic, key, body).await;
+    }
+    until(
+        &db,
+        "SELECT key, sequence, attempts, error FROM wasmgate_dead_letters ORDER BY key",
+        "f|1|3|asked to fail\np|2|1|rejected: poison payload",
+    )
+    .await;
+    until(
+        &db,
+        "SELECT key, total, last_sequence FROM tally_totals WHERE key = 'ok'",
+        "ok|6|3",
+    )
+    .await;
+    // p's third event waits behind its dead letter.
+    assert_eq!(
+        sql(
+            &db,
+            "SELECT key, total, last_sequence FROM tally_totals WHERE key = 'p'"
+        ),
+        "p|1|1"
+    );
+    let _ = std::process::Command::new("redis-cli")
+        .args([
+            "-u",
+            &redis_url(),
+            "DEL",
+            &format!("wasmgate:events:{topic}"),
+        ])
+        .output();
+}
