@@ -439,6 +439,14 @@ impl Manifest {
                     "{label}: redeliver_after below 100ms would hand events still being handled to another consumer"
                 ));
             }
+            if let Some(f) = self.functions.get(&s.function)
+                && s.redeliver_after <= f.timeout
+            {
+                problems.push(format!(
+                    "{label}: redeliver_after ({:?}) must be longer than {}'s timeout ({:?}), or events still being handled are handed to another consumer",
+                    s.redeliver_after, s.function, f.timeout
+                ));
+            }
             if !names.insert(s.name()) {
                 problems.push(format!(
                     "{label}: another subscription is named `{}`; give one a `name`",

@@ -316,6 +316,11 @@ pub fn fresh_postgres() -> String {
 /// `postgres://...` through psql) and returns its rows, one per line, columns joined by `|`.
 /// Tests read the tables behind the binary's back with it, to see what really changed.
 pub fn sql(database_url: &str, query: &str) -> String {
+    try_sql(database_url, query).unwrap_or_else(|e| panic!("query failed: {e}"))
+}
+
+/// [`sql`], with a failed query (a table not there yet...) as its error text.
+pub fn try_sql(database_url: &str, query: &str) -> Result<String, String> {
     let out = match database_url.strip_prefix("sqlite://") {
         Some(path) => Command::new("python3")
             .args([
@@ -331,12 +336,10 @@ pub fn sql(database_url: &str, query: &str) -> String {
             .output(),
     }
     .expect("running the query tool");
-    assert!(
-        out.status.success(),
-        "query failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// A short suffix unique within this machine for a while.

@@ -189,6 +189,24 @@ impl Consumer {
             return retry_soon;
         }
         let held = caps.db.held_transaction().expect("held above");
+        // The lease, enforced by PostgreSQL: a consumer stopped (paused, partitioned) mid-event
+        // for longer than `redeliver_after` has its session ended, so the transaction can never
+        // commit after another consumer took the event over, and its locks do not hold that
+        // consumer up.
+        if self.db.kind() == "postgres"
+            && let Err(e) = held
+                .execute(
+                    &format!(
+                        "SET LOCAL idle_in_transaction_session_timeout = {}",
+                        self.sub.redeliver_after.as_millis()
+                    ),
+                    vec![],
+                )
+                .await
+        {
+            tracing::warn!(subscription = %self.name, error = ?e, "the event's lease cannot be set; retrying");
+            return retry_soon;
+        }
         let admission = match inbox::admit(held.as_mut(), &self.name, d, by_key).await {
             Ok(a) => a,
             Err(e) => {
