@@ -183,6 +183,22 @@ enum Command {
         #[command(flatten)]
         api: AdminConn,
     },
+    /// A subscription's dead letters: listed (`wasmgate dead-letters tally.amounts`), shown
+    /// with `--show <event>`, run again with `--replay <event>` or `--replay-all` (through the
+    /// inbox: never applied twice), given up with `--discard <event>`.
+    DeadLetters {
+        subscription: String,
+        #[arg(long, conflicts_with_all = ["replay", "replay_all", "discard"])]
+        show: Option<String>,
+        #[arg(long, conflicts_with_all = ["replay_all", "discard"])]
+        replay: Option<String>,
+        #[arg(long, conflicts_with = "discard")]
+        replay_all: bool,
+        #[arg(long)]
+        discard: Option<String>,
+        #[command(flatten)]
+        api: AdminConn,
+    },
     /// Every change to a function's deployment, newest first.
     History {
         function: String,
@@ -503,6 +519,25 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::DeadLetters {
+            subscription,
+            show,
+            replay,
+            replay_all,
+            discard,
+            api,
+        } => {
+            let client = api.client();
+            let action = match (&show, &replay, replay_all, &discard) {
+                (Some(id), _, _, _) => Some(("show", id.as_str())),
+                (_, Some(id), _, _) => Some(("replay", id.as_str())),
+                (_, _, true, _) => Some(("replay", "")),
+                (_, _, _, Some(id)) => Some(("discard", id.as_str())),
+                _ => None,
+            };
+            let body = client.dead_letters(&subscription, action).await?;
+            api.print(&body, dead_letters_table);
+        }
         Command::Shadow {
             function,
             version,
@@ -551,6 +586,36 @@ fn rollout_table(r: &serde_json::Value) -> String {
             "  this step: {}\n",
             f["summary"].as_str().unwrap_or("")
         ));
+    }
+    out
+}
+
+/// One line per dead letter (a list), the letter (`--show`), or what an action did.
+fn dead_letters_table(b: &serde_json::Value) -> String {
+    let line = |l: &serde_json::Value| {
+        format!(
+            "{} {} key {} #{} ({} attempts) {}: {}\n",
+            l["event_id"].as_str().unwrap_or("?"),
+            l["topic"].as_str().unwrap_or("?"),
+            l["key"].as_str().unwrap_or("?"),
+            l["sequence"],
+            l["attempts"],
+            l["state"].as_str().unwrap_or("?"),
+            l["error"].as_str().unwrap_or(""),
+        )
+    };
+    if let Some(list) = b["dead_letters"].as_array() {
+        if list.is_empty() {
+            return "no dead letters\n".into();
+        }
+        return list.iter().map(line).collect();
+    }
+    if let Some(n) = b["replaying"].as_u64() {
+        return format!("{n} dead letter(s) will run again\n");
+    }
+    let mut out = line(b);
+    if let Some(p) = b["payload"].as_str() {
+        out.push_str(&format!("  payload: {p}\n"));
     }
     out
 }
@@ -753,6 +818,7 @@ fn real_main() -> anyhow::Result<()> {
             | Command::Rollback { .. }
             | Command::Rollout { .. }
             | Command::Shadow { .. }
+            | Command::DeadLetters { .. }
             | Command::Approve { .. }
             | Command::History { .. }) => deployments(c).await,
             Command::Keys { action, target } => keys(action, target.store().await?).await,

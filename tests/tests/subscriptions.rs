@@ -1,6 +1,6 @@
 //! Consuming events exactly once, black-box: the `publisher` fixture publishes amounts, the
 //! `tally` event function (subscribed to them) keeps a total per key and records each event
-//! under a unique id, rejecting any event that arrives out of its key's order. So a lost event
+//! under a unique id, rejecting any event older than one its key applied. So a lost event
 //! shows in the totals, a double application as a unique violation (a dead letter), and a key
 //! applied out of order as a rejection (a dead letter).
 
@@ -201,4 +201,102 @@ async fn a_paused_consumer_that_wakes_up_cannot_commit() {
     assert_eq!(sql(&db, "SELECT count(*) FROM wasmgate_dead_letters"), "0");
     until(&db, "SELECT count(*) FROM wasmgate_queue_pending", "0").await;
     drop(b);
+}
+
+/// Dead letters through the CLI: listed, replayed after the bug is fixed (each applied once,
+/// its parked key moving on), replaying again changes nothing; a discarded one lets its key's
+/// later events flow.
+#[tokio::test]
+async fn dead_letters_are_replayed_after_a_fix_and_discarded() {
+    let db = fresh_postgres();
+    let topic = format!("amounts-{}", wasmgate_tests::unique_suffix());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = wasmgate_tests::with_admin(
+        dir.path(),
+        &manifest(&topic, "max_attempts = 2\nbackoff = \"20ms\""),
+        &["--database-url", &db],
+    );
+    let admin = s.admin.clone().expect("admin");
+    let name = format!("tally.{topic}");
+    let cli = |args: &[&str]| {
+        let mut all = vec!["dead-letters", name.as_str()];
+        all.extend(args);
+        wasmgate_tests::admin_cli(&admin, &all)
+    };
+    publish(&s, &topic, "a", "1").await;
+    until(&db, "SELECT count(*) FROM tally_applied", "1").await;
+    sql(&db, "CREATE TABLE IF NOT EXISTS tally_broken (why TEXT)");
+    sql(&db, "INSERT INTO tally_broken VALUES ('a bug')");
+    for (key, body) in [("a", "flaky:10"), ("a", "3"), ("b", "flaky:5"), ("c", "7")] {
+        publish(&s, &topic, key, body).await;
+    }
+    until(
+        &db,
+        "SELECT key, sequence, attempts, state FROM wasmgate_dead_letters ORDER BY key",
+        "a|2|2|dead\nb|1|2|dead",
+    )
+    .await;
+    until(&db, "SELECT total FROM tally_totals WHERE key = 'c'", "7").await;
+    let (code, out, err) = cli(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(
+        out.contains("key a #2 (2 attempts) dead: tally is broken"),
+        "{out}"
+    );
+
+    // The fix, then every dead letter again: each applied once, a's third event after them.
+    sql(&db, "DELETE FROM tally_broken");
+    let (code, out, err) = cli(&["--replay-all"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "2 dead letter(s) will run again");
+    until(
+        &db,
+        "SELECT key, total, last_sequence FROM tally_totals ORDER BY key",
+        "a|14|3\nb|5|1\nc|7|1",
+    )
+    .await;
+    until(
+        &db,
+        "SELECT count(*) FROM wasmgate_dead_letters WHERE state = 'replayed'",
+        "2",
+    )
+    .await;
+    let (_, out, _) = cli(&["--replay-all"]);
+    assert_eq!(out.trim(), "0 dead letter(s) will run again");
+    let id = sql(
+        &db,
+        "SELECT event_id FROM wasmgate_dead_letters WHERE key = 'a'",
+    );
+    let (code, _, err) = cli(&["--replay", &id]);
+    assert_ne!(code, 0);
+    assert!(err.contains("is not a dead letter"), "{err}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(sql(&db, "SELECT count(*) FROM tally_applied"), "5");
+
+    // Given up on: its key's next event flows.
+    publish(&s, &topic, "d", "poison").await;
+    publish(&s, &topic, "d", "4").await;
+    until(
+        &db,
+        "SELECT count(*) FROM wasmgate_dead_letters WHERE key = 'd' AND state = 'dead'",
+        "1",
+    )
+    .await;
+    let id = sql(
+        &db,
+        "SELECT event_id FROM wasmgate_dead_letters WHERE key = 'd'",
+    );
+    let (code, out, err) = cli(&["--show", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("payload: poison"), "{out}");
+    let (code, out, err) = cli(&["--discard", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("discarded"), "{out}");
+    until(
+        &db,
+        "SELECT total, last_sequence FROM tally_totals WHERE key = 'd'",
+        "4|2",
+    )
+    .await;
 }

@@ -180,6 +180,26 @@ impl AdminClient {
             .0)
     }
 
+    /// A subscription's dead letters; `action`: `None` lists them, `Some(("show", id))`,
+    /// `Some(("replay", id))` (an empty id replays every dead one), `Some(("discard", id))`.
+    pub async fn dead_letters(
+        &self,
+        subscription: &str,
+        action: Option<(&str, &str)>,
+    ) -> Result<Value> {
+        let base = format!(
+            "{}/admin/v1/subscriptions/{subscription}/dead-letters",
+            self.base
+        );
+        let req = match action {
+            None => self.http.get(base),
+            Some(("show", id)) => self.http.get(format!("{base}/{id}")),
+            Some(("replay", "")) => self.http.post(format!("{base}/replay")),
+            Some((verb, id)) => self.http.post(format!("{base}/{id}/{verb}")),
+        };
+        Ok(self.send(req).await?.0)
+    }
+
     /// Approves what version `label` may do beyond the live one.
     pub async fn approve(&self, function: &str, label: &str) -> Result<Value> {
         let req = self

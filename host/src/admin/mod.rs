@@ -26,10 +26,14 @@
 //! - `POST preview-tokens`: a token (an hour) that lets requests pick any deployed version with
 //!   `x-wasmgate-preview: <label>`.
 //!
+//! Under `/admin/v1/subscriptions/{subscription}`: `dead-letters` (list, show, replay,
+//! discard: `dead_letters`).
+//!
 //! Every change goes through the deployer's reload, the same call SIGHUP makes, and is served
 //! before the response returns.
 
 pub mod client;
+mod dead_letters;
 mod rollouts;
 mod shadows;
 
@@ -157,6 +161,26 @@ pub fn router(deployer: Arc<Deployer>, token: &str) -> Router {
                 .delete(shadows::stop),
         )
         .route("/admin/v1/functions/{function}/summary", get(summary))
+        .route(
+            "/admin/v1/subscriptions/{subscription}/dead-letters",
+            get(dead_letters::list),
+        )
+        .route(
+            "/admin/v1/subscriptions/{subscription}/dead-letters/replay",
+            post(dead_letters::replay_all),
+        )
+        .route(
+            "/admin/v1/subscriptions/{subscription}/dead-letters/{event}",
+            get(dead_letters::show),
+        )
+        .route(
+            "/admin/v1/subscriptions/{subscription}/dead-letters/{event}/replay",
+            post(dead_letters::replay_one),
+        )
+        .route(
+            "/admin/v1/subscriptions/{subscription}/dead-letters/{event}/discard",
+            post(dead_letters::discard),
+        )
         .route(
             "/admin/v1/functions/{function}/preview-tokens",
             post(preview_token),

@@ -33,6 +33,8 @@ const IDLE: Duration = Duration::from_millis(20);
 const EARLY: Duration = Duration::from_millis(50);
 /// How soon an event of a parked key is looked at again.
 const PARKED: Duration = Duration::from_secs(1);
+/// How often a consumer looks for dead letters asked to replay.
+const REPLAYS_EVERY: Duration = Duration::from_millis(500);
 
 /// What became of one try.
 enum Next {
@@ -93,6 +95,7 @@ impl Consumer {
         tracing::info!(subscription = %this.name, topic = %this.sub.topic, function = %this.sub.function, "consuming");
         let slots = Arc::new(Semaphore::new(this.sub.concurrency as usize));
         let mut waiting: HashMap<String, Waiting> = HashMap::new();
+        let mut replays_seen = Instant::now();
         loop {
             if owner.strong_count() == 0 {
                 return;
@@ -119,6 +122,23 @@ impl Consumer {
                 Err(e) => {
                     tracing::warn!(subscription = %this.name, error = %e, "cannot read from the broker; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            // Dead letters an operator asked to replay run like new deliveries.
+            if replays_seen.elapsed() >= REPLAYS_EVERY {
+                replays_seen = Instant::now();
+                match inbox::replays(this.db.as_ref(), &this.name, BATCH as u32).await {
+                    Ok(replays) => {
+                        for d in replays {
+                            waiting.entry(d.entry.clone()).or_insert(Waiting {
+                                delivery: d,
+                                due: Instant::now(),
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(subscription = %this.name, error = ?e, "replays not read")
+                    }
                 }
             }
             let now = Instant::now();
@@ -161,8 +181,19 @@ impl Consumer {
                 for (entry, next) in outcomes.unwrap_or_default() {
                     match next {
                         Next::Done => {
-                            waiting.remove(&entry);
-                            done.push(entry);
+                            let w = waiting.remove(&entry);
+                            match (entry.strip_prefix(inbox::REPLAY_ENTRY), w) {
+                                (Some(_), Some(w)) => {
+                                    let _ = inbox::replayed(
+                                        this.db.as_ref(),
+                                        &this.name,
+                                        &w.delivery.event.id,
+                                    )
+                                    .await;
+                                }
+                                (Some(_), None) => {}
+                                (None, _) => done.push(entry),
+                            }
                         }
                         Next::Later(at) => {
                             if let Some(w) = waiting.get_mut(&entry) {

@@ -207,7 +207,7 @@ pub async fn failed(
     attempts(db, subscription, event_id).await
 }
 
-/// Moves `d` to the dead-letter queue (once: a second move changes nothing).
+/// Moves `d` to the dead-letter queue (a replay that failed again goes back to `dead`).
 pub async fn dead_letter(
     db: &dyn DbBackend,
     subscription: &str,
@@ -230,7 +230,8 @@ pub async fn dead_letter(
         .unwrap_or(now);
     db.execute(
         "INSERT INTO wasmgate_dead_letters (subscription, event_id, topic, key, sequence, payload, headers, source, published_at, error, attempts, first_failed_at, dead_at, state) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'dead') ON CONFLICT (subscription, event_id) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'dead') ON CONFLICT (subscription, event_id) \
+         DO UPDATE SET state = 'dead', error = $10, attempts = $11, dead_at = $13",
         vec![
             text(subscription),
             text(&e.id),
@@ -266,4 +267,244 @@ pub async fn parked(
         .await?
         .rows
         .is_empty())
+}
+
+/// A dead letter, as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DeadLetter {
+    pub event_id: String,
+    pub topic: String,
+    pub key: String,
+    pub sequence: u64,
+    pub source: String,
+    pub published_at: i64,
+    pub error: String,
+    pub attempts: u32,
+    pub first_failed_at: i64,
+    pub dead_at: i64,
+    /// `dead`, `replay` (asked for, not yet run), `replayed` or `discarded`.
+    pub state: String,
+    #[serde(skip)]
+    pub payload: Vec<u8>,
+    #[serde(skip)]
+    pub headers: Vec<(String, String)>,
+}
+
+const DEAD_COLUMNS: &str = "event_id, topic, key, sequence, source, published_at, error, attempts, first_failed_at, dead_at, state, payload, headers";
+
+fn dead_letter_of(r: Vec<Value>) -> DeadLetter {
+    DeadLetter {
+        event_id: r[0].text(),
+        topic: r[1].text(),
+        key: r[2].text(),
+        sequence: u64::try_from(r[3].int().unwrap_or(0)).unwrap_or(0),
+        source: r[4].text(),
+        published_at: r[5].int().unwrap_or(0),
+        error: r[6].text(),
+        attempts: u32::try_from(r[7].int().unwrap_or(0)).unwrap_or(0),
+        first_failed_at: r[8].int().unwrap_or(0),
+        dead_at: r[9].int().unwrap_or(0),
+        state: r[10].text(),
+        payload: match &r[11] {
+            Value::Bytes(b) => b.clone(),
+            _ => Vec::new(),
+        },
+        headers: serde_json::from_str(&r[12].text()).unwrap_or_default(),
+    }
+}
+
+/// The subscription's dead letters (in `state`, or all), oldest first, at most `limit`.
+pub async fn dead_letters(
+    db: &dyn DbBackend,
+    subscription: &str,
+    state: Option<&str>,
+    limit: u32,
+) -> Result<Vec<DeadLetter>, DbError> {
+    let rows = db
+        .query(
+            &format!(
+                "SELECT {DEAD_COLUMNS} FROM wasmgate_dead_letters WHERE subscription = $1 \
+                 AND ($2 = '' OR state = $2) ORDER BY dead_at, event_id LIMIT $3"
+            ),
+            vec![
+                text(subscription),
+                text(state.unwrap_or("")),
+                Value::Int64(i64::from(limit)),
+            ],
+        )
+        .await?;
+    Ok(rows.rows.into_iter().map(dead_letter_of).collect())
+}
+
+/// One dead letter, with its payload.
+pub async fn find_dead_letter(
+    db: &dyn DbBackend,
+    subscription: &str,
+    event_id: &str,
+) -> Result<Option<DeadLetter>, DbError> {
+    let rows = db
+        .query(
+            &format!(
+                "SELECT {DEAD_COLUMNS} FROM wasmgate_dead_letters WHERE subscription = $1 AND event_id = $2"
+            ),
+            vec![text(subscription), text(event_id)],
+        )
+        .await?;
+    Ok(rows.rows.into_iter().next().map(dead_letter_of))
+}
+
+/// Asks for dead letters (one, or every `dead` one) to be run again, with fresh tries: the
+/// consumers pick them up through the inbox, so one that was applied meanwhile is not applied
+/// twice. Returns how many.
+pub async fn replay(
+    db: &dyn DbBackend,
+    subscription: &str,
+    event_id: Option<&str>,
+) -> Result<u64, DbError> {
+    let mut tx = db.begin().await?;
+    let which = event_id.unwrap_or("");
+    tx.execute(
+        "DELETE FROM wasmgate_inbox_attempts WHERE subscription = $1 AND event_id IN \
+         (SELECT event_id FROM wasmgate_dead_letters WHERE subscription = $1 AND state = 'dead' AND ($2 = '' OR event_id = $2))",
+        vec![text(subscription), text(which)],
+    )
+    .await?;
+    let n = tx
+        .execute(
+            "UPDATE wasmgate_dead_letters SET state = 'replay' WHERE subscription = $1 AND state = 'dead' AND ($2 = '' OR event_id = $2)",
+            vec![text(subscription), text(which)],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// Dead letters asked to run again, as deliveries (their entry is `dead-letter:<event id>`).
+pub async fn replays(
+    db: &dyn DbBackend,
+    subscription: &str,
+    limit: u32,
+) -> Result<Vec<Delivery>, DbError> {
+    let letters = db
+        .query(
+            &format!(
+                "SELECT {DEAD_COLUMNS} FROM wasmgate_dead_letters WHERE subscription = $1 AND state = 'replay' \
+                 ORDER BY topic, key, sequence LIMIT $2"
+            ),
+            vec![text(subscription), Value::Int64(i64::from(limit))],
+        )
+        .await?;
+    Ok(letters
+        .rows
+        .into_iter()
+        .map(dead_letter_of)
+        .map(|l| Delivery {
+            entry: format!("{REPLAY_ENTRY}{}", l.event_id),
+            event: crate::capabilities::events::outbox::Stored {
+                id: l.event_id,
+                topic: l.topic,
+                key: l.key,
+                sequence: l.sequence,
+                payload: l.payload,
+                headers: l.headers,
+                source: l.source,
+                created_at: l.published_at,
+            },
+        })
+        .collect())
+}
+
+/// The entry prefix of a replayed dead letter (it has no broker entry).
+pub const REPLAY_ENTRY: &str = "dead-letter:";
+
+/// A replay that went through (applied, or found applied): done with.
+pub async fn replayed(
+    db: &dyn DbBackend,
+    subscription: &str,
+    event_id: &str,
+) -> Result<(), DbError> {
+    db.execute(
+        "UPDATE wasmgate_dead_letters SET state = 'replayed' WHERE subscription = $1 AND event_id = $2 AND state = 'replay'",
+        vec![text(subscription), text(event_id)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Why a dead letter cannot be discarded.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscardError {
+    #[error("no dead letter {0} waits in this subscription")]
+    NotFound(String),
+    #[error(
+        "key {key} has applied up to sequence {at}; the dead letters before this one ({sequence}) must be replayed or discarded first"
+    )]
+    Behind { key: String, at: i64, sequence: u64 },
+    #[error("the database failed: {0:?}")]
+    Db(DbError),
+}
+
+impl From<DbError> for DiscardError {
+    fn from(e: DbError) -> Self {
+        Self::Db(e)
+    }
+}
+
+/// Gives up on a dead letter: recorded as handled (a redelivery is dropped) and, by key, its
+/// key moves past it so the key's later events flow again.
+pub async fn discard(
+    db: &dyn DbBackend,
+    subscription: &str,
+    event_id: &str,
+    by_key: bool,
+) -> Result<DeadLetter, DiscardError> {
+    let letter = find_dead_letter(db, subscription, event_id)
+        .await?
+        .filter(|l| l.state == "dead" || l.state == "replay")
+        .ok_or_else(|| DiscardError::NotFound(event_id.into()))?;
+    let mut tx = db.begin().await?;
+    let delivery = Delivery {
+        entry: String::new(),
+        event: crate::capabilities::events::outbox::Stored {
+            id: letter.event_id.clone(),
+            topic: letter.topic.clone(),
+            key: letter.key.clone(),
+            sequence: letter.sequence,
+            payload: Vec::new(),
+            headers: Vec::new(),
+            source: letter.source.clone(),
+            created_at: letter.published_at,
+        },
+    };
+    match admit(tx.as_mut(), subscription, &delivery, by_key).await? {
+        Admission::Early => {
+            let at = tx
+                .query(
+                    "SELECT sequence FROM wasmgate_inbox_keys WHERE subscription = $1 AND topic = $2 AND key = $3",
+                    vec![text(subscription), text(&letter.topic), text(&letter.key)],
+                )
+                .await?
+                .rows
+                .first()
+                .and_then(|r| r.first())
+                .and_then(Value::int)
+                .unwrap_or(0);
+            return Err(DiscardError::Behind {
+                key: letter.key,
+                at,
+                sequence: letter.sequence,
+            });
+        }
+        Admission::Apply | Admission::Duplicate | Admission::Stale => {}
+    }
+    tx.execute(
+        "UPDATE wasmgate_dead_letters SET state = 'discarded' WHERE subscription = $1 AND event_id = $2",
+        vec![text(subscription), text(event_id)],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(DeadLetter {
+        state: "discarded".into(),
+        ..letter
+    })
 }
