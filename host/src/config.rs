@@ -87,7 +87,8 @@ pub struct SubscriptionConfig {
         deserialize_with = "human_duration"
     )]
     pub redeliver_after: Duration,
-    /// Events handled at once (of different keys, with `ordering = "key"`).
+    /// Events handled at once (of different keys, with `ordering = "key"`). Each holds a
+    /// database connection while it runs: keep it well under the pool (16 on PostgreSQL).
     #[serde(default = "default_concurrency")]
     pub concurrency: u32,
 }
@@ -113,7 +114,7 @@ fn default_redeliver_after() -> Duration {
     Duration::from_secs(30)
 }
 fn default_concurrency() -> u32 {
-    16
+    8
 }
 
 impl SubscriptionConfig {

@@ -45,6 +45,16 @@ pub trait Broker: Send + Sync + 'static {
         idle: Duration,
     ) -> Result<Vec<Delivery>, BrokerError>;
 
+    /// Renews `consumer`'s hold on `entries` (it still works on them): they do not count as
+    /// idle, so no other consumer takes them over.
+    async fn renew(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        entries: &[String],
+    ) -> Result<(), BrokerError>;
+
     /// Acknowledges entries of `group`: they are not delivered to it again.
     async fn ack(&self, topic: &str, group: &str, entries: &[String]) -> Result<(), BrokerError>;
 }

@@ -29,8 +29,15 @@ use crate::runtime::{Failure, Function, HandlerError};
 const BATCH: usize = 64;
 /// The pause when there was nothing to do.
 const IDLE: Duration = Duration::from_millis(20);
-/// How soon an event whose predecessor is missing is tried again.
-const EARLY: Duration = Duration::from_millis(50);
+/// How soon an event whose predecessor is missing is tried again the first time; it doubles
+/// with each try, up to [`EARLY_MAX`].
+const EARLY: Duration = Duration::from_millis(20);
+const EARLY_MAX: Duration = Duration::from_secs(1);
+/// Entries one consumer holds at most (waiting for their key's predecessor or a retry); it
+/// reads no more until some are done.
+const MAX_HELD: usize = 4096;
+/// Batches read per round at most.
+const READS_PER_ROUND: usize = 8;
 /// How soon an event of a parked key is looked at again.
 const PARKED: Duration = Duration::from_secs(1);
 /// How often a consumer looks for dead letters asked to replay.
@@ -42,11 +49,15 @@ enum Next {
     Done,
     /// Keep it and try again at this time.
     Later(Instant),
+    /// Its key has not applied its predecessor: try again after the early backoff.
+    Early,
 }
 
 struct Waiting {
     delivery: Delivery,
     due: Instant,
+    /// Tries that found the key's predecessor missing.
+    early: u32,
 }
 
 /// The version a subscription's events run on: swapped by the deployer on reload.
@@ -96,32 +107,72 @@ impl Consumer {
         let slots = Arc::new(Semaphore::new(this.sub.concurrency as usize));
         let mut waiting: HashMap<String, Waiting> = HashMap::new();
         let mut replays_seen = Instant::now();
+        let mut renewed = Instant::now();
         loop {
             if owner.strong_count() == 0 {
                 return;
             }
-            match this
-                .broker
-                .read(
-                    &this.sub.topic,
-                    &this.name,
-                    &this.consumer,
-                    BATCH,
-                    this.sub.redeliver_after,
-                )
-                .await
-            {
-                Ok(fresh) => {
-                    for d in fresh {
-                        waiting.entry(d.entry.clone()).or_insert(Waiting {
-                            delivery: d,
-                            due: Instant::now(),
-                        });
+            // What this consumer still holds is renewed well before it would count as idle,
+            // so only the entries of a consumer that stopped go to another.
+            if renewed.elapsed() >= this.sub.redeliver_after / 3 {
+                renewed = Instant::now();
+                let held: Vec<String> = waiting
+                    .keys()
+                    .filter(|e| !e.starts_with(inbox::REPLAY_ENTRY))
+                    .cloned()
+                    .collect();
+                for chunk in held.chunks(500) {
+                    if let Err(e) = this
+                        .broker
+                        .renew(&this.sub.topic, &this.name, &this.consumer, chunk)
+                        .await
+                    {
+                        tracing::warn!(subscription = %this.name, error = %e, "held entries not renewed; another consumer may take them over");
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(subscription = %this.name, error = %e, "cannot read from the broker; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            // Full of events whose predecessors it has not seen: let those go (not acknowledged,
+            // no longer renewed, they come back after `redeliver_after`) and read on, or a
+            // shuffled stream could fill every consumer with events that all wait.
+            if waiting.len() >= MAX_HELD {
+                waiting.retain(|e, w| w.early == 0 || e.starts_with(inbox::REPLAY_ENTRY));
+                tracing::debug!(subscription = %this.name, held = waiting.len(), "released events waiting for their predecessors");
+            }
+            // Read while there is more and room to hold it (a key's events may be far apart),
+            // a few batches per round so that handling keeps pace.
+            for _ in 0..READS_PER_ROUND {
+                if waiting.len() >= MAX_HELD {
+                    break;
+                }
+                match this
+                    .broker
+                    .read(
+                        &this.sub.topic,
+                        &this.name,
+                        &this.consumer,
+                        BATCH,
+                        this.sub.redeliver_after,
+                    )
+                    .await
+                {
+                    Ok(fresh) => {
+                        let full = fresh.len() == BATCH;
+                        for d in fresh {
+                            waiting.entry(d.entry.clone()).or_insert(Waiting {
+                                delivery: d,
+                                due: Instant::now(),
+                                early: 0,
+                            });
+                        }
+                        if !full {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(subscription = %this.name, error = %e, "cannot read from the broker; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        break;
+                    }
                 }
             }
             // Dead letters an operator asked to replay run like new deliveries.
@@ -133,6 +184,7 @@ impl Consumer {
                             waiting.entry(d.entry.clone()).or_insert(Waiting {
                                 delivery: d,
                                 due: Instant::now(),
+                                early: 0,
                             });
                         }
                     }
@@ -157,7 +209,46 @@ impl Consumer {
                 tokio::time::sleep(IDLE).await;
                 continue;
             }
+            let mut settled: Vec<(String, Next)> = Vec::new();
+            if this.sub.ordering == Ordering::Key {
+                // One query for every due key: what is already applied is acknowledged, and a
+                // key whose next event is not among these waits, without a transaction each.
+                let keys: Vec<&str> = runs.keys().map(String::as_str).collect();
+                match inbox::key_sequences(this.db.as_ref(), &this.name, &this.sub.topic, &keys)
+                    .await
+                {
+                    Ok(applied) => {
+                        runs.retain(|key, run| {
+                            let last = applied.get(key).copied().unwrap_or(0);
+                            run.sort_by_key(|d| d.event.sequence);
+                            run.retain(|d| {
+                                let old = d.event.sequence <= last
+                                    && !d.entry.starts_with(inbox::REPLAY_ENTRY);
+                                if old {
+                                    settled.push((d.entry.clone(), Next::Done));
+                                }
+                                !old
+                            });
+                            match run.first() {
+                                Some(d) if d.event.sequence == last + 1 => true,
+                                Some(d) if d.entry.starts_with(inbox::REPLAY_ENTRY) => true,
+                                _ => {
+                                    settled
+                                        .extend(run.iter().map(|d| (d.entry.clone(), Next::Early)));
+                                    false
+                                }
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::debug!(subscription = %this.name, error = ?e, "key sequences not read; each event checks its own");
+                    }
+                }
+            }
             let mut tasks = tokio::task::JoinSet::new();
+            if !settled.is_empty() {
+                tasks.spawn(async move { settled });
+            }
             for (_, mut run) in runs {
                 run.sort_by_key(|d| d.event.sequence);
                 let (this, slots) = (this.clone(), slots.clone());
@@ -166,7 +257,7 @@ impl Consumer {
                     let mut outcomes = Vec::new();
                     for d in run {
                         let next = this.handle(&d).await;
-                        let stop = matches!(next, Next::Later(_));
+                        let stop = !matches!(next, Next::Done);
                         outcomes.push((d.entry.clone(), next));
                         // A key's later events wait for this one.
                         if stop && this.sub.ordering == Ordering::Key {
@@ -198,6 +289,13 @@ impl Consumer {
                         Next::Later(at) => {
                             if let Some(w) = waiting.get_mut(&entry) {
                                 w.due = at;
+                            }
+                        }
+                        Next::Early => {
+                            if let Some(w) = waiting.get_mut(&entry) {
+                                w.due = Instant::now()
+                                    + EARLY.saturating_mul(1 << w.early.min(8)).min(EARLY_MAX);
+                                w.early += 1;
                             }
                         }
                     }
@@ -243,21 +341,33 @@ impl Consumer {
             Err(e) => {
                 // Another consumer holds the key or the event (a lock, a unique conflict).
                 tracing::debug!(subscription = %self.name, error = ?e, "event not admitted; retrying");
+                abandon(&mut caps).await;
                 return retry_soon;
             }
         };
         match admission {
             Admission::Apply => {}
-            Admission::Duplicate | Admission::Stale => return Next::Done,
+            Admission::Duplicate | Admission::Stale => {
+                abandon(&mut caps).await;
+                return Next::Done;
+            }
             Admission::Early => {
+                // The admitting transaction ends here, before another query.
+                abandon(&mut caps).await;
                 let parked =
                     inbox::parked(self.db.as_ref(), &self.name, &d.event.topic, &d.event.key)
                         .await
                         .unwrap_or(false);
-                return Next::Later(Instant::now() + if parked { PARKED } else { EARLY });
+                return if parked {
+                    Next::Later(Instant::now() + PARKED)
+                } else {
+                    Next::Early
+                };
             }
         }
-        let attempts = inbox::attempts(self.db.as_ref(), &self.name, &d.event.id)
+        // In the held transaction: a second connection per event could exhaust the pool.
+        let held = caps.db.held_transaction().expect("held above");
+        let attempts = inbox::attempts_in(held.as_mut(), &self.name, &d.event.id)
             .await
             .unwrap_or(0);
         let id = RequestId::new();
@@ -312,6 +422,14 @@ impl Consumer {
                 Next::Later(Instant::now() + Duration::from_secs(1))
             }
         }
+    }
+}
+
+/// Rolls back the transaction a try held, at once: its inbox row (and any lock) stops holding
+/// up the other consumers now, not when the connection is next used.
+async fn abandon(caps: &mut crate::capabilities::RequestCaps) {
+    if let Some(tx) = caps.db.release() {
+        let _ = tx.rollback().await;
     }
 }
 

@@ -168,6 +168,27 @@ pub async fn admit(
     })
 }
 
+/// Failed tries of `event_id` so far, read in `tx`.
+pub async fn attempts_in(
+    tx: &mut dyn DbTransaction,
+    subscription: &str,
+    event_id: &str,
+) -> Result<u32, DbError> {
+    let rows = tx
+        .query(
+            "SELECT attempts FROM wasmgate_inbox_attempts WHERE subscription = $1 AND event_id = $2",
+            vec![text(subscription), text(event_id)],
+        )
+        .await?;
+    Ok(rows
+        .rows
+        .first()
+        .and_then(|r| r.first())
+        .and_then(Value::int)
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(0))
+}
+
 /// Failed tries of `event_id` so far.
 pub async fn attempts(
     db: &dyn DbBackend,
@@ -507,4 +528,37 @@ pub async fn discard(
         state: "discarded".into(),
         ..letter
     })
+}
+
+/// The sequence each of `keys` of `topic` last applied in `subscription` (absent: none yet).
+pub async fn key_sequences(
+    db: &dyn DbBackend,
+    subscription: &str,
+    topic: &str,
+    keys: &[&str],
+) -> Result<std::collections::HashMap<String, u64>, DbError> {
+    let mut out = std::collections::HashMap::new();
+    for chunk in keys.chunks(500) {
+        let mut params = vec![text(subscription), text(topic)];
+        params.extend(chunk.iter().map(|k| text(k)));
+        let list = (3..3 + chunk.len())
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = db
+            .query(
+                &format!(
+                    "SELECT key, sequence FROM wasmgate_inbox_keys WHERE subscription = $1 AND topic = $2 AND key IN ({list})"
+                ),
+                params,
+            )
+            .await?;
+        for r in rows.rows {
+            out.insert(
+                r[0].text(),
+                u64::try_from(r[1].int().unwrap_or(0)).unwrap_or(0),
+            );
+        }
+    }
+    Ok(out)
 }

@@ -205,46 +205,61 @@ impl Broker for Queue {
                 "group {group} of {topic} does not exist"
             )));
         };
-        let claimed = tx
+        // Idle entries first, chosen then claimed in two statements: as one `UPDATE ... IN
+        // (SELECT ... LIMIT)` PostgreSQL may run the subquery once per pending row (measured:
+        // 1.2 s with 2,000 pending on a table not analyzed yet). The group's row lock keeps
+        // the two together.
+        let idle = tx
             .query(
-                "UPDATE wasmgate_queue_pending SET consumer = $3, delivered_at = $4 \
-                 WHERE topic = $1 AND grp = $2 AND entry IN (SELECT entry FROM wasmgate_queue_pending \
-                 WHERE topic = $1 AND grp = $2 AND delivered_at <= $5 ORDER BY entry LIMIT $6) RETURNING entry",
-                vec![
-                    t.clone(),
-                    g.clone(),
-                    c.clone(),
-                    Value::Int64(now),
-                    Value::Int64(cut),
-                    Value::Int64(max_i),
-                ],
+                "SELECT entry FROM wasmgate_queue_pending WHERE topic = $1 AND grp = $2 AND delivered_at <= $3 \
+                 ORDER BY entry LIMIT $4",
+                vec![t.clone(), g.clone(), Value::Int64(cut), Value::Int64(max_i)],
             )
             .await
             .map_err(unavailable)?;
+        let idle = entries_of(&idle);
+        let claimed = if idle.is_empty() {
+            crate::capabilities::db::Rows {
+                columns: Vec::new(),
+                rows: Vec::new(),
+            }
+        } else {
+            let mut params = vec![t.clone(), g.clone(), c.clone(), Value::Int64(now)];
+            params.extend(idle.iter().map(|e| Value::Int64(*e)));
+            tx.query(
+                &format!(
+                    "UPDATE wasmgate_queue_pending SET consumer = $3, delivered_at = $4 \
+                     WHERE topic = $1 AND grp = $2 AND entry IN ({}) RETURNING entry",
+                    placeholders(5, idle.len())
+                ),
+                params,
+            )
+            .await
+            .map_err(unavailable)?
+        };
         let mut entries = entries_of(&claimed);
         entries.sort_unstable();
         let room = max.saturating_sub(entries.len());
         if room > 0 {
+            // Handed out in one statement: the new entries become this consumer's pending ones.
             let fresh = tx
                 .query(
-                    "SELECT entry FROM wasmgate_queue WHERE topic = $1 AND entry > $2 ORDER BY entry LIMIT $3",
+                    "INSERT INTO wasmgate_queue_pending (topic, grp, entry, consumer, delivered_at) \
+                     SELECT topic, $2, entry, $3, $4 FROM wasmgate_queue WHERE topic = $1 AND entry > $5 \
+                     ORDER BY entry LIMIT $6 RETURNING entry",
                     vec![
                         t.clone(),
+                        g.clone(),
+                        c.clone(),
+                        Value::Int64(now),
                         Value::Int64(cursor),
                         Value::Int64(i64::try_from(room).unwrap_or(i64::MAX)),
                     ],
                 )
                 .await
                 .map_err(unavailable)?;
-            let fresh = entries_of(&fresh);
-            for e in &fresh {
-                tx.execute(
-                    "INSERT INTO wasmgate_queue_pending (topic, grp, entry, consumer, delivered_at) VALUES ($1, $2, $3, $4, $5)",
-                    vec![t.clone(), g.clone(), Value::Int64(*e), c.clone(), Value::Int64(now)],
-                )
-                .await
-                .map_err(unavailable)?;
-            }
+            let mut fresh = entries_of(&fresh);
+            fresh.sort_unstable();
             if let Some(last) = fresh.last() {
                 tx.execute(
                     "UPDATE wasmgate_queue_groups SET cursor = $3 WHERE topic = $1 AND grp = $2",
@@ -260,6 +275,41 @@ impl Broker for Queue {
             .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
         Ok(deliveries)
+    }
+
+    async fn renew(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        entries: &[String],
+    ) -> Result<(), BrokerError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut params = vec![
+            Value::Text(topic.into()),
+            Value::Text(group.into()),
+            Value::Text(consumer.into()),
+            Value::Int64(crate::auth::now_ms()),
+        ];
+        for e in entries {
+            let n: i64 = e
+                .parse()
+                .map_err(|_| BrokerError::Corrupt(format!("entry `{e}` is not a queue entry")))?;
+            params.push(Value::Int64(n));
+        }
+        self.db
+            .execute(
+                &format!(
+                    "UPDATE wasmgate_queue_pending SET delivered_at = $4 WHERE topic = $1 AND grp = $2 AND consumer = $3 AND entry IN ({})",
+                    placeholders(5, entries.len())
+                ),
+                params,
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn ack(&self, topic: &str, group: &str, entries: &[String]) -> Result<(), BrokerError> {

@@ -156,6 +156,32 @@ impl Broker for Streams {
         Ok(out)
     }
 
+    async fn renew(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        entries: &[String],
+    ) -> Result<(), BrokerError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        // Claiming what it holds resets the entries' idle time; JUSTID leaves the delivery
+        // count alone.
+        redis::cmd("XCLAIM")
+            .arg(stream(topic))
+            .arg(group)
+            .arg(consumer)
+            .arg(0)
+            .arg(entries)
+            .arg("JUSTID")
+            .query_async::<redis::Value>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn ack(&self, topic: &str, group: &str, entries: &[String]) -> Result<(), BrokerError> {
         if entries.is_empty() {
             return Ok(());

@@ -193,8 +193,8 @@ pub async fn unsent(db: &dyn DbBackend, limit: u32) -> Result<Vec<Stored>, DbErr
 
 /// Claims up to `limit` unsent events for `relay` until `lease` from now: those nobody claimed
 /// and those whose claim lapsed (a relay that died between appending and marking). The
-/// condition is repeated outside the subquery so that, of two relays racing for a row, the
-/// second sees the first one's claim and skips it.
+/// condition is checked again in the claiming statement so that, of two relays racing for a
+/// row, the second sees the first one's claim and skips it.
 pub async fn claim(
     db: &dyn DbBackend,
     relay: &str,
@@ -203,20 +203,36 @@ pub async fn claim(
 ) -> Result<Vec<Stored>, DbError> {
     let now = crate::auth::now_ms();
     let lapsed = now - i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    // Chosen, then claimed with the condition repeated: as one `UPDATE ... IN (SELECT ...
+    // LIMIT)` PostgreSQL may run the subquery once per row.
+    let candidates = db
+        .query(
+            "SELECT id FROM wasmgate_outbox WHERE sent_at IS NULL AND (claimed_at IS NULL OR claimed_at < $1) \
+             ORDER BY id LIMIT $2",
+            vec![Value::Int64(lapsed), Value::Int64(i64::from(limit))],
+        )
+        .await?;
+    if candidates.rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut params = vec![
+        Value::Text(relay.into()),
+        Value::Int64(now),
+        Value::Int64(lapsed),
+    ];
+    params.extend(candidates.rows.iter().map(|r| Value::Text(r[0].text())));
+    let list = (4..4 + candidates.rows.len())
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let rows = db
         .query(
             &format!(
                 "UPDATE wasmgate_outbox SET relay = $1, claimed_at = $2 \
-                 WHERE sent_at IS NULL AND (claimed_at IS NULL OR claimed_at < $3) AND id IN \
-                 (SELECT id FROM wasmgate_outbox WHERE sent_at IS NULL AND (claimed_at IS NULL OR claimed_at < $3) \
-                 ORDER BY id LIMIT $4) RETURNING {COLUMNS}"
+                 WHERE sent_at IS NULL AND (claimed_at IS NULL OR claimed_at < $3) AND id IN ({list}) \
+                 RETURNING {COLUMNS}"
             ),
-            vec![
-                Value::Text(relay.into()),
-                Value::Int64(now),
-                Value::Int64(lapsed),
-                Value::Int64(i64::from(limit)),
-            ],
+            params,
         )
         .await?;
     let mut claimed = rows
