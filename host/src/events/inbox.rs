@@ -69,12 +69,7 @@ fn ddl(blob: &str) -> String {
 
 /// Creates the inbox tables if needed.
 pub async fn open(db: &dyn DbBackend) -> Result<(), MigrationError> {
-    let blob = if db.kind() == "postgres" {
-        "BYTEA"
-    } else {
-        "BLOB"
-    };
-    db.migrate(OWNER, &[Migration::new("0001_inbox", ddl(blob))])
+    db.migrate(OWNER, &[Migration::new("0001_inbox", ddl(db.blob_type()))])
         .await
         .map(|_| ())
 }
@@ -150,22 +145,29 @@ pub async fn admit(
     if moved == 1 {
         return Ok(Admission::Apply);
     }
-    let last = tx
-        .query(
-            "SELECT sequence FROM wasmgate_inbox_keys WHERE subscription = $1 AND topic = $2 AND key = $3",
-            vec![text(subscription), text(&e.topic), text(&e.key)],
-        )
-        .await?
-        .rows
-        .first()
-        .and_then(|r| r.first())
-        .and_then(Value::int)
-        .unwrap_or(0);
+    let last = key_at(tx, subscription, &e.topic, &e.key).await?;
     Ok(if u64::try_from(last).unwrap_or(0) >= e.sequence {
         Admission::Stale
     } else {
         Admission::Early
     })
+}
+
+/// The sequence `key` of `topic` last applied in `subscription` (0: none yet), read in `tx`.
+async fn key_at(
+    tx: &mut dyn DbTransaction,
+    subscription: &str,
+    topic: &str,
+    key: &str,
+) -> Result<i64, DbError> {
+    Ok(tx
+        .query(
+            "SELECT sequence FROM wasmgate_inbox_keys WHERE subscription = $1 AND topic = $2 AND key = $3",
+            vec![text(subscription), text(topic), text(key)],
+        )
+        .await?
+        .first_int()
+        .unwrap_or(0))
 }
 
 /// Failed tries of `event_id` so far, read in `tx`.
@@ -181,31 +183,7 @@ pub async fn attempts_in(
         )
         .await?;
     Ok(rows
-        .rows
-        .first()
-        .and_then(|r| r.first())
-        .and_then(Value::int)
-        .and_then(|n| u32::try_from(n).ok())
-        .unwrap_or(0))
-}
-
-/// Failed tries of `event_id` so far.
-pub async fn attempts(
-    db: &dyn DbBackend,
-    subscription: &str,
-    event_id: &str,
-) -> Result<u32, DbError> {
-    let rows = db
-        .query(
-            "SELECT attempts FROM wasmgate_inbox_attempts WHERE subscription = $1 AND event_id = $2",
-            vec![text(subscription), text(event_id)],
-        )
-        .await?;
-    Ok(rows
-        .rows
-        .first()
-        .and_then(|r| r.first())
-        .and_then(Value::int)
+        .first_int()
         .and_then(|n| u32::try_from(n).ok())
         .unwrap_or(0))
 }
@@ -218,14 +196,17 @@ pub async fn failed(
     error: &str,
 ) -> Result<u32, DbError> {
     let now = Value::Int64(crate::auth::now_ms());
-    db.execute(
+    let mut tx = db.begin().await?;
+    tx.execute(
         "INSERT INTO wasmgate_inbox_attempts (subscription, event_id, attempts, last_error, first_failed_at, last_failed_at) \
          VALUES ($1, $2, 1, $3, $4, $4) ON CONFLICT (subscription, event_id) \
          DO UPDATE SET attempts = wasmgate_inbox_attempts.attempts + 1, last_error = $3, last_failed_at = $4",
         vec![text(subscription), text(event_id), text(error), now],
     )
     .await?;
-    attempts(db, subscription, event_id).await
+    let tries = attempts_in(tx.as_mut(), subscription, event_id).await?;
+    tx.commit().await?;
+    Ok(tries)
 }
 
 /// Moves `d` to the dead-letter queue (a replay that failed again goes back to `dead`).
@@ -244,10 +225,7 @@ pub async fn dead_letter(
             vec![text(subscription), text(&e.id)],
         )
         .await?
-        .rows
-        .first()
-        .and_then(|r| r.first())
-        .and_then(Value::int)
+        .first_int()
         .unwrap_or(now);
     db.execute(
         "INSERT INTO wasmgate_dead_letters (subscription, event_id, topic, key, sequence, payload, headers, source, published_at, error, attempts, first_failed_at, dead_at, state) \
@@ -499,17 +477,7 @@ pub async fn discard(
     };
     match admit(tx.as_mut(), subscription, &delivery, by_key).await? {
         Admission::Early => {
-            let at = tx
-                .query(
-                    "SELECT sequence FROM wasmgate_inbox_keys WHERE subscription = $1 AND topic = $2 AND key = $3",
-                    vec![text(subscription), text(&letter.topic), text(&letter.key)],
-                )
-                .await?
-                .rows
-                .first()
-                .and_then(|r| r.first())
-                .and_then(Value::int)
-                .unwrap_or(0);
+            let at = key_at(tx.as_mut(), subscription, &letter.topic, &letter.key).await?;
             return Err(DiscardError::Behind {
                 key: letter.key,
                 at,

@@ -68,6 +68,18 @@ impl Queue {
     }
 }
 
+/// The queue's entries (as the broker hands them out: decimal numbers) as parameters.
+fn entry_numbers(entries: &[String]) -> Result<Vec<Value>, BrokerError> {
+    entries
+        .iter()
+        .map(|e| {
+            e.parse()
+                .map(Value::Int64)
+                .map_err(|_| BrokerError::Corrupt(format!("entry `{e}` is not a queue entry")))
+        })
+        .collect()
+}
+
 /// `$from, $from+1, ...` for `n` values.
 fn placeholders(from: usize, n: usize) -> String {
     (from..from + n)
@@ -293,12 +305,7 @@ impl Broker for Queue {
             Value::Text(consumer.into()),
             Value::Int64(crate::auth::now_ms()),
         ];
-        for e in entries {
-            let n: i64 = e
-                .parse()
-                .map_err(|_| BrokerError::Corrupt(format!("entry `{e}` is not a queue entry")))?;
-            params.push(Value::Int64(n));
-        }
+        params.extend(entry_numbers(entries)?);
         self.db
             .execute(
                 &format!(
@@ -317,12 +324,7 @@ impl Broker for Queue {
             return Ok(());
         }
         let mut params = vec![Value::Text(topic.into()), Value::Text(group.into())];
-        for e in entries {
-            let n: i64 = e
-                .parse()
-                .map_err(|_| BrokerError::Corrupt(format!("entry `{e}` is not a queue entry")))?;
-            params.push(Value::Int64(n));
-        }
+        params.extend(entry_numbers(entries)?);
         self.db
             .execute(
                 &format!(

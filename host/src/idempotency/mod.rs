@@ -70,11 +70,7 @@ pub struct Store {
 impl Store {
     /// Creates the table if needed (once, under the migrations lock).
     pub async fn open(db: Arc<dyn DbBackend>) -> Result<Self, MigrationError> {
-        let blob = if db.kind() == "postgres" {
-            "BYTEA"
-        } else {
-            "BLOB"
-        };
+        let blob = db.blob_type();
         let ddl = format!(
             "CREATE TABLE {TABLE} (
                scope TEXT PRIMARY KEY,

@@ -269,11 +269,7 @@ fn now_ms() -> i64 {
 impl Registry {
     /// Creates the tables if needed (once, under the migrations lock).
     pub async fn open(db: Arc<dyn DbBackend>) -> Result<Self, MigrationError> {
-        let blob = if db.kind() == "postgres" {
-            "BYTEA"
-        } else {
-            "BLOB"
-        };
+        let blob = db.blob_type();
         db.migrate(
             OWNER,
             &[

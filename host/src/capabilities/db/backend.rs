@@ -8,6 +8,14 @@ use super::{DbError, Rows, Value};
 #[async_trait]
 pub trait DbBackend: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
+    /// The column type of bytes in this database's DDL (the host's own tables).
+    fn blob_type(&self) -> &'static str {
+        if self.kind() == "postgres" {
+            "BYTEA"
+        } else {
+            "BLOB"
+        }
+    }
     async fn query(&self, sql: &str, params: Vec<Value>) -> Result<Rows, DbError>;
     async fn execute(&self, sql: &str, params: Vec<Value>) -> Result<u64, DbError>;
     async fn begin(&self) -> Result<Box<dyn DbTransaction>, DbError>;

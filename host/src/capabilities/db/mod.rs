@@ -45,6 +45,14 @@ impl Value {
     }
 }
 
+impl Rows {
+    /// The first column of the first row as an integer: what `SELECT count(*)`, `RETURNING n`
+    /// and one-value lookups answer.
+    pub fn first_int(&self) -> Option<i64> {
+        self.rows.first()?.first()?.int()
+    }
+}
+
 /// Open transactions one request may hold; each pins a pooled connection.
 pub const MAX_TRANSACTIONS_PER_REQUEST: usize = 4;
 

@@ -43,12 +43,7 @@ fn ddl(blob: &str) -> String {
 
 /// Creates the outbox tables if needed (once, under the migrations lock).
 pub async fn open(db: &dyn DbBackend) -> Result<(), MigrationError> {
-    let blob = if db.kind() == "postgres" {
-        "BYTEA"
-    } else {
-        "BLOB"
-    };
-    db.migrate(OWNER, &[Migration::new("0001_outbox", ddl(blob))])
+    db.migrate(OWNER, &[Migration::new("0001_outbox", ddl(db.blob_type()))])
         .await
         .map(|_| ())
 }
@@ -118,10 +113,7 @@ pub async fn append(
         )
         .await?;
     let sequence = rows
-        .rows
-        .first()
-        .and_then(|r| r.first())
-        .and_then(Value::int)
+        .first_int()
         .ok_or_else(|| DbError::InvalidState("the key's sequence was not returned".into()))?;
     let id = new_id();
     tx.execute(
