@@ -7,7 +7,8 @@
 //! A run may instead be held in one transaction the host opens ([`RequestDb::hold`]): every
 //! call of the guest goes into it and its transactions become savepoints, so the host decides
 //! for all of it at once (an event's handler commits with its inbox record; a shadow run is
-//! always rolled back). Nothing serves a request this way yet; events and shadow traffic will.
+//! always rolled back): event functions (`events::consumer`) and shadow runs
+//! (`runtime::shadow`) run this way.
 
 mod backend;
 #[cfg(test)]
