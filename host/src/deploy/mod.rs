@@ -38,6 +38,7 @@ pub use comparisons::{Comparisons, SAMPLES, Sample, Tally, Verdict};
 pub use diff::Surface;
 pub use preview::{PREVIEW_HEADER, PREVIEW_TOKEN_HEADER, PREVIEW_TTL, Previews};
 pub use stats::{Counts, Figures, Stats};
+pub(crate) use version_set::random_point;
 pub use version_set::{StickyKey, VERSION_HEADER, Version, VersionMetrics, VersionSet};
 
 use crate::config::{Manifest, ManifestError};
@@ -70,6 +71,8 @@ pub struct Deployer {
     applied: std::sync::Mutex<Generations>,
     /// Set once the outbox relay runs (from the first deployment with a publishing version).
     relay: std::sync::OnceLock<()>,
+    /// The event broker, opened once for the relay and every consumer.
+    broker: tokio::sync::OnceCell<Arc<dyn crate::events::Broker>>,
     /// Each subscription's consumer's version, by subscription name (swapped on reload).
     consumers: std::sync::Mutex<BTreeMap<String, crate::events::consumer::Target>>,
 }
@@ -122,6 +125,7 @@ impl Deployer {
             policies: Mutex::new(built.policies),
             applied: std::sync::Mutex::new(generations),
             relay: std::sync::OnceLock::new(),
+            broker: tokio::sync::OnceCell::new(),
             consumers: std::sync::Mutex::default(),
         });
         if built.publishes {
@@ -147,12 +151,9 @@ impl Deployer {
         if manifest.subscriptions.is_empty() {
             return;
         }
-        let broker = match crate::events::broker(&self.platform.backends).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "the event broker cannot be opened; subscriptions wait");
-                return;
-            }
+        let Some(broker) = self.broker().await else {
+            tracing::error!("subscriptions wait for the event broker");
+            return;
         };
         for s in &manifest.subscriptions {
             let Some(version) = functions
@@ -190,19 +191,32 @@ impl Deployer {
         if self.relay.get().is_some() {
             return;
         }
-        match crate::events::broker(&self.platform.backends).await {
-            Ok(broker) => {
-                if self.relay.set(()).is_ok() {
-                    tracing::info!(broker = broker.kind(), "relaying events from the outbox");
-                    let relay = crate::events::relay::Relay::new(
-                        self.platform.backends.db.backend().clone(),
-                        broker,
-                    );
-                    tokio::spawn(relay.run(Arc::downgrade(&self.state)));
-                }
-            }
+        let Some(broker) = self.broker().await else {
+            tracing::error!("events wait in the outbox for the event broker");
+            return;
+        };
+        if self.relay.set(()).is_ok() {
+            tracing::info!(broker = broker.kind(), "relaying events from the outbox");
+            let relay = crate::events::relay::Relay::new(
+                self.platform.backends.db.backend().clone(),
+                broker,
+            );
+            tokio::spawn(relay.run(Arc::downgrade(&self.state)));
+        }
+    }
+
+    /// The event broker, opened on first use (the queue's tables are created then); `None`
+    /// (logged) while it cannot be opened, so the next reload tries again.
+    async fn broker(&self) -> Option<Arc<dyn crate::events::Broker>> {
+        match self
+            .broker
+            .get_or_try_init(|| crate::events::broker(&self.platform.backends))
+            .await
+        {
+            Ok(b) => Some(b.clone()),
             Err(e) => {
-                tracing::error!(error = %e, "the event broker cannot be opened; events wait in the outbox")
+                tracing::error!(error = %e, "the event broker cannot be opened");
+                None
             }
         }
     }

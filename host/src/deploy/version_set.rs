@@ -215,7 +215,8 @@ impl<V> VersionSet<V> {
     }
 }
 
-fn random_point() -> f64 {
+/// A uniform point in [0, 100): a weighted pick, a sampled share.
+pub(crate) fn random_point() -> f64 {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).expect("the OS random source is available");
     (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64 * 100.0

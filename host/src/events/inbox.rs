@@ -18,7 +18,7 @@
 
 use super::broker::Delivery;
 use crate::capabilities::db::migrations::{Migration, MigrationError};
-use crate::capabilities::db::{DbBackend, DbError, DbTransaction, Value};
+use crate::capabilities::db::{DbBackend, DbError, DbTransaction, Value, placeholders};
 
 const OWNER: &str = "_wasmgate_inbox";
 
@@ -91,10 +91,6 @@ fn text(s: &str) -> Value {
     Value::Text(s.into())
 }
 
-fn int(n: u64) -> Value {
-    Value::Int64(i64::try_from(n).unwrap_or(i64::MAX))
-}
-
 /// Records `d` as handled by `subscription` in `tx` (and, with `by_key`, moves its key from the
 /// previous sequence to this one), or says why not.
 pub async fn admit(
@@ -136,8 +132,8 @@ pub async fn admit(
                 text(subscription),
                 text(&e.topic),
                 text(&e.key),
-                int(e.sequence),
-                int(e.sequence - 1),
+                Value::uint(e.sequence),
+                Value::uint(e.sequence - 1),
             ],
         )
         .await?
@@ -236,7 +232,7 @@ pub async fn dead_letter(
             text(&e.id),
             text(&e.topic),
             text(&e.key),
-            int(e.sequence),
+            Value::uint(e.sequence),
             Value::Bytes(e.payload.clone()),
             Value::Text(serde_json::to_string(&e.headers).expect("strings serialize")),
             text(&e.source),
@@ -289,6 +285,25 @@ pub struct DeadLetter {
     pub headers: Vec<(String, String)>,
 }
 
+impl DeadLetter {
+    /// As a delivery under `entry` (a dead letter has no broker entry of its own).
+    fn delivery(self, entry: String) -> Delivery {
+        Delivery {
+            entry,
+            event: crate::capabilities::events::outbox::Stored {
+                id: self.event_id,
+                topic: self.topic,
+                key: self.key,
+                sequence: self.sequence,
+                payload: self.payload,
+                headers: self.headers,
+                source: self.source,
+                created_at: self.published_at,
+            },
+        }
+    }
+}
+
 const DEAD_COLUMNS: &str = "event_id, topic, key, sequence, source, published_at, error, attempts, first_failed_at, dead_at, state, payload, headers";
 
 fn dead_letter_of(r: Vec<Value>) -> DeadLetter {
@@ -296,18 +311,15 @@ fn dead_letter_of(r: Vec<Value>) -> DeadLetter {
         event_id: r[0].text(),
         topic: r[1].text(),
         key: r[2].text(),
-        sequence: u64::try_from(r[3].int().unwrap_or(0)).unwrap_or(0),
+        sequence: r[3].unsigned(),
         source: r[4].text(),
         published_at: r[5].int().unwrap_or(0),
         error: r[6].text(),
-        attempts: u32::try_from(r[7].int().unwrap_or(0)).unwrap_or(0),
+        attempts: u32::try_from(r[7].unsigned()).unwrap_or(0),
         first_failed_at: r[8].int().unwrap_or(0),
         dead_at: r[9].int().unwrap_or(0),
         state: r[10].text(),
-        payload: match &r[11] {
-            Value::Bytes(b) => b.clone(),
-            _ => Vec::new(),
-        },
+        payload: r[11].bytes(),
         headers: serde_json::from_str(&r[12].text()).unwrap_or_default(),
     }
 }
@@ -397,18 +409,9 @@ pub async fn replays(
         .rows
         .into_iter()
         .map(dead_letter_of)
-        .map(|l| Delivery {
-            entry: format!("{REPLAY_ENTRY}{}", l.event_id),
-            event: crate::capabilities::events::outbox::Stored {
-                id: l.event_id,
-                topic: l.topic,
-                key: l.key,
-                sequence: l.sequence,
-                payload: l.payload,
-                headers: l.headers,
-                source: l.source,
-                created_at: l.published_at,
-            },
+        .map(|l| {
+            let entry = format!("{REPLAY_ENTRY}{}", l.event_id);
+            l.delivery(entry)
         })
         .collect())
 }
@@ -462,19 +465,7 @@ pub async fn discard(
         .filter(|l| l.state == "dead" || l.state == "replay")
         .ok_or_else(|| DiscardError::NotFound(event_id.into()))?;
     let mut tx = db.begin().await?;
-    let delivery = Delivery {
-        entry: String::new(),
-        event: crate::capabilities::events::outbox::Stored {
-            id: letter.event_id.clone(),
-            topic: letter.topic.clone(),
-            key: letter.key.clone(),
-            sequence: letter.sequence,
-            payload: Vec::new(),
-            headers: Vec::new(),
-            source: letter.source.clone(),
-            created_at: letter.published_at,
-        },
-    };
+    let delivery = letter.clone().delivery(String::new());
     match admit(tx.as_mut(), subscription, &delivery, by_key).await? {
         Admission::Early => {
             let at = key_at(tx.as_mut(), subscription, &letter.topic, &letter.key).await?;
@@ -509,10 +500,7 @@ pub async fn key_sequences(
     for chunk in keys.chunks(500) {
         let mut params = vec![text(subscription), text(topic)];
         params.extend(chunk.iter().map(|k| text(k)));
-        let list = (3..3 + chunk.len())
-            .map(|i| format!("${i}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = placeholders(3, chunk.len());
         let rows = db
             .query(
                 &format!(
@@ -522,10 +510,7 @@ pub async fn key_sequences(
             )
             .await?;
         for r in rows.rows {
-            out.insert(
-                r[0].text(),
-                u64::try_from(r[1].int().unwrap_or(0)).unwrap_or(0),
-            );
+            out.insert(r[0].text(), r[1].unsigned());
         }
     }
     Ok(out)

@@ -10,8 +10,8 @@ use async_trait::async_trait;
 
 use super::broker::{Broker, BrokerError, Delivery};
 use crate::capabilities::db::migrations::{Migration, MigrationError};
-use crate::capabilities::db::{DbBackend, DbError, DbTransaction, Value};
-use crate::capabilities::events::outbox::Stored;
+use crate::capabilities::db::{DbBackend, DbError, DbTransaction, Value, placeholders};
+use crate::capabilities::events::outbox::{Stored, stored};
 
 const OWNER: &str = "_wasmgate_queue";
 
@@ -80,14 +80,6 @@ fn entry_numbers(entries: &[String]) -> Result<Vec<Value>, BrokerError> {
         .collect()
 }
 
-/// `$from, $from+1, ...` for `n` values.
-fn placeholders(from: usize, n: usize) -> String {
-    (from..from + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// The events of `entries`, in entry order.
 async fn events_of(
     tx: &mut dyn DbTransaction,
@@ -102,7 +94,7 @@ async fn events_of(
     let rows = tx
         .query(
             &format!(
-                "SELECT entry, id, key, sequence, payload, headers, source, created_at FROM wasmgate_queue \
+                "SELECT entry, id, topic, key, sequence, payload, headers, source, created_at FROM wasmgate_queue \
                  WHERE topic = $1 AND entry IN ({}) ORDER BY entry",
                 placeholders(2, entries.len())
             ),
@@ -110,24 +102,11 @@ async fn events_of(
         )
         .await?;
     rows.rows
-        .into_iter()
+        .iter()
         .map(|r| {
             Ok(Delivery {
                 entry: r[0].int().unwrap_or(0).to_string(),
-                event: Stored {
-                    id: r[1].text(),
-                    topic: topic.into(),
-                    key: r[2].text(),
-                    sequence: u64::try_from(r[3].int().unwrap_or(0)).unwrap_or(0),
-                    payload: match &r[4] {
-                        Value::Bytes(b) => b.clone(),
-                        _ => Vec::new(),
-                    },
-                    headers: serde_json::from_str(&r[5].text())
-                        .map_err(|e| DbError::InvalidState(format!("stored headers: {e}")))?,
-                    source: r[6].text(),
-                    created_at: r[7].int().unwrap_or(0),
-                },
+                event: stored(&r[1..])?,
             })
         })
         .collect()
@@ -156,7 +135,7 @@ impl Broker for Queue {
                     Value::Text(e.topic.clone()),
                     Value::Text(e.id.clone()),
                     Value::Text(e.key.clone()),
-                    Value::Int64(i64::try_from(e.sequence).unwrap_or(i64::MAX)),
+                    Value::uint(e.sequence),
                     Value::Bytes(e.payload.clone()),
                     Value::Text(serde_json::to_string(&e.headers).expect("strings serialize")),
                     Value::Text(e.source.clone()),

@@ -70,12 +70,7 @@ impl ShadowPolicy {
     }
 
     fn chosen(&self) -> bool {
-        if self.percent >= 100 {
-            return true;
-        }
-        let mut b = [0u8; 4];
-        getrandom::fill(&mut b).expect("the OS random source is available");
-        u32::from_le_bytes(b) % 100 < self.percent
+        self.percent >= 100 || crate::deploy::random_point() < f64::from(self.percent)
     }
 }
 

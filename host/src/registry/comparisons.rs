@@ -24,10 +24,6 @@ pub(super) const DDL: &str = "CREATE TABLE wasmgate_shadow_comparisons (
      );
      CREATE INDEX wasmgate_shadow_comparisons_at ON wasmgate_shadow_comparisons (function, label, at)";
 
-fn count(n: u64) -> Value {
-    Value::Int64(i64::try_from(n).unwrap_or(i64::MAX))
-}
-
 impl Registry {
     /// Records what `process` compared on `route` for the shadow on `label` of `function`, in
     /// the second `at`.
@@ -48,11 +44,11 @@ impl Registry {
                     Value::Text(process.into()),
                     Value::Int64(flush),
                     Value::Int64(at),
-                    count(tally.matched),
-                    count(tally.status),
-                    count(tally.body),
-                    count(tally.failed),
-                    count(tally.skipped),
+                    Value::uint(tally.matched),
+                    Value::uint(tally.status),
+                    Value::uint(tally.body),
+                    Value::uint(tally.failed),
+                    Value::uint(tally.skipped),
                     Value::Text(serde_json::to_string(&tally.samples).expect("samples serialize")),
                 ],
             )
@@ -81,7 +77,7 @@ impl Registry {
             .await?;
         let mut by_route: BTreeMap<String, Tally> = BTreeMap::new();
         for r in &rows.rows {
-            let n = |v: &Value| u64::try_from(v.int().unwrap_or(0)).unwrap_or(0);
+            let n = Value::unsigned;
             let row = Tally {
                 matched: n(&r[1]),
                 status: n(&r[2]),

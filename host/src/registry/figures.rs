@@ -21,10 +21,6 @@ pub(super) const DDL: &str = "CREATE TABLE wasmgate_version_figures (
      );
      CREATE INDEX wasmgate_version_figures_at ON wasmgate_version_figures (function, at)";
 
-fn count(n: u64) -> Value {
-    Value::Int64(i64::try_from(n).unwrap_or(i64::MAX))
-}
-
 impl Registry {
     /// Records what `process` saw of a version in the second `at` (s since the epoch). `flush`
     /// numbers the process's writes, so two in one second are two rows.
@@ -50,9 +46,9 @@ impl Registry {
                     Value::Text(process.into()),
                     Value::Int64(flush),
                     Value::Int64(at),
-                    count(figures.requests),
-                    count(figures.failed),
-                    count(figures.refused),
+                    Value::uint(figures.requests),
+                    Value::uint(figures.failed),
+                    Value::uint(figures.refused),
                     Value::Text(latency),
                 ],
             )
@@ -72,7 +68,7 @@ impl Registry {
             .await?;
         let mut by_label: BTreeMap<String, Figures> = BTreeMap::new();
         for r in &rows.rows {
-            let n = |v: &Value| u64::try_from(v.int().unwrap_or(0)).unwrap_or(0);
+            let n = Value::unsigned;
             let row = Figures {
                 requests: n(&r[1]),
                 failed: n(&r[2]),

@@ -44,6 +44,32 @@ impl Value {
             _ => None,
         }
     }
+
+    /// A count or sequence: the integer, 0 when absent or negative.
+    pub fn unsigned(&self) -> u64 {
+        self.int().and_then(|n| u64::try_from(n).ok()).unwrap_or(0)
+    }
+
+    /// Bytes, or empty.
+    pub fn bytes(&self) -> Vec<u8> {
+        match self {
+            Value::Bytes(b) => b.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// A count or sequence as a parameter (saturating at `i64::MAX`).
+    pub fn uint(n: u64) -> Self {
+        Value::Int64(i64::try_from(n).unwrap_or(i64::MAX))
+    }
+}
+
+/// `$from, $from+1, ...` for `n` parameters: the list of an `IN (...)`.
+pub fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Rows {

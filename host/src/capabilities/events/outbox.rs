@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Event, Published};
 use crate::capabilities::db::migrations::{Migration, MigrationError};
-use crate::capabilities::db::{DbBackend, DbError, DbTransaction, Value};
+use crate::capabilities::db::{DbBackend, DbError, DbTransaction, Value, placeholders};
 
 /// The migrations namespace of these tables (function names cannot start with `_`).
 const OWNER: &str = "_wasmgate_events";
@@ -152,19 +152,17 @@ pub struct Stored {
 
 const COLUMNS: &str = "id, topic, key, sequence, payload, headers, source, created_at";
 
-fn stored(r: Vec<Value>) -> Result<Stored, DbError> {
-    let headers = serde_json::from_str(&r[5].text())
-        .map_err(|e| DbError::InvalidState(format!("stored headers: {e}")))?;
+/// An event from a row of `id, topic, key, sequence, payload, headers, source, created_at`
+/// (the outbox's, the queue's and the dead letters' columns).
+pub(crate) fn stored(r: &[Value]) -> Result<Stored, DbError> {
     Ok(Stored {
         id: r[0].text(),
         topic: r[1].text(),
         key: r[2].text(),
-        sequence: u64::try_from(r[3].int().unwrap_or(0)).unwrap_or(0),
-        payload: match &r[4] {
-            Value::Bytes(b) => b.clone(),
-            _ => Vec::new(),
-        },
-        headers,
+        sequence: r[3].unsigned(),
+        payload: r[4].bytes(),
+        headers: serde_json::from_str(&r[5].text())
+            .map_err(|e| DbError::InvalidState(format!("stored headers: {e}")))?,
         source: r[6].text(),
         created_at: r[7].int().unwrap_or(0),
     })
@@ -180,7 +178,7 @@ pub async fn unsent(db: &dyn DbBackend, limit: u32) -> Result<Vec<Stored>, DbErr
             vec![Value::Int64(i64::from(limit))],
         )
         .await?;
-    rows.rows.into_iter().map(stored).collect()
+    rows.rows.iter().map(|r| stored(r)).collect()
 }
 
 /// Claims up to `limit` unsent events for `relay` until `lease` from now: those nobody claimed
@@ -213,10 +211,7 @@ pub async fn claim(
         Value::Int64(lapsed),
     ];
     params.extend(candidates.rows.iter().map(|r| Value::Text(r[0].text())));
-    let list = (4..4 + candidates.rows.len())
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = placeholders(4, candidates.rows.len());
     let rows = db
         .query(
             &format!(
@@ -229,8 +224,8 @@ pub async fn claim(
         .await?;
     let mut claimed = rows
         .rows
-        .into_iter()
-        .map(stored)
+        .iter()
+        .map(|r| stored(r))
         .collect::<Result<Vec<_>, _>>()?;
     claimed.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(claimed)
@@ -246,10 +241,7 @@ pub async fn mark_sent(db: &dyn DbBackend, relay: &str, ids: &[String]) -> Resul
         Value::Text(relay.into()),
     ];
     params.extend(ids.iter().map(|id| Value::Text(id.clone())));
-    let list = (3..3 + ids.len())
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = placeholders(3, ids.len());
     db.execute(
         &format!(
             "UPDATE wasmgate_outbox SET sent_at = $1 WHERE relay = $2 AND sent_at IS NULL AND id IN ({list})"
