@@ -685,6 +685,30 @@ impl AdminApi {
         );
     }
 
+    /// Waits until the shadow of `function` has compared (or skipped) `n` runs on `route`, every
+    /// process's comparisons reaching the registry once a second; returns that route's figures.
+    pub async fn shadow_compared(&self, function: &str, route: &str, n: u64) -> serde_json::Value {
+        let started = std::time::Instant::now();
+        loop {
+            let view = self
+                .call(reqwest::Method::GET, &format!("{function}/shadow"), None)
+                .await;
+            let r = view["routes"]
+                .as_array()
+                .and_then(|rs| rs.iter().find(|r| r["route"] == route).cloned())
+                .unwrap_or(serde_json::Value::Null);
+            let done = r["compared"].as_u64().unwrap_or(0) + r["skipped"].as_u64().unwrap_or(0);
+            if done >= n {
+                return r;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "{done} of {n} shadow runs on {route} compared: {view}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
     /// `function` on `label` at 100%, as its first deployment.
     pub async fn first(&self, function: &str, label: &str) {
         self.call(
@@ -716,4 +740,31 @@ pub fn notes_manifest(caps: &str) -> String {
         "#,
         repo().join("functions/notes/migrations").display()
     )
+}
+
+/// Waits until `query` answers `want` on `database_url` (a failing query, e.g. a table not
+/// created yet, counts as not yet), at most `limit`.
+pub async fn until_sql(database_url: &str, query: &str, want: &str, limit: std::time::Duration) {
+    let started = std::time::Instant::now();
+    loop {
+        let got = try_sql(database_url, query).unwrap_or_default();
+        if got == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{query}: {got:?}, waiting for {want:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `redis-cli -u REDIS_URL <args>` and returns what it printed.
+pub fn redis_cli(args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-u", &redis_url()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

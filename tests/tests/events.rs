@@ -43,20 +43,13 @@ fn outbox(db: &str, topic: &str) -> Vec<String> {
 
 /// Waits until the relay has handed every event of the outbox to the broker.
 async fn relayed(db: &str) {
-    let started = std::time::Instant::now();
-    while sql(
+    wasmgate_tests::until_sql(
         db,
         "SELECT count(*) FROM wasmgate_outbox WHERE sent_at IS NULL",
+        "0",
+        std::time::Duration::from_secs(10),
     )
-    .trim()
-        != "0"
-    {
-        assert!(
-            started.elapsed().as_secs() < 10,
-            "events still in the outbox"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    .await;
 }
 
 /// Publishes on `topic` (unique per test: a Redis stream outlives it) and checks the outbox;
@@ -133,24 +126,9 @@ async fn events_on_postgres_and_redis() {
     let topic = format!("order.placed.{}", wasmgate_tests::unique_suffix());
     let n = publishes_with_its_transaction(&s, &db, &topic).await;
     // Relayed to a Redis stream of the topic.
-    let out = std::process::Command::new("redis-cli")
-        .args([
-            "-u",
-            &redis_url(),
-            "XLEN",
-            &format!("wasmgate:events:{topic}"),
-        ])
-        .output()
-        .expect("redis-cli");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), n.to_string());
-    let _ = std::process::Command::new("redis-cli")
-        .args([
-            "-u",
-            &redis_url(),
-            "DEL",
-            &format!("wasmgate:events:{topic}"),
-        ])
-        .output();
+    let stream = format!("wasmgate:events:{topic}");
+    assert_eq!(wasmgate_tests::redis_cli(&["XLEN", &stream]), n.to_string());
+    wasmgate_tests::redis_cli(&["DEL", &stream]);
 }
 
 #[test]
@@ -190,18 +168,15 @@ async fn a_shadow_publishes_nothing() {
             (201, Some(i as u64 + 1))
         );
     }
-    let started = std::time::Instant::now();
-    loop {
-        let view = api.call(Method::GET, "publisher/shadow", None).await;
-        let compared = view["routes"][0]["compared"].as_u64().unwrap_or(0);
-        if compared == 5 {
-            // Each shadow run answered 201 too, with an id of its own.
-            assert_eq!(view["routes"][0]["body_differs"], 5, "{view}");
-            break;
-        }
-        assert!(started.elapsed().as_secs() < 20, "{view}");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    let r = api
+        .shadow_compared("publisher", "/publish/{topic}", 5)
+        .await;
+    // Each shadow run answered 201 too, with an id of its own.
+    assert_eq!(
+        (r["compared"].as_u64(), r["body_differs"].as_u64()),
+        (Some(5), Some(5)),
+        "{r}"
+    );
     assert_eq!(outbox(&db, "audit").len(), 5, "the live events only");
     assert_eq!(
         sql(&db, "SELECT count(*) FROM publisher_writes").trim(),

@@ -2,37 +2,11 @@
 //! with every side effect held back (checked in the database, the shared cache and the response
 //! cache's purges), and their answers are compared per route with request ids of mismatches.
 
-use std::time::{Duration, Instant};
-
 use reqwest::Method;
 use serde_json::{Value, json};
 use wasmgate_tests::{
     AdminApi, Server, fresh_postgres, notes_manifest, redis_url, sql, users_manifest, with_admin,
 };
-
-/// Waits until the shadow of `function` has compared (or skipped) `n` runs on `route`, every
-/// process's comparisons reaching the registry once a second; returns that route's figures.
-async fn compared(api: &AdminApi, function: &str, route: &str, n: u64) -> Value {
-    let started = Instant::now();
-    loop {
-        let view = api
-            .call(Method::GET, &format!("{function}/shadow"), None)
-            .await;
-        let r = view["routes"]
-            .as_array()
-            .and_then(|rs| rs.iter().find(|r| r["route"] == route).cloned())
-            .unwrap_or(Value::Null);
-        let done = r["compared"].as_u64().unwrap_or(0) + r["skipped"].as_u64().unwrap_or(0);
-        if done >= n {
-            return r;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "{done} of {n} shadow runs on {route} compared: {view}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// The notes example takes a lock, inserts a row and counts it in the cache. Its shadow does all
 /// three for real (201, like the live run) and none of it is left: the rows are the live
@@ -92,7 +66,7 @@ async fn notes_shadow_leaves_no_rows_and_no_cache_writes(backends: &[&str], db: 
         // Read to its end: a response the client drops unread is not compared (skipped).
         resp.text().await.expect("body");
     }
-    let r = compared(&api, "notes", "/notes", n).await;
+    let r = api.shadow_compared("notes", "/notes", n).await;
     // Each shadow run inserted its note (201, as live) under another id: same status, other body.
     assert_eq!(
         (r["compared"].as_u64(), r["body_differs"].as_u64()),
@@ -120,7 +94,7 @@ async fn notes_shadow_leaves_no_rows_and_no_cache_writes(backends: &[&str], db: 
         "the shared cache counted the live requests only"
     );
     // The GET itself was copied too: the shadow's own empty cache answers 0 there.
-    let r = compared(&api, "notes", "/notes", n + 1).await;
+    let r = api.shadow_compared("notes", "/notes", n + 1).await;
     assert_eq!(r["body_differs"].as_u64(), Some(n + 1), "{r}");
 }
 
@@ -204,7 +178,7 @@ async fn users_shadow_commits_nothing_and_purges_nothing() {
     }
     // The shadow's create finds the email the live one just committed: 409, a status mismatch,
     // reported with the request id the live response carried.
-    let r = compared(&api, "users", "/v1/users", 10).await;
+    let r = api.shadow_compared("users", "/v1/users", 10).await;
     assert_eq!(r["status_differs"].as_u64(), Some(10), "{r}");
     let sampled: Vec<&str> = r["mismatches"]
         .as_array()
@@ -220,7 +194,7 @@ async fn users_shadow_commits_nothing_and_purges_nothing() {
     let purges = || s.metric("wasmgate_response_cache_purges_total", "");
     let before = purges().await;
     rename_all(&s, &token, &ids, "Shadowed").await;
-    let r = compared(&api, "users", "/v1/users/{id}", 10).await;
+    let r = api.shadow_compared("users", "/v1/users/{id}", 10).await;
     // The shadow renamed each user as the live request had: same status, same body.
     assert_eq!(r["matched"].as_u64(), Some(10), "{r}");
     let with_shadow = purges().await - before;
@@ -289,7 +263,7 @@ async fn mismatches_are_counted_per_route_and_shown_by_the_cli() {
         );
         resp.text().await.expect("body");
     }
-    let r = compared(&api, "f", "/f/{name}", 40).await;
+    let r = api.shadow_compared("f", "/f/{name}", 40).await;
     // flaky answers 500 for i = 20 and 40, another body for the rest.
     assert_eq!(
         (

@@ -44,19 +44,7 @@ async fn publish(s: &Server, topic: &str, key: &str, body: &str) {
 
 /// Waits until `query` answers `want` (at most 30 s).
 async fn until(db: &str, query: &str, want: &str) {
-    let started = Instant::now();
-    loop {
-        // A table the handler creates may not be there yet.
-        let got = wasmgate_tests::try_sql(db, query).unwrap_or_default();
-        if got == want {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{query}: {got:?}, waiting for {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wasmgate_tests::until_sql(db, query, want, Duration::from_secs(30)).await;
 }
 
 fn totals(db: &str) -> String {
@@ -161,14 +149,7 @@ async fn failing_events_become_dead_letters_and_park_only_their_key() {
         ),
         "p|1|1"
     );
-    let _ = std::process::Command::new("redis-cli")
-        .args([
-            "-u",
-            &redis_url(),
-            "DEL",
-            &format!("wasmgate:events:{topic}"),
-        ])
-        .output();
+    wasmgate_tests::redis_cli(&["DEL", &format!("wasmgate:events:{topic}")]);
 }
 
 /// A consumer stopped (SIGSTOP) in the middle of an event, its transaction open, past
