@@ -143,10 +143,16 @@ def users_manifest(work, name):
     path.write_text(f"""
 [functions.users]
 wasm = "{ROOT / 'functions/dist/users.wasm'}"
-capabilities = ["db", "response-cache", "auth"]
+capabilities = ["db", "response-cache", "auth", "events"]
 migrations = "{ROOT / 'functions/users/migrations'}"
 bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
-""" + USERS_ROUTES)
+
+[functions.activity]
+wasm = "{ROOT / 'functions/dist/activity.wasm'}"
+capabilities = ["db"]
+migrations = "{ROOT / 'functions/activity/migrations'}"
+""" + "".join(f'[[subscriptions]]\ntopic = "user.{t}"\nfunction = "activity"\n' for t in ("created", "updated", "deleted"))
+      + USERS_ROUTES)
     return path
 
 

@@ -419,7 +419,8 @@ pub async fn expect_guest_problem(
     body
 }
 
-/// The user-management function with every v1 and v2 route, as the example manifest has it.
+/// The user-management function with every v1 and v2 route and the `activity` projection of
+/// its events, as the example manifest has them.
 pub fn users_manifest() -> String {
     users_manifest_with("", "{}")
 }
@@ -432,12 +433,23 @@ pub fn users_manifest_with(extra: &str, throttle: &str) -> String {
         {extra}
         [functions.users]
         wasm = "{{wasm:users}}"
-        capabilities = ["db", "response-cache", "auth"]
+        capabilities = ["db", "response-cache", "auth", "events"]
         migrations = "{}"
         max_body = "64KiB"
+
+        [functions.activity]
+        wasm = "{{wasm:activity}}"
+        capabilities = ["db"]
+        migrations = "{}"
         "#,
-        repo().join("functions/users/migrations").display()
+        repo().join("functions/users/migrations").display(),
+        repo().join("functions/activity/migrations").display()
     );
+    for topic in ["user.created", "user.updated", "user.deleted"] {
+        m.push_str(&format!(
+            "[[subscriptions]]\ntopic = \"{topic}\"\nfunction = \"activity\"\n"
+        ));
+    }
     // As in the example manifest: accounts readable and changeable by their owner or an admin,
     // reads of one user cached, creates and updates idempotent, logins throttled.
     let owned = "auth = { owner = \"id\" }\ncache = { ttl = \"30s\" }\nidempotency = {}\n";
@@ -452,6 +464,11 @@ pub fn users_manifest_with(extra: &str, throttle: &str) -> String {
         ("/v2/users", r#"["POST"]"#, "idempotency = {}\n"),
         ("/v2/users", r#"["GET"]"#, admin),
         ("/v2/users/{id}", r#"["GET", "PATCH", "DELETE"]"#, owned),
+        (
+            "/v2/users/{id}/activity",
+            r#"["GET"]"#,
+            "auth = { owner = \"id\" }\n",
+        ),
         ("/v2/login", r#"["POST"]"#, throttled.as_str()),
         ("/v2/token/refresh", r#"["POST"]"#, ""),
         ("/v2/logout", r#"["POST"]"#, "auth = {}\n"),

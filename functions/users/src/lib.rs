@@ -5,9 +5,11 @@
 //! through the `db` capability (SQL portable across SQLite and PostgreSQL); tokens are issued
 //! and verified by the host (`auth`), which also decides who may call each route.
 //!
-//! Layout: `store` (the users table), `auth` (passwords, access checks, sessions), `v1` (the v1 routes and
-//! their exact shapes), `v2`.
+//! Layout: `store` (the users table and the events each write publishes), `auth` (passwords,
+//! access checks, sessions), `v1` (the v1 routes and their exact shapes), `v2`, `activity` (the
+//! read model the `activity` event function projects from those events).
 
+mod activity;
 mod auth;
 mod store;
 mod v1;

@@ -1,9 +1,13 @@
 //! The users table. Timestamps are microseconds since the epoch; ids are random hex.
+//!
+//! Every write announces itself: `user.created`, `user.updated` or `user.deleted` (key: the
+//! user's id, payload: [`Announcement`] as JSON) goes to the outbox in the write's own
+//! transaction, so an event exists exactly when its change does.
 
-use serde::Deserialize;
-use wasmgate_sdk::db::{self, Value};
-use wasmgate_sdk::response_cache;
+use serde::{Deserialize, Serialize};
+use wasmgate_sdk::db::{self, Transaction, Value};
 use wasmgate_sdk::{Problem, StatusCode};
+use wasmgate_sdk::{events, response_cache};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct User {
@@ -62,7 +66,8 @@ pub fn insert(
         created_at: now,
         updated_at: now,
     };
-    db::execute(
+    let tx = db::begin()?;
+    tx.execute(
         "INSERT INTO users (id, email, email_lower, name, display_name, password_hash, version, created_at, updated_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         &[
@@ -78,6 +83,7 @@ pub fn insert(
         ],
     )
     .map_err(map_unique)?;
+    announce(tx, CREATED, &user, now, &[])?;
     Ok(user)
 }
 
@@ -112,52 +118,111 @@ pub fn page(after: Option<(i64, String)>, limit: i64) -> Result<Vec<User>, Probl
     }
 }
 
-/// Applies the changes if the row is still at `expected_version` (when given). Returns the
-/// number of rows changed: 0 means absent or stale.
+/// Applies the changes if the row is still at `expected_version` (when given) and returns the
+/// row as it now is; `None` means absent or stale.
 pub fn update(
     id: &str,
     email: Option<&str>,
     name: Option<&str>,
     display_name: Option<Option<&str>>,
     expected_version: Option<i64>,
-) -> Result<u64, Problem> {
+) -> Result<Option<User>, Problem> {
+    let now = now_micros();
     let mut sets = vec![
         "version = version + 1".to_string(),
         "updated_at = $2".to_string(),
     ];
-    let mut params: Vec<Value> = vec![id.into(), Value::Timestamp(now_micros())];
+    let mut changed = Vec::new();
+    let mut params: Vec<Value> = vec![id.into(), Value::Timestamp(now)];
     if let Some(email) = email {
         params.push(email.into());
         sets.push(format!("email = ${}", params.len()));
         params.push(email.to_lowercase().into());
         sets.push(format!("email_lower = ${}", params.len()));
+        changed.push("email");
     }
     if let Some(name) = name {
         params.push(name.into());
         sets.push(format!("name = ${}", params.len()));
+        changed.push("name");
     }
     if let Some(display_name) = display_name {
         params.push(display_name.map(str::to_string).into());
         sets.push(format!("display_name = ${}", params.len()));
+        changed.push("display_name");
     }
     let mut sql = format!("UPDATE users SET {} WHERE id = $1", sets.join(", "));
     if let Some(v) = expected_version {
         params.push(v.into());
         sql.push_str(&format!(" AND version = ${}", params.len()));
     }
-    let changed = db::execute(&sql, &params).map_err(map_unique)?;
-    if changed > 0 {
-        forget(id);
-    }
-    Ok(changed)
+    sql.push_str(&format!(" RETURNING {COLUMNS}"));
+    let tx = db::begin()?;
+    let rows = tx.query(&sql, &params).map_err(map_unique)?;
+    let Some(user) = db::decode::<User>(rows)?.into_iter().next() else {
+        return Ok(None);
+    };
+    announce(tx, UPDATED, &user, now, &changed)?;
+    forget(id);
+    Ok(Some(user))
 }
 
+/// Deletes the user; `false` when there was none.
 pub fn delete(id: &str) -> Result<bool, Problem> {
-    let deleted = db::execute("DELETE FROM users WHERE id = $1", &[id.into()])? > 0;
-    if deleted {
-        forget(id);
-    }
-    Ok(deleted)
+    let tx = db::begin()?;
+    let rows = tx.query(
+        &format!("DELETE FROM users WHERE id = $1 RETURNING {COLUMNS}"),
+        &[id.into()],
+    )?;
+    let Some(user) = db::decode::<User>(rows)?.into_iter().next() else {
+        return Ok(false);
+    };
+    announce(tx, DELETED, &user, now_micros(), &[])?;
+    forget(id);
+    Ok(true)
+}
+
+pub const CREATED: &str = "user.created";
+pub const UPDATED: &str = "user.updated";
+pub const DELETED: &str = "user.deleted";
+
+/// The payload of every user event: the account as the change left it (as it was, for
+/// `user.deleted`), never its password hash. `version` is the row's version, which increases
+/// with every change: events of one user on different topics have no common sequence, so a
+/// consumer that needs them in order (a projection) orders them by it.
+#[derive(Debug, Serialize)]
+pub struct Announcement<'a> {
+    pub id: &'a str,
+    pub email: &'a str,
+    pub name: &'a str,
+    pub display_name: Option<&'a str>,
+    pub version: i64,
+    /// When the change happened (microseconds since the epoch).
+    pub at: i64,
+    /// The fields a `user.updated` changed.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub changed: &'a [&'a str],
+}
+
+/// Puts the change's event in `tx` and commits both.
+fn announce(
+    tx: Transaction,
+    topic: &str,
+    user: &User,
+    at: i64,
+    changed: &[&str],
+) -> Result<(), Problem> {
+    let announcement = Announcement {
+        id: &user.id,
+        email: &user.email,
+        name: &user.name,
+        display_name: user.display_name.as_deref(),
+        version: user.version,
+        at,
+        changed,
+    };
+    events::publish_json_in(&tx, topic, &user.id, &announcement)?;
+    Ok(tx.commit()?)
 }
 
 /// The cache tag of everything that shows user `id` (v1 and v2 alike).

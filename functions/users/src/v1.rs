@@ -247,17 +247,14 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             if let Some(n) = &patch.name {
                 check_name("name", n)?;
             }
-            if store::update(
+            let user = store::update(
                 &id,
                 patch.email.as_deref(),
                 patch.name.as_deref(),
                 None,
                 None,
-            )? == 0
-            {
-                return Err(not_found());
-            }
-            let user = store::by_id(&id)?.ok_or_else(not_found)?;
+            )?
+            .ok_or_else(not_found)?;
             Ok(json(StatusCode::OK, &shape(&user)))
         }
         (Method::DELETE, "/v1/users/{id}", Some(id)) => {

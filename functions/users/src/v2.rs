@@ -181,27 +181,30 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
                 check_name("display_name", d)?;
             }
             let display = patch.display_name.as_ref().map(Option::as_deref);
-            let changed = store::update(
+            let Some(user) = store::update(
                 &id,
                 patch.email.as_deref(),
                 patch.name.as_deref(),
                 display,
                 expected,
-            )?;
-            if changed == 0 {
+            )?
+            else {
                 // Absent, or present at another version than If-Match named.
                 return Err(if store::by_id(&id)?.is_some() {
                     precondition_failed()
                 } else {
                     not_found()
                 });
-            }
-            let user = store::by_id(&id)?.ok_or_else(not_found)?;
+            };
             Ok(respond(StatusCode::OK, &user))
         }
         (Method::DELETE, "/v2/users/{id}", Some(id)) => {
             auth::owner_or_admin(&req, &id)?;
             delete(&id)
+        }
+        (Method::GET, "/v2/users/{id}/activity", Some(id)) => {
+            auth::owner_or_admin(&req, &id)?;
+            crate::activity::get(&id)
         }
         (Method::POST, "/v2/login", _) => {
             let Some(user) = login(&mut req).await? else {
