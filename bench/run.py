@@ -321,6 +321,142 @@ def shadow_rows(work, wasmgate, cache, seconds, conns, rows, skipped, extra, n_u
         drop()
 
 
+def psql(db, query):
+    return subprocess.run(["psql", db, "-tAqc", query], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def event_rows(work, wasmgate, cache, seconds, rows, skipped, extra):
+    """Events end to end on PostgreSQL + Redis Streams: the `publisher` fixture publishes (one
+    outbox row per request), the relay appends to the stream, the consumer runs the `sink`
+    fixture (the trivial handler: the cost is the host's held transaction, inbox record, key
+    sequence and acknowledgement) over 1,000 keys in key order. Latency is publish (the outbox
+    row's created_at) to handled (the inbox row's handled_at), both host clock, in ms. Phases:
+    as fast as wrk publishes (publishing and consuming share the cores); the consumer alone,
+    draining that backlog in a second subscription; at about 2,000/s; at the same rate with 5%
+    of events poison (`fail`, each on a key of its own: retried until max_attempts, then a dead
+    letter), judged by the healthy keys' latency against the phase without poison."""
+    redis = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
+    db, drop = fresh_database(skipped, "event rows")
+    if not db:
+        return
+    topic = f"bench.{os.getpid()}.{int(time.time())}"
+    sub = f"sink.{topic}"
+
+    def manifest(name, drain):
+        path = work / name
+        path.write_text(f"""
+[functions.publisher]
+wasm = "{ROOT / 'functions/dist/publisher.wasm'}"
+capabilities = ["db", "events"]
+bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
+[functions.sink]
+wasm = "{ROOT / 'functions/dist/sink.wasm'}"
+[[routes]]
+path = "/publish/{{topic}}"
+methods = ["POST"]
+function = "publisher"
+[[subscriptions]]
+topic = "{topic}"
+function = "sink"
+name = "{'drain' if drain else sub}"
+max_attempts = 3
+backoff = "100ms"
+""")
+        return path
+
+    port = free_port()
+    start = lambda m: Proc([wasmgate, "up", "--manifest", m, "--listen", f"127.0.0.1:{port}",
+                            "--cache-dir", cache, "--database-url", db, "--redis-url", redis])
+    gate = start(manifest("events.toml", False))
+
+    def drained(subscription, limit=180):
+        """Waits until every published event is handled or a dead letter."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            left = psql(db, "SELECT (SELECT count(*) FROM wasmgate_outbox)"
+                            f" - (SELECT count(*) FROM wasmgate_inbox WHERE subscription = '{subscription}')"
+                            f" - (SELECT count(*) FROM wasmgate_dead_letters WHERE subscription = '{subscription}')")
+            if left == "0":
+                return True
+            time.sleep(0.2)
+        skipped.append(f"event rows: {left} events not handled by {subscription} after {limit}s")
+        return False
+
+    def phase(name, since, note, subscription=sub, published_rate=None, errors=0):
+        n, first, last, p50, p99 = psql(db, (
+            "SELECT count(*), min(o.created_at), max(i.handled_at), "
+            "percentile_cont(0.5) WITHIN GROUP (ORDER BY i.handled_at - o.created_at), "
+            "percentile_cont(0.99) WITHIN GROUP (ORDER BY i.handled_at - o.created_at) "
+            "FROM wasmgate_outbox o JOIN wasmgate_inbox i ON i.event_id = o.id "
+            f"WHERE i.subscription = '{subscription}' AND o.created_at > {since} AND o.key NOT LIKE 'poison%'"
+        )).split("|")
+        if subscription != sub:  # the backlog: from the first handled to the last
+            first = psql(db, f"SELECT min(handled_at) FROM wasmgate_inbox WHERE subscription = '{subscription}'")
+        rate = int(n) * 1000 / max(1, int(last) - int(first))
+        r = {"name": name, "rps": rate, "p50_ms": float(p50), "p99_ms": float(p99), "errors": errors,
+             "rss_kib": rss_kib(gate.p.pid), "note": note.format(published=published_rate or 0, n=n)}
+        rows.append(r)
+        print(f"  {name}: {rate:.0f} events/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms", file=sys.stderr)
+        return r
+
+    def publish(*script_args):
+        since = int(time.time() * 1000)
+        w = parse_wrk(wrk_script(url, 16, seconds, (), "publish.lua", "1000", *script_args))
+        return since, w
+
+    try:
+        base = f"http://127.0.0.1:{port}"
+        url = f"{base}/publish/{topic}"
+        if not wait_ok(f"{base}/healthz"):
+            skipped.append("event rows: wasmgate did not start")
+            return
+        since, w = publish()
+        if not drained(sub):
+            return
+        full = phase("events end to end, published as fast as wrk can (PG + Redis)", since,
+                     "handled/s from first publish to last handled; {n} events, published at {published:.0f}/s "
+                     "by wrk (16 connections) on the same cores; latency includes the backlog",
+                     published_rate=w["rps"], errors=w["errors"])
+        # The same backlog, already in the stream, for a new subscription: the consumer alone.
+        gate.stop()
+        gate = start(manifest("events-drain.toml", True))
+        if not wait_ok(f"{base}/healthz") or not drained("drain"):
+            return
+        alone = phase("events consumed alone, a backlog in the stream (PG + Redis)", since,
+                      "{n} events handled by a new subscription from its first to its last; latency is from "
+                      "publish, so it includes the wait", subscription="drain")
+        gate.stop()
+        gate = start(manifest("events.toml", False))
+        if not wait_ok(f"{base}/healthz"):
+            return
+        # About 2,000/s: 16 connections, each waiting 7 ms before its next request.
+        since, w = publish("7")
+        if not drained(sub):
+            return
+        steady = phase("events at ~2,000/s, publish to handled", since,
+                       "{n} events, published at {published:.0f}/s", published_rate=w["rps"], errors=w["errors"])
+        since, w = publish("7", "5")
+        if not drained(sub):
+            return
+        poisoned = phase("events at ~2,000/s with 5% poison, healthy keys", since,
+                         "{n} healthy events, published at {published:.0f}/s (poison included)",
+                         published_rate=w["rps"], errors=w["errors"])
+        dead = psql(db, "SELECT count(*), coalesce(min(attempts), 0), coalesce(max(attempts), 0) "
+                        f"FROM wasmgate_dead_letters WHERE subscription = '{sub}'")
+        poison = psql(db, "SELECT count(*) FROM wasmgate_outbox WHERE key LIKE 'poison%'")
+        n_dead, lo, hi = dead.split("|")
+        poisoned["note"] += f"; {poison} poison events, {n_dead} dead letters with {lo} to {hi} attempts"
+        extra["events_per_s_vs_5000_target"] = round(full["rps"] / 5000, 2)
+        extra["events_consumed_alone_per_s_vs_5000_target"] = round(alone["rps"] / 5000, 2)
+        extra["events_p99_ms_at_2000_vs_50_target"] = round(steady["p99_ms"] / 50, 2)
+        extra["events_healthy_p99_poison_vs_without"] = round(poisoned["p99_ms"] / max(steady["p99_ms"], 0.001), 2)
+        extra["events_healthy_p50_poison_vs_without"] = round(poisoned["p50_ms"] / max(steady["p50_ms"], 0.001), 2)
+    finally:
+        gate.stop()
+        drop()
+        subprocess.run(["redis-cli", "-u", redis, "DEL", f"wasmgate:events:{topic}"], capture_output=True)
+
+
 def admin_call(url, token, method="GET", body=None, headers=None):
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method,
@@ -537,6 +673,7 @@ function = "spin"
     swaps = {}
     swap_rows(work, wasmgate, cache, seconds, conns, rows, skipped, swaps)
     shadow_rows(work, wasmgate, cache, seconds, conns, rows, skipped, swaps)
+    event_rows(work, wasmgate, cache, seconds, rows, skipped, swaps)
 
     ratio = lambda a, b: round(a / b, 2) if a and b else None
     row = lambda prefix: next((r["rps"] for r in rows if r["name"].startswith(prefix)), None)

@@ -1,0 +1,32 @@
+-- Publishes events through the `publisher` fixture: POST <url>?key=k<n> with a small body.
+-- Usage: wrk -s bench/publish.lua URL -- KEYS [DELAY_MS [POISON_PERCENT]]
+--   KEYS           keys to spread events over (random, 1000 by default)
+--   DELAY_MS       wait before each request on a connection (0: as fast as possible); with C
+--                  connections the rate is about C * 1000 / (DELAY_MS + latency) per second
+--   POISON_PERCENT that share of events is `fail` (retried until it is a dead letter), each on
+--                  a key of its own, so it parks no healthy key
+local keys, pause, poison = 1000, 0, 0
+local counter = 0
+
+function setup(thread)
+  thread:set("tid", math.random(1, 1000000000))
+end
+
+function init(args)
+  keys = tonumber(args[1] or "1000")
+  pause = tonumber(args[2] or "0")
+  poison = tonumber(args[3] or "0")
+  math.randomseed(tid)
+end
+
+function delay()
+  return pause
+end
+
+function request()
+  counter = counter + 1
+  if poison > 0 and math.random() * 100 < poison then
+    return wrk.format("POST", wrk.path .. "?key=poison-" .. tid .. "-" .. counter, nil, "fail")
+  end
+  return wrk.format("POST", wrk.path .. "?key=k" .. math.random(1, keys), nil, "1")
+end
