@@ -332,9 +332,9 @@ def event_rows(work, wasmgate, cache, seconds, rows, skipped, extra):
     sequence and acknowledgement) over 1,000 keys in key order. Latency is publish (the outbox
     row's created_at) to handled (the inbox row's handled_at), both host clock, in ms. Phases:
     as fast as wrk publishes (publishing and consuming share the cores); the consumer alone,
-    draining that backlog in a second subscription; at about 2,000/s; at the same rate with 5%
-    of events poison (`fail`, each on a key of its own: retried until max_attempts, then a dead
-    letter), judged by the healthy keys' latency against the phase without poison."""
+    draining that backlog in a second subscription; at about 2,000/s; at about 500/s without
+    and with 5% of events poison (`fail`, each on a key of its own: retried until
+    max_attempts, then a dead letter), judged by the healthy keys' latency."""
     redis = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
     db, drop = fresh_database(skipped, "event rows")
     if not db:
@@ -383,13 +383,18 @@ backoff = "100ms"
         return False
 
     def phase(name, since, note, subscription=sub, published_rate=None, errors=0):
+        """A row from the events published in `since` (a start in ms, or (start, end) windows)."""
+        windows = since if isinstance(since, list) else [(since, 2**62)]
+        within = " OR ".join(f"(o.created_at > {a} AND o.created_at <= {b})" for a, b in windows)
         n, first, last, p50, p99 = psql(db, (
             "SELECT count(*), min(o.created_at), max(i.handled_at), "
             "percentile_cont(0.5) WITHIN GROUP (ORDER BY i.handled_at - o.created_at), "
             "percentile_cont(0.99) WITHIN GROUP (ORDER BY i.handled_at - o.created_at) "
             "FROM wasmgate_outbox o JOIN wasmgate_inbox i ON i.event_id = o.id "
-            f"WHERE i.subscription = '{subscription}' AND o.created_at > {since} AND o.key NOT LIKE 'poison%'"
+            f"WHERE i.subscription = '{subscription}' AND ({within}) AND o.key NOT LIKE 'poison%'"
         )).split("|")
+        if len(windows) > 1:  # the rate over the windows' own time
+            last, first = sum(b - a for a, b in windows), 0
         if subscription != sub:  # the backlog: from the first handled to the last
             first = psql(db, f"SELECT min(handled_at) FROM wasmgate_inbox WHERE subscription = '{subscription}'")
         rate = int(n) * 1000 / max(1, int(last) - int(first))
@@ -435,12 +440,22 @@ backoff = "100ms"
             return
         steady = phase("events at ~2,000/s, publish to handled", since,
                        "{n} events, published at {published:.0f}/s", published_rate=w["rps"], errors=w["errors"])
-        since, w = publish("7", "5")
-        if not drained(sub):
-            return
-        poisoned = phase("events at ~2,000/s with 5% poison, healthy keys", since,
-                         "{n} healthy events, published at {published:.0f}/s (poison included)",
-                         published_rate=w["rps"], errors=w["errors"])
+        # Poison judged below saturation (about 500/s: 16 connections, 30 ms apart), where the
+        # poison's extra tries do not simply queue behind a full machine: without and with 5%
+        # poison alternated twice, each kind's healthy events pooled.
+        plain, poisoned_windows, rates = [], [], {False: [], True: []}
+        for poisoned_run in (False, True, False, True):
+            since, w = publish("30", *(["5"] if poisoned_run else []))
+            (poisoned_windows if poisoned_run else plain).append((since, int(time.time() * 1000)))
+            rates[poisoned_run].append(w["rps"])
+            if not drained(sub):
+                return
+        calm = phase("events at ~500/s, publish to handled (poison baseline)", plain,
+                     "{n} events in 2 runs alternating with the next row's, published at {published:.0f}/s",
+                     published_rate=sum(rates[False]) / 2)
+        poisoned = phase("events at ~500/s with 5% poison, healthy keys", poisoned_windows,
+                         "{n} healthy events in 2 runs, published at {published:.0f}/s (poison included)",
+                         published_rate=sum(rates[True]) / 2)
         dead = psql(db, "SELECT count(*), coalesce(min(attempts), 0), coalesce(max(attempts), 0) "
                         f"FROM wasmgate_dead_letters WHERE subscription = '{sub}'")
         poison = psql(db, "SELECT count(*) FROM wasmgate_outbox WHERE key LIKE 'poison%'")
@@ -449,8 +464,8 @@ backoff = "100ms"
         extra["events_per_s_vs_5000_target"] = round(full["rps"] / 5000, 2)
         extra["events_consumed_alone_per_s_vs_5000_target"] = round(alone["rps"] / 5000, 2)
         extra["events_p99_ms_at_2000_vs_50_target"] = round(steady["p99_ms"] / 50, 2)
-        extra["events_healthy_p99_poison_vs_without"] = round(poisoned["p99_ms"] / max(steady["p99_ms"], 0.001), 2)
-        extra["events_healthy_p50_poison_vs_without"] = round(poisoned["p50_ms"] / max(steady["p50_ms"], 0.001), 2)
+        extra["events_healthy_p99_poison_vs_without"] = round(poisoned["p99_ms"] / max(calm["p99_ms"], 0.001), 2)
+        extra["events_healthy_p50_poison_vs_without"] = round(poisoned["p50_ms"] / max(calm["p50_ms"], 0.001), 2)
     finally:
         gate.stop()
         drop()

@@ -162,6 +162,7 @@ async fn relay(db: Arc<dyn DbBackend>, broker: Arc<dyn Broker>) {
         let mut tx = db.begin().await.expect("begin");
         outbox::append(
             tx.as_mut(),
+            db.kind(),
             "users",
             &Event {
                 topic: topic.clone(),
@@ -192,6 +193,7 @@ async fn relay(db: Arc<dyn DbBackend>, broker: Arc<dyn Broker>) {
     let mut tx = db.begin().await.expect("begin");
     outbox::append(
         tx.as_mut(),
+        db.kind(),
         "users",
         &Event {
             topic: topic.clone(),

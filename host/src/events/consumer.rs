@@ -1,26 +1,30 @@
 //! A subscription's consumer: every process runs one per subscription, in the subscription's
 //! consumer group, and handles each event exactly once in effect.
 //!
-//! For each event: the host opens a transaction, asks the inbox to admit the event (a
-//! duplicate or an older event is acknowledged without running anything; one whose key has
-//! not applied its predecessor waits), runs the handler inside that transaction, and commits
-//! the handler's writes with the inbox record, then acknowledges the broker entry. A handler
+//! Due events go out in groups (up to `concurrency` at work, each up to [`GROUP_MAX`] events
+//! of whole keys, so a key is in one group at a time and the next group of a key starts only
+//! after the last one ended). A group is one transaction, each event in a savepoint of it: the
+//! host asks the inbox to admit the event (a duplicate or an older event is acknowledged
+//! without running anything; one whose key has not applied its predecessor waits), runs the
+//! handler in the savepoint, and rolls back to it if the handler fails, so one commit carries
+//! the group's applied events with their inbox records; then their broker entries are
+//! acknowledged. A handler
 //! that fails (`retry`, a trap, a timeout) is rolled back and tried again after a backoff that
 //! doubles, with jitter; after `max_attempts` (or at once on `reject`) the event goes to the
 //! dead-letter queue and, with `ordering = "key"`, its key waits (parked) while the others
 //! keep flowing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::broker::{Broker, Delivery};
 use super::inbox::{self, Admission};
 use crate::capabilities::FunctionCaps;
-use crate::capabilities::db::DbBackend;
+use crate::capabilities::db::{DbBackend, DbTransaction};
 use crate::config::{MAX_BACKOFF, Ordering, SubscriptionConfig};
 use crate::request_id::RequestId;
 use crate::runtime::{Failure, Function, HandlerError};
@@ -40,6 +44,9 @@ const MAX_HELD: usize = 4096;
 const READS_PER_ROUND: usize = 8;
 /// How soon an event of a parked key is looked at again.
 const PARKED: Duration = Duration::from_secs(1);
+/// Events one transaction handles at most (each in a savepoint: PostgreSQL slows down once a
+/// transaction has more than 64 subtransactions).
+const GROUP_MAX: usize = 16;
 /// How often a consumer looks for dead letters asked to replay.
 const REPLAYS_EVERY: Duration = Duration::from_millis(500);
 
@@ -104,8 +111,10 @@ impl Consumer {
             }
         }
         tracing::info!(subscription = %this.name, topic = %this.sub.topic, function = %this.sub.function, "consuming");
-        let slots = Arc::new(Semaphore::new(this.sub.concurrency as usize));
         let mut waiting: HashMap<String, Waiting> = HashMap::new();
+        // Groups at work (at most `concurrency`), each with the lanes it holds.
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut busy: HashSet<String> = HashSet::new();
         let mut replays_seen = Instant::now();
         let mut renewed = Instant::now();
         loop {
@@ -135,7 +144,11 @@ impl Consumer {
             // no longer renewed, they come back after `redeliver_after`) and read on, or a
             // shuffled stream could fill every consumer with events that all wait.
             if waiting.len() >= MAX_HELD {
-                waiting.retain(|e, w| w.early == 0 || e.starts_with(inbox::REPLAY_ENTRY));
+                waiting.retain(|e, w| {
+                    w.early == 0
+                        || e.starts_with(inbox::REPLAY_ENTRY)
+                        || busy.contains(&this.lane(e, &w.delivery))
+                });
                 tracing::debug!(subscription = %this.name, held = waiting.len(), "released events waiting for their predecessors");
             }
             // Read while there is more and room to hold it (a key's events may be far apart),
@@ -193,219 +206,364 @@ impl Consumer {
                     }
                 }
             }
-            let now = Instant::now();
-            // The due ones, by key in sequence order (each key's run is one task).
-            let mut runs: BTreeMap<String, Vec<Delivery>> = BTreeMap::new();
-            for (entry, w) in &waiting {
-                if w.due <= now {
-                    let lane = match this.sub.ordering {
-                        Ordering::Key => w.delivery.event.key.clone(),
-                        Ordering::None => entry.clone(),
-                    };
-                    runs.entry(lane).or_default().push(w.delivery.clone());
-                }
-            }
-            if runs.is_empty() {
-                tokio::time::sleep(IDLE).await;
-                continue;
-            }
+            // Due events of lanes no group is working on, as many whole runs (a lane's due
+            // events, in sequence order) as the free groups take.
+            let free = (this.sub.concurrency as usize).saturating_sub(tasks.len());
             let mut settled: Vec<(String, Next)> = Vec::new();
-            if this.sub.ordering == Ordering::Key {
-                // One query for every due key: what is already applied is acknowledged, and a
-                // key whose next event is not among these waits, without a transaction each.
-                let keys: Vec<&str> = runs.keys().map(String::as_str).collect();
-                match inbox::key_sequences(this.db.as_ref(), &this.name, &this.sub.topic, &keys)
-                    .await
-                {
-                    Ok(applied) => {
-                        runs.retain(|key, run| {
-                            let last = applied.get(key).copied().unwrap_or(0);
-                            run.sort_by_key(|d| d.event.sequence);
-                            run.retain(|d| {
-                                let old = d.event.sequence <= last
-                                    && !d.entry.starts_with(inbox::REPLAY_ENTRY);
-                                if old {
-                                    settled.push((d.entry.clone(), Next::Done));
-                                }
-                                !old
-                            });
-                            match run.first() {
-                                Some(d) if d.event.sequence == last + 1 => true,
-                                Some(d) if d.entry.starts_with(inbox::REPLAY_ENTRY) => true,
-                                _ => {
-                                    settled
-                                        .extend(run.iter().map(|d| (d.entry.clone(), Next::Early)));
-                                    false
-                                }
-                            }
-                        });
+            if free > 0 {
+                let now = Instant::now();
+                let mut due: HashMap<&str, Vec<&Delivery>> = HashMap::new();
+                for (entry, w) in &waiting {
+                    let lane = match this.sub.ordering {
+                        Ordering::Key => w.delivery.event.key.as_str(),
+                        Ordering::None => entry.as_str(),
+                    };
+                    if w.due <= now && !busy.contains(lane) {
+                        due.entry(lane).or_default().push(&w.delivery);
                     }
-                    Err(e) => {
-                        tracing::debug!(subscription = %this.name, error = ?e, "key sequences not read; each event checks its own");
+                }
+                let mut runs: BTreeMap<String, Vec<Delivery>> = BTreeMap::new();
+                let mut taken = 0;
+                for (lane, run) in due {
+                    if taken >= free * GROUP_MAX {
+                        break;
+                    }
+                    taken += run.len();
+                    runs.insert(lane.to_string(), run.into_iter().cloned().collect());
+                }
+                if this.sub.ordering == Ordering::Key && !runs.is_empty() {
+                    this.drop_applied(&mut runs, &mut settled).await;
+                }
+                if !runs.is_empty() {
+                    for (lanes, group) in groups(runs, free) {
+                        busy.extend(lanes.iter().cloned());
+                        let this = this.clone();
+                        tasks.spawn(async move { (lanes, this.handle_group(group).await) });
                     }
                 }
             }
-            let mut tasks = tokio::task::JoinSet::new();
-            if !settled.is_empty() {
-                tasks.spawn(async move { settled });
-            }
-            for (_, mut run) in runs {
-                run.sort_by_key(|d| d.event.sequence);
-                let (this, slots) = (this.clone(), slots.clone());
-                tasks.spawn(async move {
-                    let _slot = slots.acquire_owned().await;
-                    let mut outcomes = Vec::new();
-                    for d in run {
-                        let next = this.handle(&d).await;
-                        let stop = !matches!(next, Next::Done);
-                        outcomes.push((d.entry.clone(), next));
-                        // A key's later events wait for this one.
-                        if stop && this.sub.ordering == Ordering::Key {
-                            break;
-                        }
-                    }
-                    outcomes
-                });
-            }
-            let mut done = Vec::new();
-            while let Some(outcomes) = tasks.join_next().await {
-                for (entry, next) in outcomes.unwrap_or_default() {
-                    match next {
-                        Next::Done => {
-                            let w = waiting.remove(&entry);
-                            match (entry.strip_prefix(inbox::REPLAY_ENTRY), w) {
-                                (Some(_), Some(w)) => {
-                                    let _ = inbox::replayed(
-                                        this.db.as_ref(),
-                                        &this.name,
-                                        &w.delivery.event.id,
-                                    )
-                                    .await;
-                                }
-                                (Some(_), None) => {}
-                                (None, _) => done.push(entry),
-                            }
-                        }
-                        Next::Later(at) => {
-                            if let Some(w) = waiting.get_mut(&entry) {
-                                w.due = at;
-                            }
-                        }
-                        Next::Early => {
-                            if let Some(w) = waiting.get_mut(&entry) {
-                                w.due = Instant::now()
-                                    + EARLY.saturating_mul(1 << w.early.min(8)).min(EARLY_MAX);
-                                w.early += 1;
-                            }
-                        }
-                    }
+            this.settle(&mut waiting, settled).await;
+            // Wait for a group to finish, this process's relay to append, or a moment (another
+            // process may have appended).
+            let first = if tasks.is_empty() {
+                tokio::select! {
+                    _ = super::relay::APPENDED.notified() => {}
+                    _ = tokio::time::sleep(IDLE) => {}
                 }
+                None
+            } else {
+                tokio::select! {
+                    finished = tasks.join_next() => finished,
+                    _ = super::relay::APPENDED.notified() => None,
+                    _ = tokio::time::sleep(IDLE) => None,
+                }
+            };
+            let mut finished = first.into_iter().collect::<Vec<_>>();
+            while let Some(more) = tasks.try_join_next() {
+                finished.push(more);
             }
-            if let Err(e) = this.broker.ack(&this.sub.topic, &this.name, &done).await {
-                // Unacknowledged entries come back and are found in the inbox.
-                tracing::warn!(subscription = %this.name, error = %e, "acknowledgement failed; the entries come back as duplicates");
+            let mut outcomes = Vec::new();
+            for (lanes, group) in finished.into_iter().flatten() {
+                for lane in &lanes {
+                    busy.remove(lane);
+                }
+                outcomes.extend(group);
             }
+            this.settle(&mut waiting, outcomes).await;
         }
     }
 
-    /// One try of `d`.
-    async fn handle(&self, d: &Delivery) -> Next {
-        let retry_soon = Next::Later(Instant::now() + Duration::from_millis(500));
-        let by_key = self.sub.ordering == Ordering::Key;
-        let mut caps = self.caps.instance();
-        if let Err(e) = caps.db.hold().await {
-            tracing::warn!(subscription = %self.name, error = ?e, "no database transaction for an event; retrying");
-            return retry_soon;
+    /// Where an entry queues: its key with ordering by key, else the entry itself.
+    fn lane(&self, entry: &str, d: &Delivery) -> String {
+        match self.sub.ordering {
+            Ordering::Key => d.event.key.clone(),
+            Ordering::None => entry.to_string(),
         }
-        let held = caps.db.held_transaction().expect("held above");
-        // The lease, enforced by PostgreSQL: a consumer stopped (paused, partitioned) mid-event
-        // for longer than `redeliver_after` has its session ended, so the transaction can never
-        // commit after another consumer took the event over, and its locks do not hold that
-        // consumer up.
-        if self.db.kind() == "postgres"
-            && let Err(e) = held
-                .execute(
-                    &format!(
-                        "SET LOCAL idle_in_transaction_session_timeout = {}",
-                        self.sub.redeliver_after.as_millis()
-                    ),
-                    vec![],
-                )
-                .await
+    }
+
+    /// Checks every due key's applied sequence in one query: what is already applied is
+    /// settled (acknowledged), and a key whose next event is not among these waits, without a
+    /// transaction each.
+    async fn drop_applied(
+        &self,
+        runs: &mut BTreeMap<String, Vec<Delivery>>,
+        settled: &mut Vec<(String, Next)>,
+    ) {
+        let keys: Vec<&str> = runs.keys().map(String::as_str).collect();
+        let applied = match inbox::key_sequences(
+            self.db.as_ref(),
+            &self.name,
+            &self.sub.topic,
+            &keys,
+        )
+        .await
         {
-            tracing::warn!(subscription = %self.name, error = ?e, "the event's lease cannot be set; retrying");
-            return retry_soon;
+            Ok(applied) => applied,
+            Err(e) => {
+                tracing::debug!(subscription = %self.name, error = ?e, "key sequences not read; each event checks its own");
+                return;
+            }
+        };
+        runs.retain(|key, run| {
+            let last = applied.get(key).copied().unwrap_or(0);
+            run.sort_by_key(|d| d.event.sequence);
+            run.retain(|d| {
+                let old = d.event.sequence <= last && !d.entry.starts_with(inbox::REPLAY_ENTRY);
+                if old {
+                    settled.push((d.entry.clone(), Next::Done));
+                }
+                !old
+            });
+            match run.first() {
+                Some(d) if d.event.sequence == last + 1 => true,
+                Some(d) if d.entry.starts_with(inbox::REPLAY_ENTRY) => true,
+                _ => {
+                    settled.extend(run.iter().map(|d| (d.entry.clone(), Next::Early)));
+                    false
+                }
+            }
+        });
+    }
+
+    /// Applies what became of entries: the done ones leave (acknowledged; a replayed dead
+    /// letter is marked replayed), the others are due again later.
+    async fn settle(&self, waiting: &mut HashMap<String, Waiting>, outcomes: Vec<(String, Next)>) {
+        let mut done = Vec::new();
+        for (entry, next) in outcomes {
+            match next {
+                Next::Done => {
+                    let w = waiting.remove(&entry);
+                    match (entry.strip_prefix(inbox::REPLAY_ENTRY), w) {
+                        (Some(_), Some(w)) => {
+                            let _ =
+                                inbox::replayed(self.db.as_ref(), &self.name, &w.delivery.event.id)
+                                    .await;
+                        }
+                        (Some(_), None) => {}
+                        (None, _) => done.push(entry),
+                    }
+                }
+                Next::Later(at) => {
+                    if let Some(w) = waiting.get_mut(&entry) {
+                        w.due = at;
+                    }
+                }
+                Next::Early => {
+                    if let Some(w) = waiting.get_mut(&entry) {
+                        w.due = Instant::now()
+                            + EARLY.saturating_mul(1 << w.early.min(8)).min(EARLY_MAX);
+                        w.early += 1;
+                    }
+                }
+            }
         }
-        let admission = match inbox::admit(held.as_mut(), &self.name, d, by_key).await {
+        if done.is_empty() {
+            return;
+        }
+        if let Err(e) = self.broker.ack(&self.sub.topic, &self.name, &done).await {
+            // Unacknowledged entries come back and are found in the inbox.
+            tracing::warn!(subscription = %self.name, error = %e, "acknowledgement failed; the entries come back as duplicates");
+        }
+    }
+
+    /// Tries `runs` (each one key's due events, in sequence order) in one transaction, each
+    /// event in a savepoint of its own: one commit for the group, and a failing event rolls
+    /// back only its own work. A key's later events wait when one of its events does not
+    /// apply; events past [`GROUP_MAX`] stay due for the next round. What an event leaves
+    /// (`Next::Done`) counts only once the group committed; failures are counted and dead
+    /// letters written after the group's transaction ended (on SQLite it holds the only
+    /// write lock).
+    async fn handle_group(&self, runs: Vec<Vec<Delivery>>) -> Vec<(String, Next)> {
+        let soon = || Next::Later(Instant::now() + Duration::from_millis(500));
+        let everything_soon = |runs: &[Vec<Delivery>]| {
+            runs.iter()
+                .flatten()
+                .map(|d| (d.entry.clone(), soon()))
+                .collect::<Vec<_>>()
+        };
+        let mut tx = match self.begin_group().await {
+            Ok(tx) => tx,
+            Err(why) => {
+                tracing::warn!(subscription = %self.name, error = %why, "no transaction for events; retrying");
+                return everything_soon(&runs);
+            }
+        };
+        let ids: Vec<&str> = runs.iter().flatten().map(|d| d.event.id.as_str()).collect();
+        let attempts = match inbox::attempts_of(tx.as_mut(), &self.name, &ids).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(subscription = %self.name, error = ?e, "tries of events not read; retrying");
+                return everything_soon(&runs);
+            }
+        };
+        let mut settled = Vec::new();
+        let mut applied = Vec::new();
+        let mut failed = Vec::new();
+        let mut budget = GROUP_MAX;
+        let mut tx = Some(tx);
+        'runs: for run in &runs {
+            for d in run {
+                let Some(held) = tx.take() else {
+                    break 'runs;
+                };
+                if budget == 0 {
+                    tx = Some(held);
+                    break 'runs;
+                }
+                budget -= 1;
+                let tries = attempts.get(&d.event.id).copied().unwrap_or(0);
+                let (back, step) = self.try_one(held, d, tries).await;
+                tx = back;
+                let go_on = match step {
+                    Step::Applied => {
+                        applied.push(d.entry.clone());
+                        true
+                    }
+                    Step::Settled(next) => {
+                        let done = matches!(next, Next::Done);
+                        settled.push((d.entry.clone(), next));
+                        done
+                    }
+                    Step::Failed(why, reject) => {
+                        failed.push((d, why, tries + 1, reject));
+                        false
+                    }
+                };
+                // A key's later events wait for this one.
+                if !go_on && self.sub.ordering == Ordering::Key {
+                    break;
+                }
+            }
+        }
+        let committed = match tx {
+            Some(tx) => match tx.commit().await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(subscription = %self.name, error = ?e, "events' transaction not committed; retrying them");
+                    false
+                }
+            },
+            None => false,
+        };
+        settled.extend(
+            applied
+                .into_iter()
+                .map(|entry| (entry, if committed { Next::Done } else { soon() })),
+        );
+        for (d, why, tries, reject) in failed {
+            let next = if reject {
+                self.bury(d, &format!("rejected: {why}"), tries).await
+            } else {
+                self.count_failure(d, &why).await
+            };
+            settled.push((d.entry.clone(), next));
+        }
+        settled
+    }
+
+    /// The group's transaction, with the lease set on PostgreSQL: a consumer stopped (paused,
+    /// partitioned) mid-group for longer than `redeliver_after` has its session ended, so the
+    /// transaction can never commit after another consumer took the events over, and its
+    /// locks do not hold that consumer up.
+    async fn begin_group(&self) -> Result<Box<dyn DbTransaction>, String> {
+        let mut tx = self.db.begin().await.map_err(|e| format!("{e:?}"))?;
+        if self.db.kind() == "postgres" {
+            tx.execute(
+                &format!(
+                    "SET LOCAL idle_in_transaction_session_timeout = {}",
+                    self.sub.redeliver_after.as_millis()
+                ),
+                vec![],
+            )
+            .await
+            .map_err(|e| format!("the lease cannot be set: {e:?}"))?;
+        }
+        Ok(tx)
+    }
+
+    /// One try of `d` in `tx`, in a savepoint; gives the transaction back unless it was lost.
+    async fn try_one(
+        &self,
+        mut tx: Box<dyn DbTransaction>,
+        d: &Delivery,
+        tries: u32,
+    ) -> (Option<Box<dyn DbTransaction>>, Step) {
+        let soon = Step::Settled(Next::Later(Instant::now() + Duration::from_millis(500)));
+        if tx.execute(SAVEPOINT, vec![]).await.is_err() {
+            return (None, soon);
+        }
+        let admission = match inbox::admit(
+            tx.as_mut(),
+            &self.name,
+            d,
+            self.sub.ordering == Ordering::Key,
+        )
+        .await
+        {
             Ok(a) => a,
             Err(e) => {
                 // Another consumer holds the key or the event (a lock, a unique conflict).
                 tracing::debug!(subscription = %self.name, error = ?e, "event not admitted; retrying");
-                abandon(&mut caps).await;
-                return retry_soon;
+                return (undo(tx).await, soon);
             }
         };
         match admission {
             Admission::Apply => {}
             Admission::Duplicate | Admission::Stale => {
-                abandon(&mut caps).await;
-                return Next::Done;
+                return (undo(tx).await, Step::Settled(Next::Done));
             }
             Admission::Early => {
-                // The admitting transaction ends here, before another query.
-                abandon(&mut caps).await;
+                let tx = undo(tx).await;
                 let parked =
                     inbox::parked(self.db.as_ref(), &self.name, &d.event.topic, &d.event.key)
                         .await
                         .unwrap_or(false);
-                return if parked {
+                let next = if parked {
                     Next::Later(Instant::now() + PARKED)
                 } else {
                     Next::Early
                 };
+                return (tx, Step::Settled(next));
             }
         }
-        // In the held transaction: a second connection per event could exhaust the pool.
-        let held = caps.db.held_transaction().expect("held above");
-        let attempts = inbox::attempts_in(held.as_mut(), &self.name, &d.event.id)
-            .await
-            .unwrap_or(0);
+        let mut caps = self.caps.instance();
+        caps.db.hold_in(tx);
         let id = RequestId::new();
         let (ended_tx, ended) = oneshot::channel();
         let function = self.function.load_full();
         let verdict = function
-            .handle_event(delivery(d, attempts + 1), &id, caps, ended_tx)
+            .handle_event(delivery(d, tries + 1), &id, caps, ended_tx)
             .await;
-        let mut tx = ended.await.ok().and_then(|e| e.held);
-        let why = match verdict {
-            Ok(Ok(())) => match tx.take() {
-                Some(tx) => match tx.commit().await {
-                    Ok(()) => return Next::Done,
-                    Err(e) => format!("commit failed: {e:?}"),
-                },
-                None => "the run's transaction was lost".into(),
+        let tx = ended.await.ok().and_then(|e| e.held);
+        let (why, reject) = match verdict {
+            Ok(Ok(())) => match tx {
+                Some(tx) => return (Some(tx), Step::Applied),
+                None => ("the run's transaction was lost".to_string(), false),
             },
-            Ok(Err(HandlerError::Reject(why))) => {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.rollback().await;
-                }
-                return self
-                    .bury(d, &format!("rejected: {why}"), attempts + 1)
-                    .await;
-            }
-            Ok(Err(HandlerError::Retry(why))) => why,
-            Err(failure) => failure_text(failure).into(),
+            Ok(Err(HandlerError::Reject(why))) => (why, true),
+            Ok(Err(HandlerError::Retry(why))) => (why, false),
+            Err(failure) => (failure_text(failure).to_string(), false),
         };
-        if let Some(tx) = tx {
-            let _ = tx.rollback().await;
-        }
-        let tries = match inbox::failed(self.db.as_ref(), &self.name, &d.event.id, &why).await {
+        tracing::info!(subscription = %self.name, event = %d.event.id, request_id = %id, tries = tries + 1, error = %why, "event handler failed");
+        let tx = match tx {
+            Some(tx) => undo(tx).await,
+            None => None,
+        };
+        (tx, Step::Failed(why, reject))
+    }
+
+    /// Counts a failed try of `d`: tried again after the backoff, or a dead letter after
+    /// `max_attempts`.
+    async fn count_failure(&self, d: &Delivery, why: &str) -> Next {
+        let tries = match inbox::failed(self.db.as_ref(), &self.name, &d.event.id, why).await {
             Ok(n) => n,
-            Err(_) => attempts + 1,
+            Err(e) => {
+                tracing::warn!(subscription = %self.name, error = ?e, "a failed try not counted; retrying");
+                return Next::Later(Instant::now() + Duration::from_secs(1));
+            }
         };
-        tracing::info!(subscription = %self.name, event = %d.event.id, request_id = %id, tries, error = %why, "event handler failed");
         if tries >= self.sub.max_attempts {
-            return self.bury(d, &why, tries).await;
+            return self.bury(d, why, tries).await;
         }
         Next::Later(Instant::now() + backoff(self.sub.backoff, tries))
     }
@@ -427,10 +585,61 @@ impl Consumer {
 
 /// Rolls back the transaction a try held, at once: its inbox row (and any lock) stops holding
 /// up the other consumers now, not when the connection is next used.
-async fn abandon(caps: &mut crate::capabilities::RequestCaps) {
-    if let Some(tx) = caps.db.release() {
-        let _ = tx.rollback().await;
+/// The savepoint each event of a group runs in.
+const SAVEPOINT: &str = "SAVEPOINT wasmgate_event";
+
+/// Rolls the group's transaction back to the event's savepoint; `None` if that failed (the
+/// transaction is unusable and the whole group is tried again).
+async fn undo(mut tx: Box<dyn DbTransaction>) -> Option<Box<dyn DbTransaction>> {
+    match tx
+        .execute("ROLLBACK TO SAVEPOINT wasmgate_event", vec![])
+        .await
+    {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::debug!(error = ?e, "rollback to an event's savepoint failed");
+            None
+        }
     }
+}
+
+/// What one try left.
+enum Step {
+    /// Applied in the group's transaction: done once it commits.
+    Applied,
+    /// Decided whatever becomes of the group (a duplicate, an early event...).
+    Settled(Next),
+    /// The handler failed (or, `true`, rejected the event): counted after the group.
+    Failed(String, bool),
+}
+
+/// Splits the due runs (one per lane) into at most `slots` groups of about [`GROUP_MAX`]
+/// events, each run whole in one group, with the lanes each holds: as many groups as there are
+/// runs up to `slots` (a light load still runs in parallel); runs that do not fit wait.
+fn groups(
+    runs: BTreeMap<String, Vec<Delivery>>,
+    slots: usize,
+) -> Vec<(Vec<String>, Vec<Vec<Delivery>>)> {
+    let n = slots.min(runs.len()).max(1);
+    let mut groups: Vec<(Vec<String>, Vec<Vec<Delivery>>, usize)> =
+        (0..n).map(|_| (Vec::new(), Vec::new(), 0)).collect();
+    for (i, (lane, mut run)) in runs.into_iter().enumerate() {
+        let Some(g) = (0..n)
+            .map(|k| (i + k) % n)
+            .find(|&k| groups[k].2 < GROUP_MAX)
+        else {
+            break;
+        };
+        run.sort_by_key(|d| d.event.sequence);
+        groups[g].2 += run.len();
+        groups[g].0.push(lane);
+        groups[g].1.push(run);
+    }
+    groups
+        .into_iter()
+        .filter(|g| !g.1.is_empty())
+        .map(|(lanes, runs, _)| (lanes, runs))
+        .collect()
 }
 
 fn failure_text(f: Failure) -> &'static str {

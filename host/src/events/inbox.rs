@@ -184,6 +184,35 @@ pub async fn attempts_in(
         .unwrap_or(0))
 }
 
+/// Failed tries so far of each of `event_ids` that has any, read in `tx` (one query).
+pub async fn attempts_of(
+    tx: &mut dyn DbTransaction,
+    subscription: &str,
+    event_ids: &[&str],
+) -> Result<std::collections::HashMap<String, u32>, DbError> {
+    let mut out = std::collections::HashMap::new();
+    for chunk in event_ids.chunks(500) {
+        let mut params = vec![text(subscription)];
+        params.extend(chunk.iter().map(|id| text(id)));
+        let list = placeholders(2, chunk.len());
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT event_id, attempts FROM wasmgate_inbox_attempts WHERE subscription = $1 AND event_id IN ({list})"
+                ),
+                params,
+            )
+            .await?;
+        for r in rows.rows {
+            out.insert(
+                r[0].text(),
+                u32::try_from(r[1].unsigned()).unwrap_or(u32::MAX),
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// Counts a failed try; returns the tries so far.
 pub async fn failed(
     db: &dyn DbBackend,

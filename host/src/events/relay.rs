@@ -17,6 +17,10 @@ pub const BATCH: u32 = 256;
 pub const CLAIM: Duration = Duration::from_secs(30);
 /// The pause between passes that found nothing.
 pub const IDLE: Duration = Duration::from_millis(50);
+
+/// Woken when this process's relay appended events, so this process's consumers read them at
+/// once (those of other processes find them at their next poll).
+pub static APPENDED: tokio::sync::Notify = tokio::sync::Notify::const_new();
 /// Sent rows are deleted after this long.
 pub const KEEP_SENT: Duration = Duration::from_secs(3600);
 
@@ -52,6 +56,7 @@ impl Relay {
             return Ok(0);
         }
         self.broker.append(&events).await?;
+        APPENDED.notify_waiters();
         let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
         outbox::mark_sent(self.db.as_ref(), &self.id, &ids)
             .await
@@ -59,8 +64,8 @@ impl Relay {
         Ok(events.len())
     }
 
-    /// Passes until `owner` is dropped: back to back while there is work, every [`IDLE`]
-    /// otherwise; sent rows older than [`KEEP_SENT`] are deleted once a minute.
+    /// Passes until `owner` is dropped: back to back while there is work, otherwise when
+    /// this process publishes or every [`IDLE`]; sent rows older than [`KEEP_SENT`] are deleted once a minute.
     pub async fn run<T: Send + Sync + 'static>(self, owner: Weak<T>) {
         let mut pruned = tokio::time::Instant::now();
         loop {
@@ -68,7 +73,16 @@ impl Relay {
                 return;
             }
             match self.pass().await {
-                Ok(0) => tokio::time::sleep(IDLE).await,
+                Ok(0) => {
+                    // A publish in this process wakes the relay at once; its transaction may
+                    // still be committing, hence the short pause before the next pass.
+                    tokio::select! {
+                        _ = outbox::PUBLISHED.notified() => {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        _ = tokio::time::sleep(IDLE) => {}
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, broker = self.broker.kind(), "events not relayed; retrying");

@@ -167,6 +167,12 @@ impl RequestDb {
         Ok(())
     }
 
+    /// [`RequestDb::hold`] in `tx`, a transaction the host already holds (several event runs
+    /// share one, each in a savepoint of its own).
+    pub fn hold_in(&mut self, tx: Box<dyn DbTransaction>) {
+        self.held = Some(Held { tx, savepoints: 0 });
+    }
+
     /// The transaction the host holds the run in, if it does: where the run's statements go.
     pub(crate) fn held_transaction(&mut self) -> Option<&mut Box<dyn DbTransaction>> {
         self.held.as_mut().map(|h| &mut h.tx)

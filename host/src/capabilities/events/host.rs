@@ -47,22 +47,23 @@ impl wit::Host for EventsView<'_> {
             Ok(None) => {}
         }
         let source = self.events.0.function.clone();
-        if let Some(held) = self.db.held_transaction() {
-            return Ok(bounded(outbox::append(held.as_mut(), &source, &event)).await);
-        }
         let backend = self.db.backend().clone();
-        Ok(bounded(async {
-            let mut tx = backend.begin().await?;
-            let published = outbox::append(tx.as_mut(), &source, &event).await?;
-            tx.commit().await?;
-            Ok(published)
-        })
-        .await)
+        if let Some(held) = self.db.held_transaction() {
+            return Ok(bounded(outbox::append(
+                held.as_mut(),
+                backend.kind(),
+                &source,
+                &event,
+            ))
+            .await);
+        }
+        Ok(bounded(outbox::publish(backend.as_ref(), &source, &event)).await)
     }
 
     async fn publish_in(&mut self, tx: Resource<Transaction>, event: Event) -> Answer<Published> {
         let admitted = self.admit(&event);
         let source = self.events.0.function.clone();
+        let backend = self.db.backend().clone();
         let Some(target) = self.db.statements_of(self.table, &tx)? else {
             return Ok(Err(EventsError::InvalidState(
                 "the transaction was already committed or rolled back".into(),
@@ -71,7 +72,13 @@ impl wit::Host for EventsView<'_> {
         match admitted {
             Err(e) => Ok(Err(e)),
             Ok(Some(unwritten)) => Ok(Ok(unwritten)),
-            Ok(None) => Ok(bounded(outbox::append(target.as_mut(), &source, &event)).await),
+            Ok(None) => Ok(bounded(outbox::append(
+                target.as_mut(),
+                backend.kind(),
+                &source,
+                &event,
+            ))
+            .await),
         }
     }
 }

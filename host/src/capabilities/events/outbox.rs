@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Event, Published};
 use crate::capabilities::db::migrations::{Migration, MigrationError};
-use crate::capabilities::db::{DbBackend, DbError, DbTransaction, Value, placeholders};
+use crate::capabilities::db::{DbBackend, DbError, DbTransaction, Rows, Value, placeholders};
 
 /// The migrations namespace of these tables (function names cannot start with `_`).
 const OWNER: &str = "_wasmgate_events";
@@ -93,48 +93,95 @@ pub fn new_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
 }
 
-/// Writes `event` in `tx` with the next sequence of its key, and returns where it landed. The
-/// key's counter row stays locked until `tx` ends, so the events of one key commit in the
-/// order of their sequence, and a rolled-back event takes its number back with it.
-pub async fn append(
-    tx: &mut dyn DbTransaction,
-    source: &str,
-    event: &Event,
-) -> Result<Published, DbError> {
-    let rows = tx
-        .query(
-            "INSERT INTO wasmgate_event_keys (topic, key, sequence) VALUES ($1, $2, 1) \
-             ON CONFLICT (topic, key) DO UPDATE SET sequence = wasmgate_event_keys.sequence + 1 \
-             RETURNING sequence",
-            vec![
-                Value::Text(event.topic.clone()),
-                Value::Text(event.key.clone()),
-            ],
-        )
-        .await?;
+/// Woken by every event written in this process, so the relay need not wait for its next
+/// poll (the event's transaction may still be open: the relay then finds it a poll later).
+pub static PUBLISHED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Next sequence of the key `$1`, `$2` (topic, key): inserted at 1 or incremented, the row
+/// locked until the transaction ends.
+const NEXT_SEQUENCE: &str = "INSERT INTO wasmgate_event_keys (topic, key, sequence) VALUES ($1, $2, 1) \
+     ON CONFLICT (topic, key) DO UPDATE SET sequence = wasmgate_event_keys.sequence + 1 \
+     RETURNING sequence";
+
+/// The row's parameters but its sequence: `$1` topic, `$2` key (as [`NEXT_SEQUENCE`] takes
+/// them), `$3` id, then payload, headers, source, created_at.
+fn row(id: &str, source: &str, event: &Event) -> Vec<Value> {
+    vec![
+        Value::Text(event.topic.clone()),
+        Value::Text(event.key.clone()),
+        Value::Text(id.into()),
+        Value::Bytes(event.payload.clone()),
+        Value::Text(serde_json::to_string(&event.headers).expect("strings serialize")),
+        Value::Text(source.into()),
+        Value::Int64(crate::auth::now_ms()),
+    ]
+}
+
+fn published(id: String, rows: &Rows) -> Result<Published, DbError> {
     let sequence = rows
         .first_int()
         .ok_or_else(|| DbError::InvalidState("the key's sequence was not returned".into()))?;
-    let id = new_id();
-    tx.execute(
-        "INSERT INTO wasmgate_outbox (id, topic, key, sequence, payload, headers, source, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        vec![
-            Value::Text(id.clone()),
-            Value::Text(event.topic.clone()),
-            Value::Text(event.key.clone()),
-            Value::Int64(sequence),
-            Value::Bytes(event.payload.clone()),
-            Value::Text(serde_json::to_string(&event.headers).expect("strings serialize")),
-            Value::Text(source.into()),
-            Value::Int64(crate::auth::now_ms()),
-        ],
-    )
-    .await?;
     Ok(Published {
         id,
         sequence: u64::try_from(sequence).unwrap_or(0),
     })
+}
+
+/// Writes `event` in `tx` with the next sequence of its key, and returns where it landed. The
+/// key's counter row stays locked until `tx` ends, so the events of one key commit in the
+/// order of their sequence, and a rolled-back event takes its number back with it. On
+/// PostgreSQL (`kind`) both writes are one statement.
+pub async fn append(
+    tx: &mut dyn DbTransaction,
+    kind: &str,
+    source: &str,
+    event: &Event,
+) -> Result<Published, DbError> {
+    PUBLISHED.notify_waiters();
+    let id = new_id();
+    let mut params = row(&id, source, event);
+    if kind == "postgres" {
+        let rows = tx.query(&one_statement(), params).await?;
+        return published(id, &rows);
+    }
+    let rows = tx.query(NEXT_SEQUENCE, params[..2].to_vec()).await?;
+    let sequence = published(id.clone(), &rows)?.sequence;
+    params.push(Value::uint(sequence));
+    tx.execute(
+        "INSERT INTO wasmgate_outbox (id, topic, key, sequence, payload, headers, source, created_at) \
+         VALUES ($3, $1, $2, $8, $4, $5, $6, $7)",
+        params,
+    )
+    .await?;
+    Ok(Published { id, sequence })
+}
+
+/// The sequence and the row in one statement (PostgreSQL: a data-modifying CTE).
+fn one_statement() -> String {
+    format!(
+        "WITH k AS ({NEXT_SEQUENCE}) \
+         INSERT INTO wasmgate_outbox (id, topic, key, sequence, payload, headers, source, created_at) \
+         SELECT $3, $1, $2, k.sequence, $4, $5, $6, $7 FROM k RETURNING sequence"
+    )
+}
+
+/// Writes `event` on its own: durable when this returns. On PostgreSQL one statement,
+/// committed by itself; elsewhere a transaction of two.
+pub async fn publish(
+    db: &dyn DbBackend,
+    source: &str,
+    event: &Event,
+) -> Result<Published, DbError> {
+    if db.kind() == "postgres" {
+        let id = new_id();
+        let rows = db.query(&one_statement(), row(&id, source, event)).await?;
+        PUBLISHED.notify_waiters();
+        return published(id, &rows);
+    }
+    let mut tx = db.begin().await?;
+    let published = append(tx.as_mut(), db.kind(), source, event).await?;
+    tx.commit().await?;
+    Ok(published)
 }
 
 /// An event in the outbox, as the relay reads it.
