@@ -561,8 +561,21 @@ def main():
     ap.add_argument("--quick", action="store_true", help="prove the harness runs; judge nothing")
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--only", choices=["events"], help="run one group of rows (writes bench/results/<group>.json)")
     args = ap.parse_args()
     seconds, conns = (2, 16) if args.quick else (args.seconds, args.connections)
+    if args.only == "events":
+        subprocess.run([ROOT / "scripts/build-functions"], check=True)
+        subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "wasmgate", "--bin", "wasmgate"],
+                       check=True, cwd=ROOT)
+        work = Path(tempfile.mkdtemp(prefix="wasmgate-bench-"))
+        rows, skipped, ratios = [], [], {}
+        event_rows(work, TARGET / "release/wasmgate", work / "cache", seconds, rows, skipped, ratios)
+        result = {"quick": args.quick, "seconds": seconds, "rows": rows, "ratios": ratios, "skipped": skipped}
+        (ROOT / "bench/results/events.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        shutil.rmtree(work, ignore_errors=True)
+        return
 
     subprocess.run([ROOT / "scripts/build-functions"], check=True)
     subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "wasmgate", "-p", "wasmgate-bench",

@@ -349,6 +349,36 @@ async fn held(b: Arc<dyn DbBackend>) {
     );
 }
 
+/// A transaction that reads, then writes, while another connection writes meanwhile: both
+/// succeed (on SQLite the transaction holds the write lock from its start and the other write
+/// waits for it; a deferred one would fail with SQLITE_BUSY_SNAPSHOT at its first write).
+async fn read_then_write_beside_a_writer(b: Arc<dyn DbBackend>) {
+    b.execute("CREATE TABLE beside (n BIGINT NOT NULL)", vec![])
+        .await
+        .expect("create");
+    let mut tx = b.begin().await.expect("begin");
+    tx.query("SELECT count(*) FROM beside", vec![])
+        .await
+        .expect("read");
+    let other = b.clone();
+    let writer = tokio::spawn(async move {
+        other
+            .execute("INSERT INTO beside (n) VALUES (2)", vec![])
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    tx.execute("INSERT INTO beside (n) VALUES (1)", vec![])
+        .await
+        .expect("the transaction's write, after another connection's");
+    tx.commit().await.expect("commit");
+    writer.await.expect("task").expect("the other write");
+    let rows = b
+        .query("SELECT count(*) FROM beside", vec![])
+        .await
+        .expect("count");
+    assert_eq!(rows.first_int(), Some(2));
+}
+
 #[tokio::test]
 async fn sqlite_conforms() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -356,6 +386,7 @@ async fn sqlite_conforms() {
     let db = Db::connect(&url).await.expect("sqlite");
     suite(db.backend().clone(), "BLOB").await;
     held(db.backend().clone()).await;
+    read_then_write_beside_a_writer(db.backend().clone()).await;
 }
 
 #[tokio::test]
@@ -365,6 +396,7 @@ async fn postgres_conforms() {
         .expect("postgres");
     suite(db.backend().clone(), "BYTEA").await;
     held(db.backend().clone()).await;
+    read_then_write_beside_a_writer(db.backend().clone()).await;
 }
 
 #[tokio::test]

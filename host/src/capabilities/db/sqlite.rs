@@ -166,8 +166,15 @@ impl DbBackend for Sqlite {
         execute(&mut conn, sql, params).await
     }
 
+    /// `BEGIN IMMEDIATE`: the write lock up front, waited for under the busy timeout. A
+    /// deferred transaction that reads and then writes fails at once (SQLITE_BUSY_SNAPSHOT)
+    /// when another connection wrote in between, as the relay and consumers do at any time.
     async fn begin(&self) -> Result<Box<dyn DbTransaction>, DbError> {
-        let tx = self.pool.begin().await.map_err(classify)?;
+        let tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(classify)?;
         Ok(Box::new(SqliteTx(tx)))
     }
 
