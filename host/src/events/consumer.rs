@@ -47,6 +47,8 @@ const PARKED: Duration = Duration::from_secs(1);
 /// Events one transaction handles at most (each in a savepoint: PostgreSQL slows down once a
 /// transaction has more than 64 subtransactions).
 const GROUP_MAX: usize = 16;
+/// Lanes whose applied sequences one query checks.
+const CHECK_LANES: usize = 256;
 /// How often a consumer looks for dead letters asked to replay.
 const REPLAYS_EVERY: Duration = Duration::from_millis(500);
 
@@ -222,17 +224,32 @@ impl Consumer {
                         due.entry(lane).or_default().push(&w.delivery);
                     }
                 }
+                // Checked a slice of lanes at a time (one query each), until the free groups
+                // are full: in a shuffled stream most held events wait for a predecessor, and
+                // those go back to wait without taking a group's place.
+                let due: Vec<(&str, Vec<&Delivery>)> = due.into_iter().collect();
                 let mut runs: BTreeMap<String, Vec<Delivery>> = BTreeMap::new();
                 let mut taken = 0;
-                for (lane, run) in due {
+                for slice in due.chunks(CHECK_LANES) {
                     if taken >= free * GROUP_MAX {
                         break;
                     }
-                    taken += run.len();
-                    runs.insert(lane.to_string(), run.into_iter().cloned().collect());
-                }
-                if this.sub.ordering == Ordering::Key && !runs.is_empty() {
-                    this.drop_applied(&mut runs, &mut settled).await;
+                    let mut candidates: BTreeMap<String, Vec<Delivery>> = slice
+                        .iter()
+                        .map(|(lane, run)| {
+                            (lane.to_string(), run.iter().map(|d| (*d).clone()).collect())
+                        })
+                        .collect();
+                    if this.sub.ordering == Ordering::Key {
+                        this.drop_applied(&mut candidates, &mut settled).await;
+                    }
+                    for (lane, run) in candidates {
+                        if taken >= free * GROUP_MAX {
+                            break;
+                        }
+                        taken += run.len();
+                        runs.insert(lane, run);
+                    }
                 }
                 if !runs.is_empty() {
                     for (lanes, group) in groups(runs, free) {

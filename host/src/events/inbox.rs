@@ -166,24 +166,6 @@ async fn key_at(
         .unwrap_or(0))
 }
 
-/// Failed tries of `event_id` so far, read in `tx`.
-pub async fn attempts_in(
-    tx: &mut dyn DbTransaction,
-    subscription: &str,
-    event_id: &str,
-) -> Result<u32, DbError> {
-    let rows = tx
-        .query(
-            "SELECT attempts FROM wasmgate_inbox_attempts WHERE subscription = $1 AND event_id = $2",
-            vec![text(subscription), text(event_id)],
-        )
-        .await?;
-    Ok(rows
-        .first_int()
-        .and_then(|n| u32::try_from(n).ok())
-        .unwrap_or(0))
-}
-
 /// Failed tries so far of each of `event_ids` that has any, read in `tx` (one query).
 pub async fn attempts_of(
     tx: &mut dyn DbTransaction,
@@ -213,7 +195,7 @@ pub async fn attempts_of(
     Ok(out)
 }
 
-/// Counts a failed try; returns the tries so far.
+/// Counts a failed try; returns the tries so far (one statement, committed by itself).
 pub async fn failed(
     db: &dyn DbBackend,
     subscription: &str,
@@ -221,17 +203,19 @@ pub async fn failed(
     error: &str,
 ) -> Result<u32, DbError> {
     let now = Value::Int64(crate::auth::now_ms());
-    let mut tx = db.begin().await?;
-    tx.execute(
-        "INSERT INTO wasmgate_inbox_attempts (subscription, event_id, attempts, last_error, first_failed_at, last_failed_at) \
-         VALUES ($1, $2, 1, $3, $4, $4) ON CONFLICT (subscription, event_id) \
-         DO UPDATE SET attempts = wasmgate_inbox_attempts.attempts + 1, last_error = $3, last_failed_at = $4",
-        vec![text(subscription), text(event_id), text(error), now],
-    )
-    .await?;
-    let tries = attempts_in(tx.as_mut(), subscription, event_id).await?;
-    tx.commit().await?;
-    Ok(tries)
+    let rows = db
+        .query(
+            "INSERT INTO wasmgate_inbox_attempts (subscription, event_id, attempts, last_error, first_failed_at, last_failed_at) \
+             VALUES ($1, $2, 1, $3, $4, $4) ON CONFLICT (subscription, event_id) \
+             DO UPDATE SET attempts = wasmgate_inbox_attempts.attempts + 1, last_error = $3, last_failed_at = $4 \
+             RETURNING attempts",
+            vec![text(subscription), text(event_id), text(error), now],
+        )
+        .await?;
+    Ok(rows
+        .first_int()
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(0))
 }
 
 /// Moves `d` to the dead-letter queue (a replay that failed again goes back to `dead`).
@@ -244,18 +228,13 @@ pub async fn dead_letter(
 ) -> Result<(), DbError> {
     let e = &d.event;
     let now = crate::auth::now_ms();
-    let first = db
-        .query(
-            "SELECT first_failed_at FROM wasmgate_inbox_attempts WHERE subscription = $1 AND event_id = $2",
-            vec![text(subscription), text(&e.id)],
-        )
-        .await?
-        .first_int()
-        .unwrap_or(now);
+    // The first failure's time from the tries' row (none for an event rejected at once).
     db.execute(
         "INSERT INTO wasmgate_dead_letters (subscription, event_id, topic, key, sequence, payload, headers, source, published_at, error, attempts, first_failed_at, dead_at, state) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'dead') ON CONFLICT (subscription, event_id) \
-         DO UPDATE SET state = 'dead', error = $10, attempts = $11, dead_at = $13",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+         COALESCE((SELECT first_failed_at FROM wasmgate_inbox_attempts WHERE subscription = $1 AND event_id = $2), $12), \
+         $12, 'dead') ON CONFLICT (subscription, event_id) \
+         DO UPDATE SET state = 'dead', error = $10, attempts = $11, dead_at = $12",
         vec![
             text(subscription),
             text(&e.id),
@@ -268,7 +247,6 @@ pub async fn dead_letter(
             Value::Int64(e.created_at),
             text(error),
             Value::Int64(i64::from(attempts)),
-            Value::Int64(first),
             Value::Int64(now),
         ],
     )
