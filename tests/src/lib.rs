@@ -776,6 +776,24 @@ pub async fn until_sql(database_url: &str, query: &str, want: &str, limit: std::
     }
 }
 
+/// `POST /publish/{topic}?{query}` with `body`, to the `publisher` fixture: its status and
+/// JSON answer (`null` when not JSON).
+pub async fn publish_event(
+    s: &Server,
+    topic: &str,
+    query: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .post(s.url(&format!("/publish/{topic}?{query}")))
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("publish");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+}
+
 /// Runs `redis-cli -u REDIS_URL <args>` and returns what it printed.
 pub fn redis_cli(args: &[&str]) -> String {
     let out = Command::new("redis-cli")

@@ -4,8 +4,10 @@
 //! stream); a shadow run publishes nothing. Consumers are not built yet.
 
 use reqwest::Method;
-use serde_json::{Value, json};
-use wasmgate_tests::{AdminApi, Server, fresh_postgres, redis_url, sql, with_admin};
+use serde_json::json;
+use wasmgate_tests::{
+    AdminApi, Server, fresh_postgres, publish_event as publish, redis_url, sql, with_admin,
+};
 
 const MANIFEST: &str = r#"
     [functions.publisher]
@@ -16,17 +18,6 @@ const MANIFEST: &str = r#"
     methods = ["POST"]
     function = "publisher"
 "#;
-
-async fn publish(s: &Server, topic: &str, query: &str, body: &str) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .post(s.url(&format!("/publish/{topic}?{query}")))
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("publish");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
 
 /// `topic`'s events in the outbox: `key|sequence|payload as text`, in sequence order.
 fn outbox(db: &str, topic: &str) -> Vec<String> {

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use wasmgate_tests::{Server, fresh_postgres, redis_url, sql};
+use wasmgate_tests::{Server, fresh_postgres, publish_event, redis_url, sql};
 
 /// `topic` is new for each test: a Redis stream outlives it.
 fn manifest(topic: &str, extra: &str) -> String {
@@ -33,13 +33,8 @@ fn manifest(topic: &str, extra: &str) -> String {
 }
 
 async fn publish(s: &Server, topic: &str, key: &str, body: &str) {
-    let resp = reqwest::Client::new()
-        .post(s.url(&format!("/publish/{topic}?key={key}")))
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("publish");
-    assert_eq!(resp.status(), 201);
+    let (status, answer) = publish_event(s, topic, &format!("key={key}"), body).await;
+    assert_eq!(status, 201, "{answer}");
 }
 
 /// Waits until `query` answers `want` (at most 30 s).

@@ -20,14 +20,7 @@ use crate::config::{Ordering, SubscriptionConfig};
 use crate::events::inbox::{self, DiscardError};
 
 fn subscription(admin: &Admin, name: &str) -> Result<SubscriptionConfig, Failure> {
-    let manifest = admin.deployer.manifest().map_err(|e| {
-        Failure(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "manifest-unreadable",
-            e.to_string(),
-        )
-    })?;
-    manifest
+    super::manifest(admin)?
         .subscriptions
         .iter()
         .find(|s| s.name() == name)

@@ -217,25 +217,33 @@ fn actor(headers: &HeaderMap) -> String {
         .to_string()
 }
 
-/// The function's manifest entry, or 404.
-fn function_config(
-    admin: &Admin,
-    function: &str,
-) -> Result<crate::config::FunctionConfig, Failure> {
-    let manifest = admin.deployer.manifest().map_err(|e| {
+/// The manifest as it is on disk now, or 503.
+fn manifest(admin: &Admin) -> Result<crate::config::Manifest, Failure> {
+    admin.deployer.manifest().map_err(|e| {
         Failure(
             StatusCode::SERVICE_UNAVAILABLE,
             "manifest-unreadable",
             e.to_string(),
         )
-    })?;
-    manifest.functions.get(function).cloned().ok_or_else(|| {
-        Failure(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            format!("the manifest defines no function `{function}`"),
-        )
     })
+}
+
+/// The function's manifest entry, or 404.
+fn function_config(
+    admin: &Admin,
+    function: &str,
+) -> Result<crate::config::FunctionConfig, Failure> {
+    manifest(admin)?
+        .functions
+        .get(function)
+        .cloned()
+        .ok_or_else(|| {
+            Failure(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                format!("the manifest defines no function `{function}`"),
+            )
+        })
 }
 
 /// `?label=v2`, and what the version changes of its function's manifest settings:

@@ -69,6 +69,17 @@ struct Waiting {
     early: u32,
 }
 
+impl Waiting {
+    /// Holds `d`, due now, unless it is held already (a second delivery of an entry at work).
+    fn hold(waiting: &mut HashMap<String, Waiting>, d: Delivery) {
+        waiting.entry(d.entry.clone()).or_insert(Waiting {
+            delivery: d,
+            due: Instant::now(),
+            early: 0,
+        });
+    }
+}
+
 /// The version a subscription's events run on: swapped by the deployer on reload.
 pub type Target = Arc<arc_swap::ArcSwap<Function>>;
 
@@ -149,7 +160,7 @@ impl Consumer {
                 waiting.retain(|e, w| {
                     w.early == 0
                         || e.starts_with(inbox::REPLAY_ENTRY)
-                        || busy.contains(&this.lane(e, &w.delivery))
+                        || busy.contains(this.lane(e, &w.delivery))
                 });
                 tracing::debug!(subscription = %this.name, held = waiting.len(), "released events waiting for their predecessors");
             }
@@ -172,13 +183,9 @@ impl Consumer {
                 {
                     Ok(fresh) => {
                         let full = fresh.len() == BATCH;
-                        for d in fresh {
-                            waiting.entry(d.entry.clone()).or_insert(Waiting {
-                                delivery: d,
-                                due: Instant::now(),
-                                early: 0,
-                            });
-                        }
+                        fresh
+                            .into_iter()
+                            .for_each(|d| Waiting::hold(&mut waiting, d));
                         if !full {
                             break;
                         }
@@ -195,13 +202,9 @@ impl Consumer {
                 replays_seen = Instant::now();
                 match inbox::replays(this.db.as_ref(), &this.name, BATCH as u32).await {
                     Ok(replays) => {
-                        for d in replays {
-                            waiting.entry(d.entry.clone()).or_insert(Waiting {
-                                delivery: d,
-                                due: Instant::now(),
-                                early: 0,
-                            });
-                        }
+                        replays
+                            .into_iter()
+                            .for_each(|d| Waiting::hold(&mut waiting, d));
                     }
                     Err(e) => {
                         tracing::debug!(subscription = %this.name, error = ?e, "replays not read")
@@ -216,10 +219,7 @@ impl Consumer {
                 let now = Instant::now();
                 let mut due: HashMap<&str, Vec<&Delivery>> = HashMap::new();
                 for (entry, w) in &waiting {
-                    let lane = match this.sub.ordering {
-                        Ordering::Key => w.delivery.event.key.as_str(),
-                        Ordering::None => entry.as_str(),
-                    };
+                    let lane = this.lane(entry, &w.delivery);
                     if w.due <= now && !busy.contains(lane) {
                         due.entry(lane).or_default().push(&w.delivery);
                     }
@@ -291,10 +291,10 @@ impl Consumer {
     }
 
     /// Where an entry queues: its key with ordering by key, else the entry itself.
-    fn lane(&self, entry: &str, d: &Delivery) -> String {
+    fn lane<'a>(&self, entry: &'a str, d: &'a Delivery) -> &'a str {
         match self.sub.ordering {
-            Ordering::Key => d.event.key.clone(),
-            Ordering::None => entry.to_string(),
+            Ordering::Key => &d.event.key,
+            Ordering::None => entry,
         }
     }
 

@@ -163,7 +163,7 @@ impl RequestDb {
     /// after taking it back with [`RequestDb::release`].
     pub async fn hold(&mut self) -> Result<(), DbError> {
         let tx = self.backend.begin().await?;
-        self.held = Some(Held { tx, savepoints: 0 });
+        self.hold_in(tx);
         Ok(())
     }
 
