@@ -117,14 +117,12 @@ fn row(id: &str, source: &str, event: &Event) -> Vec<Value> {
     ]
 }
 
-fn published(id: String, rows: &Rows) -> Result<Published, DbError> {
+/// The sequence a statement ending in `RETURNING sequence` gave the event.
+fn returned_sequence(rows: &Rows) -> Result<u64, DbError> {
     let sequence = rows
         .first_int()
         .ok_or_else(|| DbError::InvalidState("the key's sequence was not returned".into()))?;
-    Ok(Published {
-        id,
-        sequence: u64::try_from(sequence).unwrap_or(0),
-    })
+    Ok(u64::try_from(sequence).unwrap_or(0))
 }
 
 /// Writes `event` in `tx` with the next sequence of its key, and returns where it landed. The
@@ -141,11 +139,10 @@ pub async fn append(
     let id = new_id();
     let mut params = row(&id, source, event);
     if kind == "postgres" {
-        let rows = tx.query(&one_statement(), params).await?;
-        return published(id, &rows);
+        let sequence = returned_sequence(&tx.query(&ONE_STATEMENT, params).await?)?;
+        return Ok(Published { id, sequence });
     }
-    let rows = tx.query(NEXT_SEQUENCE, params[..2].to_vec()).await?;
-    let sequence = published(id.clone(), &rows)?.sequence;
+    let sequence = returned_sequence(&tx.query(NEXT_SEQUENCE, params[..2].to_vec()).await?)?;
     params.push(Value::uint(sequence));
     tx.execute(
         "INSERT INTO wasmgate_outbox (id, topic, key, sequence, payload, headers, source, created_at) \
@@ -156,14 +153,15 @@ pub async fn append(
     Ok(Published { id, sequence })
 }
 
-/// The sequence and the row in one statement (PostgreSQL: a data-modifying CTE).
-fn one_statement() -> String {
+/// The sequence and the row in one statement (PostgreSQL: a data-modifying CTE), composed
+/// once.
+static ONE_STATEMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH k AS ({NEXT_SEQUENCE}) \
          INSERT INTO wasmgate_outbox (id, topic, key, sequence, payload, headers, source, created_at) \
          SELECT $3, $1, $2, k.sequence, $4, $5, $6, $7 FROM k RETURNING sequence"
     )
-}
+});
 
 /// Writes `event` on its own: durable when this returns. On PostgreSQL one statement,
 /// committed by itself; elsewhere a transaction of two.
@@ -174,9 +172,10 @@ pub async fn publish(
 ) -> Result<Published, DbError> {
     if db.kind() == "postgres" {
         let id = new_id();
-        let rows = db.query(&one_statement(), row(&id, source, event)).await?;
+        let sequence =
+            returned_sequence(&db.query(&ONE_STATEMENT, row(&id, source, event)).await?)?;
         PUBLISHED.notify_waiters();
-        return published(id, &rows);
+        return Ok(Published { id, sequence });
     }
     let mut tx = db.begin().await?;
     let published = append(tx.as_mut(), db.kind(), source, event).await?;
