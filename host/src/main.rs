@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
@@ -922,7 +923,9 @@ async fn up(
                 .context("admin listener has no address")?;
             let router = wasmgate::admin::router(deployer.clone(), &token);
             tokio::spawn(async move {
-                if let Err(e) = axum::serve(admin_listener, router).await {
+                if let Err(e) =
+                    axum::serve(admin_listener.tap_io(wasmgate::server::no_delay), router).await
+                {
                     tracing::error!(error = %e, "admin API stopped");
                 }
             });

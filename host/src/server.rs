@@ -17,6 +17,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
@@ -85,11 +86,20 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(
-        listener,
+        listener.tap_io(no_delay),
         app(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await
+}
+
+/// Sends what is written at once: a response leaves in more than one write (head, then body
+/// chunks), and with Nagle's algorithm the last small write waits for the client's delayed
+/// acknowledgement, about 40 ms, on one request in hundreds.
+pub fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY not set on an accepted connection");
+    }
 }
 
 async fn healthz() -> impl IntoResponse {

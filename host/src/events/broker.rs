@@ -34,15 +34,17 @@ pub trait Broker: Send + Sync + 'static {
     /// first retained entry.
     async fn create_group(&self, topic: &str, group: &str) -> Result<(), BrokerError>;
 
-    /// Up to `max` entries for `consumer` of `group`: first those another consumer (or this one)
-    /// received more than `idle` ago and has not acknowledged, then new ones.
+    /// Up to `max` entries for `consumer` of `group`: with `claim_idle`, first those another
+    /// consumer (or this one) received more than that long ago and has not acknowledged; then
+    /// new ones. Claiming looks through the group's pending entries, so a consumer does it
+    /// now and then, not on every read.
     async fn read(
         &self,
         topic: &str,
         group: &str,
         consumer: &str,
         max: usize,
-        idle: Duration,
+        claim_idle: Option<Duration>,
     ) -> Result<Vec<Delivery>, BrokerError>;
 
     /// Renews `consumer`'s hold on `entries` (it still works on them): they do not count as

@@ -42,7 +42,10 @@ async fn suite(broker: Arc<dyn Broker>) {
         .await
         .expect("again: nothing to do");
     assert!(
-        broker.read(&topic, "nobody", "c1", 10, LONG).await.is_err(),
+        broker
+            .read(&topic, "nobody", "c1", 10, Some(LONG))
+            .await
+            .is_err(),
         "reading a group that does not exist fails"
     );
 
@@ -60,7 +63,7 @@ async fn suite(broker: Arc<dyn Broker>) {
 
     // New entries in order, each handed out once.
     let first = broker
-        .read(&topic, "audit", "c1", 3, LONG)
+        .read(&topic, "audit", "c1", 3, Some(LONG))
         .await
         .expect("read");
     assert_eq!(
@@ -69,13 +72,13 @@ async fn suite(broker: Arc<dyn Broker>) {
         "the events as appended, bytes and headers included"
     );
     let rest = broker
-        .read(&topic, "audit", "c1", 10, LONG)
+        .read(&topic, "audit", "c1", 10, Some(LONG))
         .await
         .expect("read");
     assert_eq!(rest.len(), 2);
     assert!(
         broker
-            .read(&topic, "audit", "c2", 10, LONG)
+            .read(&topic, "audit", "c2", 10, Some(LONG))
             .await
             .expect("read")
             .is_empty()
@@ -87,8 +90,16 @@ async fn suite(broker: Arc<dyn Broker>) {
         .ack(&topic, "audit", &entries(&first))
         .await
         .expect("ack");
+    assert!(
+        broker
+            .read(&topic, "audit", "c2", 10, None)
+            .await
+            .expect("read")
+            .is_empty(),
+        "without a claim, idle entries stay with their consumer"
+    );
     let again = broker
-        .read(&topic, "audit", "c2", 10, Duration::ZERO)
+        .read(&topic, "audit", "c2", 10, Some(Duration::ZERO))
         .await
         .expect("claim");
     assert_eq!(
@@ -102,7 +113,7 @@ async fn suite(broker: Arc<dyn Broker>) {
         .expect("ack");
     assert!(
         broker
-            .read(&topic, "audit", "c2", 10, Duration::ZERO)
+            .read(&topic, "audit", "c2", 10, Some(Duration::ZERO))
             .await
             .expect("read")
             .is_empty()
@@ -114,7 +125,7 @@ async fn suite(broker: Arc<dyn Broker>) {
         .await
         .expect("group");
     let all = broker
-        .read(&topic, "projection", "p", 10, LONG)
+        .read(&topic, "projection", "p", 10, Some(LONG))
         .await
         .expect("read");
     assert_eq!(all.len(), 5);
@@ -131,7 +142,7 @@ async fn suite(broker: Arc<dyn Broker>) {
                 let mut got = Vec::new();
                 loop {
                     let batch = broker
-                        .read(&busy, "g", &format!("c{c}"), 7, LONG)
+                        .read(&busy, "g", &format!("c{c}"), 7, Some(LONG))
                         .await
                         .expect("read");
                     if batch.is_empty() {
@@ -183,7 +194,7 @@ async fn relay(db: Arc<dyn DbBackend>, broker: Arc<dyn Broker>) {
     assert_eq!(ra.expect("a") + rb.expect("b"), 40);
     assert_eq!(a.pass().await.expect("a"), 0, "nothing left");
     let got = broker
-        .read(&topic, "g", "c", 100, LONG)
+        .read(&topic, "g", "c", 100, Some(LONG))
         .await
         .expect("read");
     let ids: BTreeSet<&str> = got.iter().map(|d| d.event.id.as_str()).collect();

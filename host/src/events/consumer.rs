@@ -40,6 +40,9 @@ const EARLY_MAX: Duration = Duration::from_secs(1);
 /// Entries one consumer holds at most (waiting for their key's predecessor or a retry); it
 /// reads no more until some are done.
 const MAX_HELD: usize = 4096;
+/// Tries that found an event's predecessor missing before a full consumer lets it go (about
+/// 300 ms of waiting with [`EARLY`] doubling).
+const RELEASE_EARLY: u32 = 4;
 /// Batches read per round at most.
 const READS_PER_ROUND: usize = 8;
 /// How soon an event of a parked key is looked at again.
@@ -47,8 +50,10 @@ const PARKED: Duration = Duration::from_secs(1);
 /// Events one transaction handles at most (each in a savepoint: PostgreSQL slows down once a
 /// transaction has more than 64 subtransactions).
 const GROUP_MAX: usize = 16;
-/// Lanes whose applied sequences one query checks.
+/// Lanes whose applied sequences one query checks at most.
 const CHECK_LANES: usize = 256;
+/// How often a consumer claims entries left idle by another.
+const CLAIM_EVERY: Duration = Duration::from_secs(1);
 /// How often a consumer looks for dead letters asked to replay.
 const REPLAYS_EVERY: Duration = Duration::from_millis(500);
 
@@ -63,7 +68,8 @@ enum Next {
 }
 
 struct Waiting {
-    delivery: Delivery,
+    /// Shared: the loop hands it to groups on every round, and a payload can be large.
+    delivery: Arc<Delivery>,
     due: Instant,
     /// Tries that found the key's predecessor missing.
     early: u32,
@@ -73,12 +79,15 @@ impl Waiting {
     /// Holds `d`, due now, unless it is held already (a second delivery of an entry at work).
     fn hold(waiting: &mut HashMap<String, Waiting>, d: Delivery) {
         waiting.entry(d.entry.clone()).or_insert(Waiting {
-            delivery: d,
+            delivery: Arc::new(d),
             due: Instant::now(),
             early: 0,
         });
     }
 }
+
+/// One lane's due events (shared with the held ones), in sequence order once grouped.
+type Run = Vec<Arc<Delivery>>;
 
 /// The version a subscription's events run on: swapped by the deployer on reload.
 pub type Target = Arc<arc_swap::ArcSwap<Function>>;
@@ -128,8 +137,15 @@ impl Consumer {
         // Groups at work (at most `concurrency`), each with the lanes it holds.
         let mut tasks = tokio::task::JoinSet::new();
         let mut busy: HashSet<String> = HashSet::new();
+        // Lanes whose group just ended: their events waiting for a predecessor are due at once
+        // (it may just have been applied), not after their backoff.
+        let mut ended: HashSet<String> = HashSet::new();
         let mut replays_seen = Instant::now();
         let mut renewed = Instant::now();
+        let mut appended = super::relay::APPENDED.watch();
+        let mut claimed = Instant::now()
+            .checked_sub(CLAIM_EVERY)
+            .unwrap_or_else(Instant::now);
         loop {
             if owner.strong_count() == 0 {
                 return;
@@ -153,12 +169,15 @@ impl Consumer {
                     }
                 }
             }
-            // Full of events whose predecessors it has not seen: let those go (not acknowledged,
-            // no longer renewed, they come back after `redeliver_after`) and read on, or a
-            // shuffled stream could fill every consumer with events that all wait.
+            // Full of events whose predecessors it has not seen for a while: let those go (not
+            // acknowledged, no longer renewed, they come back after `redeliver_after`) and read
+            // on, or a shuffled stream could fill every consumer with events that all wait. An
+            // event only just early stays: concurrent publishers put a key's events slightly
+            // out of order in the stream, and its predecessor is usually one read away (let go,
+            // it would hold its key up for `redeliver_after`).
             if waiting.len() >= MAX_HELD {
                 waiting.retain(|e, w| {
-                    w.early == 0
+                    w.early < RELEASE_EARLY
                         || e.starts_with(inbox::REPLAY_ENTRY)
                         || busy.contains(this.lane(e, &w.delivery))
                 });
@@ -170,15 +189,15 @@ impl Consumer {
                 if waiting.len() >= MAX_HELD {
                     break;
                 }
+                // Entries a stopped consumer left are looked for now and then: claiming scans
+                // the group's pending entries, and they wait `redeliver_after` anyway.
+                let claim = (claimed.elapsed() >= CLAIM_EVERY).then(|| {
+                    claimed = Instant::now();
+                    this.sub.redeliver_after
+                });
                 match this
                     .broker
-                    .read(
-                        &this.sub.topic,
-                        &this.name,
-                        &this.consumer,
-                        BATCH,
-                        this.sub.redeliver_after,
-                    )
+                    .read(&this.sub.topic, &this.name, &this.consumer, BATCH, claim)
                     .await
                 {
                     Ok(fresh) => {
@@ -217,27 +236,35 @@ impl Consumer {
             let mut settled: Vec<(String, Next)> = Vec::new();
             if free > 0 {
                 let now = Instant::now();
-                let mut due: HashMap<&str, Vec<&Delivery>> = HashMap::new();
+                let mut due: HashMap<&str, Vec<&Arc<Delivery>>> = HashMap::new();
                 for (entry, w) in &waiting {
                     let lane = this.lane(entry, &w.delivery);
-                    if w.due <= now && !busy.contains(lane) {
+                    let woken = w.early > 0 && ended.contains(lane);
+                    if (w.due <= now || woken) && !busy.contains(lane) {
                         due.entry(lane).or_default().push(&w.delivery);
                     }
                 }
+                ended.clear();
                 // Checked a slice of lanes at a time (one query each), until the free groups
                 // are full: in a shuffled stream most held events wait for a predecessor, and
-                // those go back to wait without taking a group's place.
-                let due: Vec<(&str, Vec<&Delivery>)> = due.into_iter().collect();
-                let mut runs: BTreeMap<String, Vec<Delivery>> = BTreeMap::new();
+                // those go back to wait without taking a group's place. A slice is about what
+                // the free groups take (in an ordered stream nearly every lane can run), so a
+                // group that just ended does not cost a look at every held key.
+                let check = (free * GROUP_MAX).clamp(GROUP_MAX, CHECK_LANES);
+                let due: Vec<(&str, Vec<&Arc<Delivery>>)> = due.into_iter().collect();
+                let mut runs: BTreeMap<String, Run> = BTreeMap::new();
                 let mut taken = 0;
-                for slice in due.chunks(CHECK_LANES) {
+                for slice in due.chunks(check) {
                     if taken >= free * GROUP_MAX {
                         break;
                     }
-                    let mut candidates: BTreeMap<String, Vec<Delivery>> = slice
+                    let mut candidates: BTreeMap<String, Run> = slice
                         .iter()
                         .map(|(lane, run)| {
-                            (lane.to_string(), run.iter().map(|d| (*d).clone()).collect())
+                            (
+                                lane.to_string(),
+                                run.iter().map(|d| Arc::clone(d)).collect(),
+                            )
                         })
                         .collect();
                     if this.sub.ordering == Ordering::Key {
@@ -264,14 +291,14 @@ impl Consumer {
             // process may have appended).
             let first = if tasks.is_empty() {
                 tokio::select! {
-                    _ = super::relay::APPENDED.notified() => {}
+                    _ = appended.changed() => {}
                     _ = tokio::time::sleep(IDLE) => {}
                 }
                 None
             } else {
                 tokio::select! {
                     finished = tasks.join_next() => finished,
-                    _ = super::relay::APPENDED.notified() => None,
+                    _ = appended.changed() => None,
                     _ = tokio::time::sleep(IDLE) => None,
                 }
             };
@@ -280,10 +307,12 @@ impl Consumer {
                 finished.push(more);
             }
             let mut outcomes = Vec::new();
+            ended.clear();
             for (lanes, group) in finished.into_iter().flatten() {
                 for lane in &lanes {
                     busy.remove(lane);
                 }
+                ended.extend(lanes);
                 outcomes.extend(group);
             }
             this.settle(&mut waiting, outcomes).await;
@@ -303,7 +332,7 @@ impl Consumer {
     /// transaction each.
     async fn drop_applied(
         &self,
-        runs: &mut BTreeMap<String, Vec<Delivery>>,
+        runs: &mut BTreeMap<String, Run>,
         settled: &mut Vec<(String, Next)>,
     ) {
         let keys: Vec<&str> = runs.keys().map(String::as_str).collect();
@@ -390,9 +419,9 @@ impl Consumer {
     /// (`Next::Done`) counts only once the group committed; failures are counted and dead
     /// letters written after the group's transaction ended (on SQLite it holds the only
     /// write lock).
-    async fn handle_group(&self, runs: Vec<Vec<Delivery>>) -> Vec<(String, Next)> {
+    async fn handle_group(&self, runs: Vec<Run>) -> Vec<(String, Next)> {
         let soon = || Next::Later(Instant::now() + Duration::from_millis(500));
-        let everything_soon = |runs: &[Vec<Delivery>]| {
+        let everything_soon = |runs: &[Run]| {
             runs.iter()
                 .flatten()
                 .map(|d| (d.entry.clone(), soon()))
@@ -498,7 +527,9 @@ impl Consumer {
         Ok(tx)
     }
 
-    /// One try of `d` in `tx`, in a savepoint; gives the transaction back unless it was lost.
+    /// One try of `d` in `tx`; gives the transaction back unless it was lost. What the try
+    /// wrote is taken back if it does not apply: the admission by [`inbox::unadmit`], the
+    /// handler's own statements by rolling back to the savepoint taken before its first.
     async fn try_one(
         &self,
         mut tx: Box<dyn DbTransaction>,
@@ -506,31 +537,26 @@ impl Consumer {
         tries: u32,
     ) -> (Option<Box<dyn DbTransaction>>, Step) {
         let soon = Step::Settled(Next::Later(Instant::now() + Duration::from_millis(500)));
-        if tx.execute(SAVEPOINT, vec![]).await.is_err() {
-            return (None, soon);
-        }
-        let admission = match inbox::admit(
-            tx.as_mut(),
-            &self.name,
-            d,
-            self.sub.ordering == Ordering::Key,
-        )
-        .await
+        let by_key = self.sub.ordering == Ordering::Key;
+        let admission = match inbox::admit(tx.as_mut(), self.db.kind(), &self.name, d, by_key).await
         {
             Ok(a) => a,
             Err(e) => {
-                // Another consumer holds the key or the event (a lock, a unique conflict).
+                // Another consumer holds the key or the event (a lock, a unique conflict):
+                // the statement failed, and with it the group's transaction.
                 tracing::debug!(subscription = %self.name, error = ?e, "event not admitted; retrying");
-                return (undo(tx).await, soon);
+                return (None, soon);
             }
         };
         match admission {
             Admission::Apply => {}
-            Admission::Duplicate | Admission::Stale => {
-                return (undo(tx).await, Step::Settled(Next::Done));
+            Admission::Duplicate => return (Some(tx), Step::Settled(Next::Done)),
+            Admission::Stale => {
+                let tx = undo(tx, &self.name, d, false, false).await;
+                return (tx, Step::Settled(Next::Done));
             }
             Admission::Early => {
-                let tx = undo(tx).await;
+                let tx = undo(tx, &self.name, d, false, false).await;
                 let parked =
                     inbox::parked(self.db.as_ref(), &self.name, &d.event.topic, &d.event.key)
                         .await
@@ -544,17 +570,17 @@ impl Consumer {
             }
         }
         let mut caps = self.caps.instance();
-        caps.db.hold_in(tx);
+        caps.db.hold_in(tx, Some(SAVEPOINT));
         let id = RequestId::new();
         let (ended_tx, ended) = oneshot::channel();
         let function = self.function.load_full();
         let verdict = function
             .handle_event(delivery(d, tries + 1), &id, caps, ended_tx)
             .await;
-        let tx = ended.await.ok().and_then(|e| e.held);
+        let held = ended.await.ok().and_then(|e| e.held);
         let (why, reject) = match verdict {
-            Ok(Ok(())) => match tx {
-                Some(tx) => return (Some(tx), Step::Applied),
+            Ok(Ok(())) => match held {
+                Some(held) => return (Some(held.tx), Step::Applied),
                 None => ("the run's transaction was lost".to_string(), false),
             },
             Ok(Err(HandlerError::Reject(why))) => (why, true),
@@ -562,8 +588,8 @@ impl Consumer {
             Err(failure) => (failure_text(failure).to_string(), false),
         };
         tracing::info!(subscription = %self.name, event = %d.event.id, request_id = %id, tries = tries + 1, error = %why, "event handler failed");
-        let tx = match tx {
-            Some(tx) => undo(tx).await,
+        let tx = match held {
+            Some(held) => undo(held.tx, &self.name, d, held.marked, by_key).await,
             None => None,
         };
         (tx, Step::Failed(why, reject))
@@ -600,21 +626,31 @@ impl Consumer {
     }
 }
 
-/// Rolls back the transaction a try held, at once: its inbox row (and any lock) stops holding
-/// up the other consumers now, not when the connection is next used.
-/// The savepoint each event of a group runs in.
-const SAVEPOINT: &str = "SAVEPOINT wasmgate_event";
+/// The savepoint an event's run takes before its first statement.
+const SAVEPOINT: &str = "wasmgate_event";
 
-/// Rolls the group's transaction back to the event's savepoint; `None` if that failed (the
-/// transaction is unusable and the whole group is tried again).
-async fn undo(mut tx: Box<dyn DbTransaction>) -> Option<Box<dyn DbTransaction>> {
-    match tx
-        .execute("ROLLBACK TO SAVEPOINT wasmgate_event", vec![])
-        .await
+/// Takes back what a try wrote in the group's transaction: the run's statements (rolled back
+/// to its savepoint, if it `marked` one) and its admission (with its key's move, if `moved`).
+/// `None` if that failed: the transaction is unusable and the whole group is tried again.
+async fn undo(
+    mut tx: Box<dyn DbTransaction>,
+    subscription: &str,
+    d: &Delivery,
+    marked: bool,
+    moved: bool,
+) -> Option<Box<dyn DbTransaction>> {
+    if marked
+        && let Err(e) = tx
+            .execute(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}"), vec![])
+            .await
     {
-        Ok(_) => Some(tx),
+        tracing::debug!(error = ?e, "rollback to an event's savepoint failed");
+        return None;
+    }
+    match inbox::unadmit(tx.as_mut(), subscription, d, moved).await {
+        Ok(()) => Some(tx),
         Err(e) => {
-            tracing::debug!(error = ?e, "rollback to an event's savepoint failed");
+            tracing::debug!(error = ?e, "an event's admission was not taken back");
             None
         }
     }
@@ -633,12 +669,9 @@ enum Step {
 /// Splits the due runs (one per lane) into at most `slots` groups of about [`GROUP_MAX`]
 /// events, each run whole in one group, with the lanes each holds: as many groups as there are
 /// runs up to `slots` (a light load still runs in parallel); runs that do not fit wait.
-fn groups(
-    runs: BTreeMap<String, Vec<Delivery>>,
-    slots: usize,
-) -> Vec<(Vec<String>, Vec<Vec<Delivery>>)> {
+fn groups(runs: BTreeMap<String, Run>, slots: usize) -> Vec<(Vec<String>, Vec<Run>)> {
     let n = slots.min(runs.len()).max(1);
-    let mut groups: Vec<(Vec<String>, Vec<Vec<Delivery>>, usize)> =
+    let mut groups: Vec<(Vec<String>, Vec<Run>, usize)> =
         (0..n).map(|_| (Vec::new(), Vec::new(), 0)).collect();
     for (i, (lane, mut run)) in runs.into_iter().enumerate() {
         let Some(g) = (0..n)

@@ -92,49 +92,52 @@ fn text(s: &str) -> Value {
 }
 
 /// Records `d` as handled by `subscription` in `tx` (and, with `by_key`, moves its key from the
-/// previous sequence to this one), or says why not.
+/// previous sequence to this one), or says why not. On PostgreSQL (`kind`) one statement.
 pub async fn admit(
     tx: &mut dyn DbTransaction,
+    kind: &str,
     subscription: &str,
     d: &Delivery,
     by_key: bool,
 ) -> Result<Admission, DbError> {
     let e = &d.event;
-    let recorded = tx
-        .execute(
-            "INSERT INTO wasmgate_inbox (subscription, event_id, handled_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (subscription, event_id) DO NOTHING",
-            vec![
-                text(subscription),
-                text(&e.id),
-                Value::Int64(crate::auth::now_ms()),
-            ],
-        )
-        .await?;
-    if recorded == 0 {
-        return Ok(Admission::Duplicate);
+    let params = vec![
+        text(subscription),
+        text(&e.id),
+        Value::Int64(crate::auth::now_ms()),
+        text(&e.topic),
+        text(&e.key),
+        Value::uint(e.sequence),
+        Value::uint(e.sequence.saturating_sub(1)),
+    ];
+    if by_key && kind == "postgres" {
+        let statement = if e.sequence == 1 {
+            &ADMIT_FIRST
+        } else {
+            &ADMIT_NEXT
+        };
+        let rows = tx.query(statement, params).await?;
+        let row = rows
+            .rows
+            .first()
+            .ok_or_else(|| DbError::InvalidState("the admission was not returned".into()))?;
+        let (recorded, moved, last) = (row[0].unsigned(), row[1].unsigned(), row[2].unsigned());
+        return Ok(admission(recorded, moved, last, e.sequence));
     }
-    if !by_key {
-        return Ok(Admission::Apply);
+    let recorded = tx.execute(RECORD, params[..3].to_vec()).await?;
+    if recorded == 0 || !by_key {
+        return Ok(admission(recorded, 1, 0, e.sequence));
     }
+    let mut key = params;
+    key.drain(1..3);
     let moved = if e.sequence == 1 {
-        tx.execute(
-            "INSERT INTO wasmgate_inbox_keys (subscription, topic, key, sequence) VALUES ($1, $2, $3, 1) \
-             ON CONFLICT (subscription, topic, key) DO NOTHING",
-            vec![text(subscription), text(&e.topic), text(&e.key)],
-        )
-        .await?
+        tx.execute("INSERT INTO wasmgate_inbox_keys (subscription, topic, key, sequence) VALUES ($1, $2, $3, 1) \
+             ON CONFLICT (subscription, topic, key) DO NOTHING", key[..3].to_vec()).await?
     } else {
         tx.execute(
             "UPDATE wasmgate_inbox_keys SET sequence = $4 \
              WHERE subscription = $1 AND topic = $2 AND key = $3 AND sequence = $5",
-            vec![
-                text(subscription),
-                text(&e.topic),
-                text(&e.key),
-                Value::uint(e.sequence),
-                Value::uint(e.sequence - 1),
-            ],
+            key,
         )
         .await?
     };
@@ -142,11 +145,91 @@ pub async fn admit(
         return Ok(Admission::Apply);
     }
     let last = key_at(tx, subscription, &e.topic, &e.key).await?;
-    Ok(if u64::try_from(last).unwrap_or(0) >= e.sequence {
-        Admission::Stale
+    Ok(admission(
+        1,
+        0,
+        u64::try_from(last).unwrap_or(0),
+        e.sequence,
+    ))
+}
+
+/// The inbox row of an event: `$1` subscription, `$2` event id, `$3` handled at.
+const RECORD: &str = "INSERT INTO wasmgate_inbox (subscription, event_id, handled_at) VALUES ($1, $2, $3) \
+     ON CONFLICT (subscription, event_id) DO NOTHING";
+
+/// The admission in one statement (PostgreSQL: data-modifying CTEs). Parameters: `$1`
+/// subscription, `$2` event id, `$3` handled at, `$4` topic, `$5` key, `$6` sequence, `$7` the
+/// sequence before it. Returns whether the event was recorded, whether its key moved, and the
+/// key's sequence as the statement found it (all three read from one snapshot: a key moved by
+/// another consumer meanwhile reads as not yet moved, so the event waits and is then found
+/// applied, never applied twice).
+static ADMIT_FIRST: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{ADMIT_HEAD}{FIRST_MOVES}{ADMIT_TAIL}"));
+static ADMIT_NEXT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{ADMIT_HEAD}{NEXT_MOVES}{ADMIT_TAIL}"));
+const ADMIT_HEAD: &str = "WITH recorded AS (INSERT INTO wasmgate_inbox (subscription, event_id, handled_at) \
+     VALUES ($1, $2, $3) ON CONFLICT (subscription, event_id) DO NOTHING RETURNING 1), moved AS (";
+/// A key's first event creates its row (`$7` is 0 here: named so that both forms take the same
+/// parameters).
+const FIRST_MOVES: &str = "INSERT INTO wasmgate_inbox_keys (subscription, topic, key, sequence) \
+     SELECT $1, $4, $5, $6 WHERE $7::bigint = 0 AND EXISTS (SELECT 1 FROM recorded) \
+     ON CONFLICT (subscription, topic, key) DO NOTHING RETURNING 1";
+const NEXT_MOVES: &str = "UPDATE wasmgate_inbox_keys SET sequence = $6 \
+     WHERE subscription = $1 AND topic = $4 AND key = $5 AND sequence = $7 AND EXISTS (SELECT 1 FROM recorded) \
+     RETURNING 1";
+const ADMIT_TAIL: &str = ") SELECT (SELECT count(*) FROM recorded), (SELECT count(*) FROM moved), \
+     COALESCE((SELECT sequence FROM wasmgate_inbox_keys WHERE subscription = $1 AND topic = $4 AND key = $5), 0)";
+
+/// What the inbox says of an event of `sequence`: whether it was `recorded` now, whether its
+/// key `moved` to it, and the key's `last` applied sequence.
+fn admission(recorded: u64, moved: u64, last: u64, sequence: u64) -> Admission {
+    match (recorded, moved) {
+        (0, _) => Admission::Duplicate,
+        (_, 1) => Admission::Apply,
+        _ if last >= sequence => Admission::Stale,
+        _ => Admission::Early,
+    }
+}
+
+/// Takes back what [`admit`] wrote for `d` in `tx`: its inbox row and, if `moved`, its key's
+/// move. Cheaper than a savepoint around every admission, which most events never need (a run
+/// that made statements of its own is rolled back to its savepoint first).
+pub async fn unadmit(
+    tx: &mut dyn DbTransaction,
+    subscription: &str,
+    d: &Delivery,
+    moved: bool,
+) -> Result<(), DbError> {
+    let e = &d.event;
+    tx.execute(
+        "DELETE FROM wasmgate_inbox WHERE subscription = $1 AND event_id = $2",
+        vec![text(subscription), text(&e.id)],
+    )
+    .await?;
+    if !moved {
+        return Ok(());
+    }
+    let key = vec![
+        text(subscription),
+        text(&e.topic),
+        text(&e.key),
+        Value::uint(e.sequence),
+    ];
+    if e.sequence == 1 {
+        tx.execute(
+            "DELETE FROM wasmgate_inbox_keys WHERE subscription = $1 AND topic = $2 AND key = $3 AND sequence = $4",
+            key,
+        )
+        .await?;
     } else {
-        Admission::Early
-    })
+        tx.execute(
+            "UPDATE wasmgate_inbox_keys SET sequence = $4 - 1 \
+             WHERE subscription = $1 AND topic = $2 AND key = $3 AND sequence = $4",
+            key,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// The sequence `key` of `topic` last applied in `subscription` (0: none yet), read in `tx`.
@@ -473,7 +556,7 @@ pub async fn discard(
         .ok_or_else(|| DiscardError::NotFound(event_id.into()))?;
     let mut tx = db.begin().await?;
     let delivery = letter.clone().delivery(String::new());
-    match admit(tx.as_mut(), subscription, &delivery, by_key).await? {
+    match admit(tx.as_mut(), db.kind(), subscription, &delivery, by_key).await? {
         Admission::Early => {
             let at = key_at(tx.as_mut(), subscription, &letter.topic, &letter.key).await?;
             return Err(DiscardError::Behind {

@@ -25,6 +25,34 @@ pub mod streams;
 
 pub use broker::{Broker, BrokerError, Delivery};
 
+/// A wake-up that is never lost: a waiter busy when it was raised finds it raised when it
+/// next waits (a `Notify::notify_waiters` reaches only the tasks waiting at that moment, and a
+/// relay or consumer mid-pass then slept until its next poll).
+pub struct Signal(std::sync::LazyLock<tokio::sync::watch::Sender<u64>>);
+
+impl Signal {
+    pub const fn new() -> Self {
+        Self(std::sync::LazyLock::new(|| {
+            tokio::sync::watch::channel(0).0
+        }))
+    }
+
+    pub fn raise(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A waiter: `changed()` returns once the signal was raised after the last time it did.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
+
+impl Default for Signal {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 use std::sync::Arc;
 
 use crate::capabilities::Backends;

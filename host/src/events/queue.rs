@@ -166,10 +166,9 @@ impl Broker for Queue {
         group: &str,
         consumer: &str,
         max: usize,
-        idle: Duration,
+        claim_idle: Option<Duration>,
     ) -> Result<Vec<Delivery>, BrokerError> {
         let now = crate::auth::now_ms();
-        let cut = now - i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
         let max_i = i64::try_from(max).unwrap_or(i64::MAX);
         let (t, g, c) = (
             Value::Text(topic.into()),
@@ -200,15 +199,21 @@ impl Broker for Queue {
         // (SELECT ... LIMIT)` PostgreSQL may run the subquery once per pending row (measured:
         // 1.2 s with 2,000 pending on a table not analyzed yet). The group's row lock keeps
         // the two together.
-        let idle = tx
-            .query(
-                "SELECT entry FROM wasmgate_queue_pending WHERE topic = $1 AND grp = $2 AND delivered_at <= $3 \
-                 ORDER BY entry LIMIT $4",
-                vec![t.clone(), g.clone(), Value::Int64(cut), Value::Int64(max_i)],
-            )
-            .await
-            .map_err(unavailable)?;
-        let idle = entries_of(&idle);
+        let idle = match claim_idle {
+            Some(idle) => {
+                let cut = now - i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
+                let rows = tx
+                    .query(
+                        "SELECT entry FROM wasmgate_queue_pending WHERE topic = $1 AND grp = $2 AND delivered_at <= $3 \
+                         ORDER BY entry LIMIT $4",
+                        vec![t.clone(), g.clone(), Value::Int64(cut), Value::Int64(max_i)],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                entries_of(&rows)
+            }
+            None => Vec::new(),
+        };
         let claimed = if idle.is_empty() {
             crate::capabilities::db::Rows {
                 columns: Vec::new(),

@@ -20,7 +20,7 @@ pub const IDLE: Duration = Duration::from_millis(50);
 
 /// Woken when this process's relay appended events, so this process's consumers read them at
 /// once (those of other processes find them at their next poll).
-pub static APPENDED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+pub static APPENDED: super::Signal = super::Signal::new();
 /// Sent rows are deleted after this long.
 pub const KEEP_SENT: Duration = Duration::from_secs(3600);
 
@@ -56,7 +56,7 @@ impl Relay {
             return Ok(0);
         }
         self.broker.append(&events).await?;
-        APPENDED.notify_waiters();
+        APPENDED.raise();
         let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
         outbox::mark_sent(self.db.as_ref(), &self.id, &ids)
             .await
@@ -68,6 +68,7 @@ impl Relay {
     /// this process publishes or every [`IDLE`]; sent rows older than [`KEEP_SENT`] are deleted once a minute.
     pub async fn run<T: Send + Sync + 'static>(self, owner: Weak<T>) {
         let mut pruned = tokio::time::Instant::now();
+        let mut published = outbox::PUBLISHED.watch();
         loop {
             if owner.strong_count() == 0 {
                 return;
@@ -77,7 +78,7 @@ impl Relay {
                     // A publish in this process wakes the relay at once; its transaction may
                     // still be committing, hence the short pause before the next pass.
                     tokio::select! {
-                        _ = outbox::PUBLISHED.notified() => {
+                        _ = published.changed() => {
                             tokio::time::sleep(Duration::from_millis(1)).await;
                         }
                         _ = tokio::time::sleep(IDLE) => {}

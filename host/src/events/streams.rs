@@ -113,26 +113,27 @@ impl Broker for Streams {
         group: &str,
         consumer: &str,
         max: usize,
-        idle: Duration,
+        claim_idle: Option<Duration>,
     ) -> Result<Vec<Delivery>, BrokerError> {
         let key = stream(topic);
         let mut conn = self.conn.clone();
-        let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-            .arg(&key)
-            .arg(group)
-            .arg(consumer)
-            .arg(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX))
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(max)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let mut out = claimed
-            .claimed
-            .iter()
-            .map(|e| event_of(topic, e))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = Vec::new();
+        if let Some(idle) = claim_idle {
+            let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(&key)
+                .arg(group)
+                .arg(consumer)
+                .arg(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX))
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(max)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            for e in &claimed.claimed {
+                out.push(event_of(topic, e)?);
+            }
+        }
         let room = max.saturating_sub(out.len());
         if room > 0 {
             let fresh: Option<StreamReadReply> = redis::cmd("XREADGROUP")

@@ -158,7 +158,7 @@ mod tests {
                     .handle_event(event, &RequestId::new(), request, ended_tx)
                     .await;
                 let ended = ended.await.expect("ended");
-                let tx = ended.held.expect("the held transaction comes back");
+                let tx = ended.held.expect("the held transaction comes back").tx;
                 if commit && matches!(verdict, Ok(Ok(()))) {
                     tx.commit().await.expect("commit");
                 } else {

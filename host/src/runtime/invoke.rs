@@ -18,7 +18,6 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use super::{Function, GuestState};
 use crate::capabilities::RequestCaps;
-use crate::capabilities::db::DbTransaction;
 use crate::request_id::RequestId;
 
 /// Why a request produced no guest response. Details are logged where the failure is detected;
@@ -47,7 +46,7 @@ pub(super) enum Stage {
 /// How a held run ended: its outcome and the transaction the host held it in, if any.
 pub struct Ended {
     pub outcome: Result<(), Failure>,
-    pub held: Option<Box<dyn DbTransaction>>,
+    pub held: Option<crate::capabilities::db::Released>,
 }
 
 /// An instance kept for reuse, with the store it lives in.

@@ -71,8 +71,8 @@ impl Function {
         // The instance is gone once `ended` answers (or its task was dropped, and the
         // transaction with it, which rolls back too).
         if let Ok(ended) = ended.await
-            && let Some(tx) = ended.held
-            && let Err(e) = tx.rollback().await
+            && let Some(held) = ended.held
+            && let Err(e) = held.tx.rollback().await
         {
             tracing::warn!(function = %self.name(), request_id = %id, error = ?e, "shadow transaction rollback failed");
         }

@@ -330,7 +330,7 @@ async fn held(b: Arc<dyn DbBackend>) {
             .expect("call")
             .expect("query");
         assert_eq!(seen.rows.len(), 2, "1 and 3");
-        let tx = db.release().expect("held");
+        let tx = db.release().expect("held").tx;
         if keep {
             tx.commit().await.expect("commit");
         } else {
@@ -347,6 +347,63 @@ async fn held(b: Arc<dyn DbBackend>) {
         [1, 3],
         "a committed run keeps what the guest kept"
     );
+}
+
+/// Runs sharing one held transaction, each with a mark: a run that makes no statement takes
+/// none (no round trip); one that does takes it before its first, and rolling back to it
+/// undoes that run alone, keeping what the host and the earlier runs wrote.
+async fn marked_runs(b: Arc<dyn DbBackend>) {
+    use super::wit::Host;
+    b.execute("CREATE TABLE marked (n BIGINT NOT NULL)", vec![])
+        .await
+        .expect("create");
+    let mut tx = b.begin().await.expect("begin");
+    tx.execute("INSERT INTO marked (n) VALUES (0)", vec![])
+        .await
+        .expect("the host's own write");
+    let functions = super::FunctionDb { backend: b.clone() };
+    // Runs 1 and 3 insert their number; run 2 makes no statement; run 3 is undone.
+    for n in 1..=3i64 {
+        let mut db = functions.instance();
+        db.hold_in(tx, Some("mark"));
+        let mut table = wasmtime::component::ResourceTable::new();
+        let mut view = super::DbView {
+            table: &mut table,
+            db: &mut db,
+        };
+        if n != 2 {
+            let inserted = Host::execute(
+                &mut view,
+                "INSERT INTO marked (n) VALUES ($1)".into(),
+                vec![Value::Int64(n)],
+            )
+            .await
+            .expect("call");
+            assert_eq!(inserted, Ok(1));
+        }
+        let released = db.release().expect("held");
+        assert_eq!(
+            released.marked,
+            n != 2,
+            "run {n} marked only if it made a statement"
+        );
+        tx = released.tx;
+        if n == 3 {
+            tx.execute("ROLLBACK TO SAVEPOINT mark", vec![])
+                .await
+                .expect("back to run 3's mark");
+        }
+    }
+    tx.commit().await.expect("commit");
+    let kept = b
+        .query("SELECT n FROM marked ORDER BY n", vec![])
+        .await
+        .expect("read")
+        .rows
+        .iter()
+        .filter_map(|r| r[0].int())
+        .collect::<Vec<_>>();
+    assert_eq!(kept, [0, 1], "run 3 undone alone");
 }
 
 /// A transaction that reads, then writes, while another connection writes meanwhile: both
@@ -386,6 +443,7 @@ async fn sqlite_conforms() {
     let db = Db::connect(&url).await.expect("sqlite");
     suite(db.backend().clone(), "BLOB").await;
     held(db.backend().clone()).await;
+    marked_runs(db.backend().clone()).await;
     read_then_write_beside_a_writer(db.backend().clone()).await;
 }
 
@@ -396,6 +454,7 @@ async fn postgres_conforms() {
         .expect("postgres");
     suite(db.backend().clone(), "BYTEA").await;
     held(db.backend().clone()).await;
+    marked_runs(db.backend().clone()).await;
     read_then_write_beside_a_writer(db.backend().clone()).await;
 }
 

@@ -23,14 +23,14 @@ fn finished() -> DbError {
 impl wit::Host for DbView<'_> {
     async fn query(&mut self, sql: String, params: Vec<Value>) -> Answer<Rows> {
         Ok(match &mut self.db.held {
-            Some(h) => bounded(h.tx.query(&sql, params)).await,
+            Some(h) => bounded(async { h.tx().await?.query(&sql, params).await }).await,
             None => bounded(self.db.backend.query(&sql, params)).await,
         })
     }
 
     async fn execute(&mut self, sql: String, params: Vec<Value>) -> Answer<u64> {
         Ok(match &mut self.db.held {
-            Some(h) => bounded(h.tx.execute(&sql, params)).await,
+            Some(h) => bounded(async { h.tx().await?.execute(&sql, params).await }).await,
             None => bounded(self.db.backend.execute(&sql, params)).await,
         })
     }
@@ -45,7 +45,10 @@ impl wit::Host for DbView<'_> {
             Some(h) => {
                 h.savepoints += 1;
                 let name = format!("wasmgate_sp{}", h.savepoints);
-                if let Err(e) = bounded(h.tx.execute(&format!("SAVEPOINT {name}"), vec![])).await {
+                let savepoint = format!("SAVEPOINT {name}");
+                if let Err(e) =
+                    bounded(async { h.tx().await?.execute(&savepoint, vec![]).await }).await
+                {
                     return Ok(Err(e));
                 }
                 Transaction::Savepoint(Some(name))

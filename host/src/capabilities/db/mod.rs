@@ -154,6 +154,32 @@ struct Held {
     tx: Box<dyn DbTransaction>,
     /// Savepoints named so far (names are never reused within the run).
     savepoints: usize,
+    /// A savepoint the host asked for, taken just before the run's first statement: a run
+    /// that never touches the database costs no round trip for it.
+    mark: Option<&'static str>,
+    /// Whether `mark` was taken.
+    marked: bool,
+}
+
+impl Held {
+    /// The transaction, with the host's mark taken first if it is still pending.
+    async fn tx(&mut self) -> Result<&mut Box<dyn DbTransaction>, DbError> {
+        if let Some(name) = self.mark.take() {
+            self.tx
+                .execute(&format!("SAVEPOINT {name}"), vec![])
+                .await?;
+            self.marked = true;
+        }
+        Ok(&mut self.tx)
+    }
+}
+
+/// What a run leaves of the transaction the host held it in.
+pub struct Released {
+    pub tx: Box<dyn DbTransaction>,
+    /// Whether the mark asked for in [`RequestDb::hold_in`] was taken (the run made a
+    /// statement): only then is there a savepoint to roll back to.
+    pub marked: bool,
 }
 
 impl RequestDb {
@@ -163,19 +189,35 @@ impl RequestDb {
     /// after taking it back with [`RequestDb::release`].
     pub async fn hold(&mut self) -> Result<(), DbError> {
         let tx = self.backend.begin().await?;
-        self.hold_in(tx);
+        self.hold_in(tx, None);
         Ok(())
     }
 
     /// [`RequestDb::hold`] in `tx`, a transaction the host already holds (several event runs
-    /// share one, each in a savepoint of its own).
-    pub fn hold_in(&mut self, tx: Box<dyn DbTransaction>) {
-        self.held = Some(Held { tx, savepoints: 0 });
+    /// share one), with a savepoint `mark` taken before the run's first statement, so that
+    /// the host can undo the run alone.
+    pub fn hold_in(&mut self, tx: Box<dyn DbTransaction>, mark: Option<&'static str>) {
+        self.held = Some(Held {
+            tx,
+            savepoints: 0,
+            mark,
+            marked: false,
+        });
     }
 
-    /// The transaction the host holds the run in, if it does: where the run's statements go.
-    pub(crate) fn held_transaction(&mut self) -> Option<&mut Box<dyn DbTransaction>> {
-        self.held.as_mut().map(|h| &mut h.tx)
+    /// Whether the host holds the run in a transaction.
+    pub(crate) fn is_held(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// The transaction the host holds the run in: where the run's statements go.
+    pub(crate) async fn held_transaction(
+        &mut self,
+    ) -> Result<&mut Box<dyn DbTransaction>, DbError> {
+        match self.held.as_mut() {
+            Some(h) => h.tx().await,
+            None => Err(DbError::InvalidState("no transaction is held".into())),
+        }
     }
 
     pub(crate) fn backend(&self) -> &Arc<dyn DbBackend> {
@@ -194,8 +236,11 @@ impl RequestDb {
 
     /// The transaction [`RequestDb::hold`] opened, for the host to finish; `None` if none was.
     /// Savepoints the guest left open are part of it.
-    pub fn release(&mut self) -> Option<Box<dyn DbTransaction>> {
-        self.held.take().map(|h| h.tx)
+    pub fn release(&mut self) -> Option<Released> {
+        self.held.take().map(|h| Released {
+            tx: h.tx,
+            marked: h.marked,
+        })
     }
 }
 

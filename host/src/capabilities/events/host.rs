@@ -48,13 +48,11 @@ impl wit::Host for EventsView<'_> {
         }
         let source = self.events.0.function.clone();
         let backend = self.db.backend().clone();
-        if let Some(held) = self.db.held_transaction() {
-            return Ok(bounded(outbox::append(
-                held.as_mut(),
-                backend.kind(),
-                &source,
-                &event,
-            ))
+        if self.db.is_held() {
+            return Ok(bounded(async {
+                let held = self.db.held_transaction().await?;
+                outbox::append(held.as_mut(), backend.kind(), &source, &event).await
+            })
             .await);
         }
         Ok(bounded(outbox::publish(backend.as_ref(), &source, &event)).await)

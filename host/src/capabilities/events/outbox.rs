@@ -95,7 +95,7 @@ pub fn new_id() -> String {
 
 /// Woken by every event written in this process, so the relay need not wait for its next
 /// poll (the event's transaction may still be open: the relay then finds it a poll later).
-pub static PUBLISHED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+pub static PUBLISHED: crate::events::Signal = crate::events::Signal::new();
 
 /// Next sequence of the key `$1`, `$2` (topic, key): inserted at 1 or incremented, the row
 /// locked until the transaction ends.
@@ -135,7 +135,7 @@ pub async fn append(
     source: &str,
     event: &Event,
 ) -> Result<Published, DbError> {
-    PUBLISHED.notify_waiters();
+    PUBLISHED.raise();
     let id = new_id();
     let mut params = row(&id, source, event);
     if kind == "postgres" {
@@ -174,7 +174,7 @@ pub async fn publish(
         let id = new_id();
         let sequence =
             returned_sequence(&db.query(&ONE_STATEMENT, row(&id, source, event)).await?)?;
-        PUBLISHED.notify_waiters();
+        PUBLISHED.raise();
         return Ok(Published { id, sequence });
     }
     let mut tx = db.begin().await?;
