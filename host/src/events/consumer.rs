@@ -3,13 +3,13 @@
 //!
 //! Due events go out in groups (up to `concurrency` at work, each up to [`GROUP_MAX`] events
 //! of whole keys, so a key is in one group at a time and the next group of a key starts only
-//! after the last one ended). A group is one transaction, each event in a savepoint of it: the
-//! host asks the inbox to admit the event (a duplicate or an older event is acknowledged
-//! without running anything; one whose key has not applied its predecessor waits), runs the
-//! handler in the savepoint, and rolls back to it if the handler fails, so one commit carries
-//! the group's applied events with their inbox records; then their broker entries are
-//! acknowledged. A handler
-//! that fails (`retry`, a trap, a timeout) is rolled back and tried again after a backoff that
+//! after the last one ended). A group is one transaction: for each event the host asks the
+//! inbox to admit it (one statement on PostgreSQL; a duplicate or an older event is
+//! acknowledged without running anything; one whose key has not applied its predecessor
+//! waits), runs the handler (a savepoint is taken before the handler's first statement, none
+//! if it makes none), and if the handler fails rolls back to that savepoint and takes the
+//! admission back; so one commit carries the group's applied events with their inbox records,
+//! then their broker entries are acknowledged. A handler that fails (`retry`, a trap, a timeout) is rolled back and tried again after a backoff that
 //! doubles, with jitter; after `max_attempts` (or at once on `reject`) the event goes to the
 //! dead-letter queue and, with `ordering = "key"`, its key waits (parked) while the others
 //! keep flowing.
@@ -47,9 +47,12 @@ const RELEASE_EARLY: u32 = 4;
 const READS_PER_ROUND: usize = 8;
 /// How soon an event of a parked key is looked at again.
 const PARKED: Duration = Duration::from_secs(1);
-/// Events one transaction handles at most (each in a savepoint: PostgreSQL slows down once a
-/// transaction has more than 64 subtransactions).
-const GROUP_MAX: usize = 16;
+/// Events one transaction handles at most.
+const GROUP_MAX: usize = 32;
+/// Runs that made statements (each in a savepoint, and a guest's own transactions are
+/// savepoints too) one transaction holds at most: PostgreSQL slows down once a transaction
+/// has more than 64 subtransactions.
+const MARKED_MAX: usize = 16;
 /// Lanes whose applied sequences one query checks at most.
 const CHECK_LANES: usize = 256;
 /// How often a consumer claims entries left idle by another.
@@ -412,10 +415,11 @@ impl Consumer {
         }
     }
 
-    /// Tries `runs` (each one key's due events, in sequence order) in one transaction, each
-    /// event in a savepoint of its own: one commit for the group, and a failing event rolls
-    /// back only its own work. A key's later events wait when one of its events does not
-    /// apply; events past [`GROUP_MAX`] stay due for the next round. What an event leaves
+    /// Tries `runs` (each one key's due events, in sequence order) in one transaction: one
+    /// commit for the group, and a failing event takes back only its own work (see
+    /// [`Consumer::try_one`]). A key's later events wait when one of its events does not
+    /// apply; events past [`GROUP_MAX`] (or past [`MARKED_MAX`] runs that made statements)
+    /// stay due for the next round. What an event leaves
     /// (`Next::Done`) counts only once the group committed; failures are counted and dead
     /// letters written after the group's transaction ended (on SQLite it holds the only
     /// write lock).
@@ -446,19 +450,21 @@ impl Consumer {
         let mut applied = Vec::new();
         let mut failed = Vec::new();
         let mut budget = GROUP_MAX;
+        let mut marks = 0;
         let mut tx = Some(tx);
         'runs: for run in &runs {
             for d in run {
                 let Some(held) = tx.take() else {
                     break 'runs;
                 };
-                if budget == 0 {
+                if budget == 0 || marks >= MARKED_MAX {
                     tx = Some(held);
                     break 'runs;
                 }
                 budget -= 1;
                 let tries = attempts.get(&d.event.id).copied().unwrap_or(0);
-                let (back, step) = self.try_one(held, d, tries).await;
+                let (back, step, marked) = self.try_one(held, d, tries).await;
+                marks += usize::from(marked);
                 tx = back;
                 let go_on = match step {
                     Step::Applied => {
@@ -527,7 +533,8 @@ impl Consumer {
         Ok(tx)
     }
 
-    /// One try of `d` in `tx`; gives the transaction back unless it was lost. What the try
+    /// One try of `d` in `tx`; gives the transaction back unless it was lost, and says whether
+    /// the run took a savepoint. What the try
     /// wrote is taken back if it does not apply: the admission by [`inbox::unadmit`], the
     /// handler's own statements by rolling back to the savepoint taken before its first.
     async fn try_one(
@@ -535,7 +542,7 @@ impl Consumer {
         mut tx: Box<dyn DbTransaction>,
         d: &Delivery,
         tries: u32,
-    ) -> (Option<Box<dyn DbTransaction>>, Step) {
+    ) -> (Option<Box<dyn DbTransaction>>, Step, bool) {
         let soon = Step::Settled(Next::Later(Instant::now() + Duration::from_millis(500)));
         let by_key = self.sub.ordering == Ordering::Key;
         let admission = match inbox::admit(tx.as_mut(), self.db.kind(), &self.name, d, by_key).await
@@ -545,15 +552,15 @@ impl Consumer {
                 // Another consumer holds the key or the event (a lock, a unique conflict):
                 // the statement failed, and with it the group's transaction.
                 tracing::debug!(subscription = %self.name, error = ?e, "event not admitted; retrying");
-                return (None, soon);
+                return (None, soon, false);
             }
         };
         match admission {
             Admission::Apply => {}
-            Admission::Duplicate => return (Some(tx), Step::Settled(Next::Done)),
+            Admission::Duplicate => return (Some(tx), Step::Settled(Next::Done), false),
             Admission::Stale => {
                 let tx = undo(tx, &self.name, d, false, false).await;
-                return (tx, Step::Settled(Next::Done));
+                return (tx, Step::Settled(Next::Done), false);
             }
             Admission::Early => {
                 let tx = undo(tx, &self.name, d, false, false).await;
@@ -566,7 +573,7 @@ impl Consumer {
                 } else {
                     Next::Early
                 };
-                return (tx, Step::Settled(next));
+                return (tx, Step::Settled(next), false);
             }
         }
         let mut caps = self.caps.instance();
@@ -580,7 +587,7 @@ impl Consumer {
         let held = ended.await.ok().and_then(|e| e.held);
         let (why, reject) = match verdict {
             Ok(Ok(())) => match held {
-                Some(held) => return (Some(held.tx), Step::Applied),
+                Some(held) => return (Some(held.tx), Step::Applied, held.marked),
                 None => ("the run's transaction was lost".to_string(), false),
             },
             Ok(Err(HandlerError::Reject(why))) => (why, true),
@@ -588,11 +595,12 @@ impl Consumer {
             Err(failure) => (failure_text(failure).to_string(), false),
         };
         tracing::info!(subscription = %self.name, event = %d.event.id, request_id = %id, tries = tries + 1, error = %why, "event handler failed");
+        let marked = held.as_ref().is_some_and(|h| h.marked);
         let tx = match held {
             Some(held) => undo(held.tx, &self.name, d, held.marked, by_key).await,
             None => None,
         };
-        (tx, Step::Failed(why, reject))
+        (tx, Step::Failed(why, reject), marked)
     }
 
     /// Counts a failed try of `d`: tried again after the backoff, or a dead letter after
