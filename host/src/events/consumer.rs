@@ -70,6 +70,14 @@ enum Next {
     Early,
 }
 
+impl Next {
+    /// Try again shortly: the try could not be made or kept (no transaction, a lost one, a
+    /// commit that failed, a conflict with another consumer), through no fault of the event.
+    fn soon() -> Self {
+        Self::Later(Instant::now() + Duration::from_millis(500))
+    }
+}
+
 struct Waiting {
     /// Shared: the loop hands it to groups on every round, and a payload can be large.
     delivery: Arc<Delivery>,
@@ -429,11 +437,10 @@ impl Consumer {
     /// letters written after the group's transaction ended (on SQLite it holds the only
     /// write lock).
     async fn handle_group(&self, runs: Vec<Run>) -> Vec<(String, Next)> {
-        let soon = || Next::Later(Instant::now() + Duration::from_millis(500));
         let everything_soon = |runs: &[Run]| {
             runs.iter()
                 .flatten()
-                .map(|d| (d.entry.clone(), soon()))
+                .map(|d| (d.entry.clone(), Next::soon()))
                 .collect::<Vec<_>>()
         };
         let mut tx = match self.begin_group().await {
@@ -505,7 +512,7 @@ impl Consumer {
         settled.extend(
             applied
                 .into_iter()
-                .map(|entry| (entry, if committed { Next::Done } else { soon() })),
+                .map(|entry| (entry, if committed { Next::Done } else { Next::soon() })),
         );
         for (d, why, tries, reject) in failed {
             let next = if reject {
@@ -548,7 +555,7 @@ impl Consumer {
         d: &Delivery,
         tries: u32,
     ) -> (Option<Box<dyn DbTransaction>>, Step, bool) {
-        let soon = Step::Settled(Next::Later(Instant::now() + Duration::from_millis(500)));
+        let soon = Step::Settled(Next::soon());
         let by_key = self.sub.ordering == Ordering::Key;
         let admission = match inbox::admit(tx.as_mut(), self.db.kind(), &self.name, d, by_key).await
         {

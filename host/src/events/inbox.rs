@@ -164,11 +164,13 @@ const RECORD: &str = "INSERT INTO wasmgate_inbox (subscription, event_id, handle
 /// another consumer meanwhile reads as not yet moved, so the event waits and is then found
 /// applied, never applied twice).
 static ADMIT_FIRST: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| format!("{ADMIT_HEAD}{FIRST_MOVES}{ADMIT_TAIL}"));
+    std::sync::LazyLock::new(|| admit_with(FIRST_MOVES));
 static ADMIT_NEXT: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| format!("{ADMIT_HEAD}{NEXT_MOVES}{ADMIT_TAIL}"));
-const ADMIT_HEAD: &str = "WITH recorded AS (INSERT INTO wasmgate_inbox (subscription, event_id, handled_at) \
-     VALUES ($1, $2, $3) ON CONFLICT (subscription, event_id) DO NOTHING RETURNING 1), moved AS (";
+    std::sync::LazyLock::new(|| admit_with(NEXT_MOVES));
+fn admit_with(moves: &str) -> String {
+    format!("WITH recorded AS ({RECORD} RETURNING 1), moved AS ({moves}){ADMIT_TAIL}")
+}
+
 /// A key's first event creates its row (`$7` is 0 here: named so that both forms take the same
 /// parameters).
 const FIRST_MOVES: &str = "INSERT INTO wasmgate_inbox_keys (subscription, topic, key, sequence) \
@@ -177,7 +179,7 @@ const FIRST_MOVES: &str = "INSERT INTO wasmgate_inbox_keys (subscription, topic,
 const NEXT_MOVES: &str = "UPDATE wasmgate_inbox_keys SET sequence = $6 \
      WHERE subscription = $1 AND topic = $4 AND key = $5 AND sequence = $7 AND EXISTS (SELECT 1 FROM recorded) \
      RETURNING 1";
-const ADMIT_TAIL: &str = ") SELECT (SELECT count(*) FROM recorded), (SELECT count(*) FROM moved), \
+const ADMIT_TAIL: &str = " SELECT (SELECT count(*) FROM recorded), (SELECT count(*) FROM moved), \
      COALESCE((SELECT sequence FROM wasmgate_inbox_keys WHERE subscription = $1 AND topic = $4 AND key = $5), 0)";
 
 /// What the inbox says of an event of `sequence`: whether it was `recorded` now, whether its

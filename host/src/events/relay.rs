@@ -65,7 +65,8 @@ impl Relay {
     }
 
     /// Passes until `owner` is dropped: back to back while there is work, otherwise when
-    /// this process publishes or every [`IDLE`]; sent rows older than [`KEEP_SENT`] are deleted once a minute.
+    /// this process publishes or every [`IDLE`]; sent rows older than [`KEEP_SENT`] are
+    /// deleted once a minute.
     pub async fn run<T: Send + Sync + 'static>(self, owner: Weak<T>) {
         let mut pruned = tokio::time::Instant::now();
         let mut published = outbox::PUBLISHED.watch();
