@@ -965,3 +965,73 @@ async fn a_version_may_change_its_functions_settings_and_they_are_checked() {
     let slow = c.get(s.url("/c/b?delay=500")).send().await.expect("get");
     expect_problem(slow, 504, "function-timeout").await;
 }
+
+/// Uploads are received on disk as they arrive, not in memory: four 24 MiB uploads held one byte
+/// short of their declared length (and two more waiting for a turn) leave the server's heap
+/// where it was; completed, each is refused as invalid wasm and no version is stored.
+#[tokio::test]
+async fn uploads_in_flight_are_kept_on_disk_not_in_memory() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LEN: usize = 24 << 20;
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = start(dir.path());
+    let admin = admin_of(&s);
+    let addr = admin.base.trim_start_matches("http://").to_string();
+    let before = s.anon_kib();
+    let (go, _) = tokio::sync::broadcast::channel::<()>(1);
+    let (sent, mut all_but_one) = tokio::sync::mpsc::channel(6);
+    let mut uploads = Vec::new();
+    for _ in 0..6 {
+        let (addr, mut go, sent) = (addr.clone(), go.subscribe(), sent.clone());
+        uploads.push(tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect");
+            let head = format!(
+                "POST /admin/v1/functions/pages/versions?label=big HTTP/1.1\r\nhost: admin\r\n\
+                 authorization: Bearer {TOKEN}\r\ncontent-length: {LEN}\r\n\r\n"
+            );
+            c.write_all(head.as_bytes()).await.expect("head");
+            c.write_all(&vec![0; LEN - 1]).await.expect("body");
+            sent.send(()).await.expect("signal");
+            go.recv().await.expect("go");
+            c.write_all(&[0]).await.expect("last byte");
+            let mut answer = Vec::new();
+            let mut buf = [0; 4096];
+            while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = c.read(&mut buf).await.expect("answer");
+                assert!(n > 0, "closed before answering");
+                answer.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8_lossy(&answer).into_owned()
+        }));
+    }
+    // Only the four received at once can take all but their last byte.
+    for _ in 0..4 {
+        all_but_one.recv().await.expect("sent");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let during = s.anon_kib();
+    assert!(
+        during < before + 32 * 1024,
+        "heap {before} KiB before, {during} KiB with 96 MiB of uploads in flight"
+    );
+    go.send(()).expect("go");
+    for upload in uploads {
+        let answer = upload.await.expect("upload task");
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("application/problem+json"), "{answer}");
+    }
+    let versions: Value = admin
+        .c
+        .get(admin.url("/versions"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("versions")
+        .json()
+        .await
+        .expect("json");
+    assert!(!versions.to_string().contains("\"big\""), "{versions}");
+    println!("heap {before} KiB before, {during} KiB with 96 MiB of uploads in flight");
+}

@@ -5,8 +5,9 @@
 //! `/admin/v1/functions/{function}`:
 //! - `POST versions?label=v2`: upload a component (the body, at most [`MAX_MODULE`] bytes) as a
 //!   new version; `timeout`, `memory`, `max_body`, `instance_reuse` and `capabilities` in the
-//!   query change its function's manifest settings for this version. It is compiled and checked against the function's grants off the request
-//!   path, one compile at a time; invalid wasm, a core module, the wrong world or an ungranted
+//!   query change its function's manifest settings for this version. It is received into a
+//!   temporary file as it arrives, then compiled and checked against the function's grants off
+//!   the request path, one compile at a time; invalid wasm, a core module, the wrong world or an ungranted
 //!   import is a 400 naming the reason. The module is stored content-addressed.
 //!   A version that imports a capability the live version does not, is granted more, or
 //!   loosens a limit (timeout, memory, body size, instance reuse) is stored with that
@@ -46,7 +47,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use http_body_util::BodyExt;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -58,11 +58,14 @@ use crate::registry::{RegistryError, Spec, VersionRow, VersionSettings, Weighted
 pub const MAX_MODULE: usize = 64 * 1024 * 1024;
 /// Compiles at once: cranelift takes a core each, and serving must keep the rest.
 const COMPILES: usize = 1;
+/// Uploads received at once (each into a temporary file of up to [`MAX_MODULE`] bytes).
+const RECEIVING: usize = 4;
 
 struct Admin {
     deployer: Arc<Deployer>,
     token: [u8; 32],
     compiles: Semaphore,
+    receiving: Semaphore,
 }
 
 /// An admin error as problem+json.
@@ -131,6 +134,7 @@ pub fn router(deployer: Arc<Deployer>, token: &str) -> Router {
         deployer,
         token: Sha256::digest(token.as_bytes()).into(),
         compiles: Semaphore::new(COMPILES),
+        receiving: Semaphore::new(RECEIVING),
     });
     Router::new()
         .route("/admin/v1/deployments", get(all_deployments))
@@ -289,33 +293,26 @@ async fn upload(
 ) -> Answer {
     // The body first, even for an unknown function: an answer before it would leave the rest of
     // the upload in the connection.
-    let bytes = http_body_util::Limited::new(body, MAX_MODULE)
-        .collect()
-        .await
-        .map_err(|_| {
-            Failure(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "module-too-large",
-                format!("a module may be at most {MAX_MODULE} bytes"),
-            )
-        })?
-        .to_bytes();
+    let spooled = receive(&admin, body).await?;
     let cfg = function_config(&admin, &function)?;
     let settings = q.settings();
     let (limits, grants) =
         crate::loader::effective(&cfg, &settings, admin.deployer.settings().max_memory)
             .map_err(|e| Failure(StatusCode::BAD_REQUEST, "invalid", e))?;
-    // Compile and check it as it would run, off the request path, one at a time.
-    let permit = admin.compiles.acquire().await.map_err(|_| {
-        Failure(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting-down",
-            "the server is stopping".into(),
-        )
-    })?;
-    let (deployer, name, wasm) = (admin.deployer.clone(), function.clone(), bytes.clone());
+    // Compile and check it as it would run, off the request path, one at a time. The permit
+    // is held until the module is stored: it also bounds the modules held whole in memory.
+    let permit = admin.compiles.acquire().await.map_err(|_| stopping())?;
+    let (deployer, name) = (admin.deployer.clone(), function.clone());
     let grants_now = grants.clone();
     let checked = tokio::task::spawn_blocking(move || {
+        let wasm = spooled.read().map_err(|e| {
+            tracing::error!(error = %e, "reading a received upload back");
+            Failure(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the upload could not be read back".into(),
+            )
+        })?;
         let platform = deployer.platform();
         platform
             .runtime
@@ -327,19 +324,12 @@ async fn upload(
                 &grants,
                 platform.backends.configure(&name),
             )
-            .map(|f| f.imports().to_vec())
+            .map(|f| (wasm, f.imports().to_vec()))
+            .map_err(|e| Failure(StatusCode::BAD_REQUEST, "invalid-module", e.to_string()))
     })
     .await;
-    drop(permit);
-    let imports = match checked {
-        Ok(Ok(imports)) => imports,
-        Ok(Err(e)) => {
-            return Err(Failure(
-                StatusCode::BAD_REQUEST,
-                "invalid-module",
-                e.to_string(),
-            ));
-        }
+    let (bytes, imports) = match checked {
+        Ok(checked) => checked?,
         Err(e) => {
             tracing::error!(error = %e, "module check panicked");
             return Err(Failure(
@@ -353,6 +343,7 @@ async fn upload(
     let surface = Surface::new(&imports, &grants_now, &limits);
     let widens = surface.widens(&live_surface(&admin, &function, &cfg).await?);
     let sha256 = registry.put_module(&bytes).await?;
+    drop((bytes, permit));
     let who = actor(&headers);
     let row = VersionRow {
         function: function.clone(),
@@ -382,6 +373,73 @@ async fn upload(
         })),
     )
         .into_response())
+}
+
+/// An upload received into an unnamed temporary file (gone when dropped).
+struct Spooled {
+    file: std::fs::File,
+    len: usize,
+}
+
+impl Spooled {
+    /// The whole module, for the compiler and the registry (blocking).
+    fn read(mut self) -> std::io::Result<Vec<u8>> {
+        use std::io::{Read, Seek};
+        self.file.rewind()?;
+        let mut wasm = Vec::with_capacity(self.len);
+        self.file.read_to_end(&mut wasm)?;
+        Ok(wasm)
+    }
+}
+
+/// Receives an upload on disk as it arrives: a slow or stalled upload holds a file, not memory,
+/// so memory stays bounded by the one module compiled at a time however many arrive at once.
+/// At most [`RECEIVING`] are read at once; the others wait, their bytes held back by TCP.
+async fn receive(admin: &Admin, body: Body) -> Result<Spooled, Failure> {
+    use tokio::io::AsyncWriteExt;
+    let _receiving = admin.receiving.acquire().await.map_err(|_| stopping())?;
+    let disk = |e: std::io::Error| {
+        tracing::error!(error = %e, "writing an upload to a temporary file");
+        Failure(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "no-space",
+            "the upload could not be kept on disk".into(),
+        )
+    };
+    let mut file = tokio::fs::File::from_std(tempfile::tempfile().map_err(disk)?);
+    let mut len = 0;
+    let mut body = body.into_data_stream();
+    while let Some(chunk) = futures::StreamExt::next(&mut body).await {
+        let chunk = chunk.map_err(|e| {
+            Failure(
+                StatusCode::BAD_REQUEST,
+                "upload-cut",
+                format!("the upload ended early: {e}"),
+            )
+        })?;
+        len += chunk.len();
+        if len > MAX_MODULE {
+            return Err(Failure(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "module-too-large",
+                format!("a module may be at most {MAX_MODULE} bytes"),
+            ));
+        }
+        file.write_all(&chunk).await.map_err(disk)?;
+    }
+    file.flush().await.map_err(disk)?;
+    Ok(Spooled {
+        file: file.into_std().await,
+        len,
+    })
+}
+
+fn stopping() -> Failure {
+    Failure(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting-down",
+        "the server is stopping".into(),
+    )
 }
 
 /// What the version serving most of `function`'s traffic may do: the registry's record of it,
