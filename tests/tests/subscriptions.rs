@@ -147,6 +147,44 @@ async fn failing_events_become_dead_letters_and_park_only_their_key() {
     wasmgate_tests::redis_cli(&["DEL", &format!("wasmgate:events:{topic}")]);
 }
 
+/// Two keys' events in one group (one consumer group at a time; PostgreSQL admits a group's
+/// runs in one statement), one rejected in the middle of its key's run: it and its key's later
+/// event are taken back (the later one waits behind the dead letter), the other key's run
+/// applies in the same transaction.
+#[tokio::test]
+async fn a_rejected_event_in_a_group_takes_back_only_the_rest_of_its_key() {
+    let db = fresh_postgres();
+    let s = Server::start_with_args(
+        &manifest("batch", "concurrency = 1"),
+        &["--database-url", &db],
+    );
+    publish(&s, "batch", "warm", "1").await;
+    until(&db, "SELECT count(*) FROM tally_applied", "1").await;
+    // At once, so that one read takes them all.
+    sql(
+        &db,
+        "INSERT INTO wasmgate_queue (topic, id, key, sequence, payload, headers, source, created_at) \
+         SELECT 'batch', md5('batch' || k || n), k, n, convert_to(p, 'UTF8'), '[]', 'test', 0 \
+         FROM (VALUES ('q', 1, '1'), ('q', 2, 'poison'), ('q', 3, '2'), ('r', 1, '1'), ('r', 2, '2'), ('r', 3, '3')) v (k, n, p)",
+    );
+    until(
+        &db,
+        "SELECT key, sequence, attempts, error FROM wasmgate_dead_letters",
+        "q|2|1|rejected: poison payload",
+    )
+    .await;
+    until(&db, "SELECT count(*) FROM tally_applied", "5").await;
+    assert_eq!(totals(&db), "q|1|1\nr|6|3\nwarm|1|1");
+    assert_eq!(
+        sql(
+            &db,
+            "SELECT key, sequence FROM wasmgate_inbox_keys ORDER BY key"
+        ),
+        "q|1\nr|3\nwarm|1"
+    );
+    assert_eq!(sql(&db, "SELECT count(*) FROM wasmgate_inbox"), "5");
+}
+
 /// A consumer stopped (SIGSTOP) in the middle of an event, its transaction open, past
 /// `redeliver_after`: PostgreSQL ends its session (the lease), another process takes the event
 /// over and applies it, and the stopped one, woken, cannot commit: applied once.

@@ -270,3 +270,100 @@ async fn redis_streams_conform() {
     let (_dir, db) = sqlite().await;
     relay(db, broker).await;
 }
+
+/// The inbox's admission on `db`: a key's run taken back from any of its events leaves the key
+/// where that event found it and the events unrecorded; from its first event, as if the key
+/// had never been seen. On PostgreSQL whole runs are admitted in one statement, which takes only
+/// when every event is new and every run follows on from its key.
+async fn admission(db: Arc<dyn DbBackend>) {
+    use super::broker::Delivery;
+    use super::inbox::{self, Admission};
+    inbox::open(db.as_ref()).await.expect("inbox");
+    let topic = unique("accounts");
+    let delivery = |key: &str, sequence| {
+        Arc::new(Delivery {
+            entry: format!("{key}-{sequence}"),
+            event: stored(&topic, key, sequence, b"{}"),
+        })
+    };
+    let a: Vec<_> = (1..=3).map(|s| delivery("a", s)).collect();
+    let b: Vec<_> = (1..=2).map(|s| delivery("b", s)).collect();
+    let sequences = |db: Arc<dyn DbBackend>, topic: String| async move {
+        let found = inbox::key_sequences(db.as_ref(), "s", &topic, &["a", "b"])
+            .await
+            .expect("sequences");
+        (found.get("a").copied(), found.get("b").copied())
+    };
+    let postgres = db.kind() == "postgres";
+    let mut tx = db.begin().await.expect("begin");
+    if postgres {
+        assert!(
+            inbox::admit_runs(tx.as_mut(), "s", &topic, &[&a, &b])
+                .await
+                .expect("admit")
+        );
+    } else {
+        for d in a.iter().chain(&b) {
+            let admitted = inbox::admit(tx.as_mut(), db.kind(), "s", d, true).await;
+            assert_eq!(admitted.expect("admit"), Admission::Apply);
+        }
+    }
+    fn tail(run: &[Arc<Delivery>]) -> Vec<&Delivery> {
+        run.iter().map(|d| &**d).collect()
+    }
+    inbox::unadmit(tx.as_mut(), "s", &tail(&a[1..]), true)
+        .await
+        .expect("a from 2");
+    inbox::unadmit(tx.as_mut(), "s", &tail(&b), true)
+        .await
+        .expect("b from 1");
+    tx.commit().await.expect("commit");
+    assert_eq!(sequences(db.clone(), topic.clone()).await, (Some(1), None));
+    // What was taken back is new again: admitted one at a time it applies.
+    let mut tx = db.begin().await.expect("begin");
+    for d in [&a[1], &b[0]] {
+        let admitted = inbox::admit(tx.as_mut(), db.kind(), "s", d, true).await;
+        assert_eq!(admitted.expect("admit"), Admission::Apply, "{}", d.entry);
+    }
+    tx.rollback().await.expect("rollback");
+    if !postgres {
+        return;
+    }
+    // Runs that do not follow their key, or repeat an event, do not take as a whole.
+    for (why, runs) in [
+        ("a gap before a's run", vec![&a[2..]]),
+        ("a's first event again", vec![&a[..1]]),
+        ("b fine, a repeated", vec![&b[..], &a[..2]]),
+    ] {
+        let mut tx = db.begin().await.expect("begin");
+        let took = inbox::admit_runs(tx.as_mut(), "s", &topic, &runs)
+            .await
+            .expect("admit");
+        assert!(!took, "{why}");
+        tx.rollback().await.expect("rollback");
+    }
+    let mut tx = db.begin().await.expect("begin");
+    assert!(
+        inbox::admit_runs(tx.as_mut(), "s", &topic, &[&a[1..], &b])
+            .await
+            .expect("admit")
+    );
+    tx.commit().await.expect("commit");
+    assert_eq!(sequences(db, topic).await, (Some(3), Some(2)));
+}
+
+#[tokio::test]
+async fn admission_on_sqlite() {
+    let (_dir, db) = sqlite().await;
+    admission(db).await;
+}
+
+#[tokio::test]
+async fn admission_on_postgres() {
+    let db = Db::connect(&fresh_postgres().await)
+        .await
+        .expect("postgres")
+        .backend()
+        .clone();
+    admission(db).await;
+}

@@ -429,13 +429,16 @@ impl Consumer {
     }
 
     /// Tries `runs` (each one key's due events, in sequence order) in one transaction: one
-    /// commit for the group, and a failing event takes back only its own work (see
-    /// [`Consumer::try_one`]). A key's later events wait when one of its events does not
-    /// apply; events past [`GROUP_MAX`] (or past [`MARKED_MAX`] runs that made statements)
-    /// stay due for the next round. What an event leaves
-    /// (`Next::Done`) counts only once the group committed; failures are counted and dead
-    /// letters written after the group's transaction ended (on SQLite it holds the only
-    /// write lock).
+    /// commit for the group, and a failing event takes back only its own work and its key's
+    /// later events. On PostgreSQL with ordering by key the group's events are admitted in one
+    /// statement ([`inbox::admit_runs`]) when each run follows on from what its key applied (what
+    /// [`Consumer::drop_applied`] found); otherwise, or if that does not take, one at a time
+    /// ([`Consumer::try_one`]), which also says what became of a duplicate or an early event.
+    /// A key's later events wait when one of its events does not apply; events past
+    /// [`GROUP_MAX`] (or past [`MARKED_MAX`] runs that made statements) stay due for the next
+    /// round. What an event leaves (`Next::Done`) counts only once the group committed;
+    /// failures are counted and dead letters written after the group's transaction ended (on
+    /// SQLite it holds the only write lock).
     async fn handle_group(&self, runs: Vec<Run>) -> Vec<(String, Next)> {
         let everything_soon = |runs: &[Run]| {
             runs.iter()
@@ -458,47 +461,47 @@ impl Consumer {
                 return everything_soon(&runs);
             }
         };
-        let mut settled = Vec::new();
-        let mut applied = Vec::new();
-        let mut failed = Vec::new();
         let mut budget = GROUP_MAX;
-        let mut marks = 0;
-        let mut tx = Some(tx);
-        'runs: for run in &runs {
-            for d in run {
-                let Some(held) = tx.take() else {
-                    break 'runs;
-                };
-                if budget == 0 || marks >= MARKED_MAX {
-                    tx = Some(held);
-                    break 'runs;
-                }
-                budget -= 1;
-                let tries = attempts.get(&d.event.id).copied().unwrap_or(0);
-                let (back, step, marked) = self.try_one(held, d, tries).await;
-                marks += usize::from(marked);
-                tx = back;
-                let go_on = match step {
-                    Step::Applied => {
-                        applied.push(d.entry.clone());
-                        true
-                    }
-                    Step::Settled(next) => {
-                        let done = matches!(next, Next::Done);
-                        settled.push((d.entry.clone(), next));
-                        done
-                    }
-                    Step::Failed(why, reject) => {
-                        failed.push((d, why, tries + 1, reject));
-                        false
-                    }
-                };
-                // A key's later events wait for this one.
-                if !go_on && self.sub.ordering == Ordering::Key {
-                    break;
-                }
+        let fitting: Vec<&[Arc<Delivery>]> = runs
+            .iter()
+            .map_while(|run| {
+                let n = run.len().min(budget);
+                budget -= n;
+                (n > 0).then(|| &run[..n])
+            })
+            .collect();
+        let batch = self.batches(&fitting);
+        let admitted = if batch {
+            let admitted =
+                inbox::admit_runs(tx.as_mut(), &self.name, &self.sub.topic, &fitting).await;
+            if let Err(e) = &admitted {
+                tracing::debug!(subscription = %self.name, error = ?e, "events not admitted together; one at a time");
             }
-        }
+            admitted.unwrap_or(false)
+        } else {
+            false
+        };
+        let Tried {
+            tx,
+            mut settled,
+            applied,
+            failed,
+        } = if admitted {
+            self.run_admitted(tx, &fitting, &attempts).await
+        } else {
+            if batch {
+                // Something in it was not new or not next: one at a time says what.
+                let _ = tx.rollback().await;
+                tx = match self.begin_group().await {
+                    Ok(tx) => tx,
+                    Err(why) => {
+                        tracing::warn!(subscription = %self.name, error = %why, "no transaction for events; retrying");
+                        return everything_soon(&runs);
+                    }
+                };
+            }
+            self.one_at_a_time(tx, &fitting, &attempts).await
+        };
         let committed = match tx {
             Some(tx) => match tx.commit().await {
                 Ok(()) => true,
@@ -525,6 +528,108 @@ impl Consumer {
         settled
     }
 
+    /// Whether `runs` can be admitted in one statement: on PostgreSQL, by key, every run
+    /// of new deliveries of this subscription's topic with consecutive sequences.
+    fn batches(&self, runs: &[&[Arc<Delivery>]]) -> bool {
+        self.sub.ordering == Ordering::Key
+            && self.db.kind() == "postgres"
+            && runs.iter().all(|run| {
+                run.iter().all(|d| {
+                    d.event.topic == self.sub.topic && !d.entry.starts_with(inbox::REPLAY_ENTRY)
+                }) && run
+                    .windows(2)
+                    .all(|w| w[1].event.sequence == w[0].event.sequence + 1)
+            })
+    }
+
+    /// Runs the handlers of `runs`, admitted together in `tx`. A failed event is taken back
+    /// with the rest of its run (they wait for it); past [`MARKED_MAX`] runs that made
+    /// statements, what is left is taken back and stays due.
+    async fn run_admitted<'a>(
+        &self,
+        tx: Box<dyn DbTransaction>,
+        runs: &[&'a [Arc<Delivery>]],
+        attempts: &std::collections::HashMap<String, u32>,
+    ) -> Tried<'a> {
+        let mut tried = Tried::new(tx);
+        let mut marks = 0;
+        'runs: for run in runs {
+            for (i, d) in run.iter().enumerate() {
+                let Some(held) = tried.tx.take() else {
+                    break 'runs;
+                };
+                if marks >= MARKED_MAX {
+                    tried.tx = take_back(held, &self.name, &run[i..], true).await;
+                    continue 'runs;
+                }
+                let tries = attempts.get(&d.event.id).copied().unwrap_or(0);
+                let ran = self.run_handler(held, d, tries).await;
+                marks += usize::from(ran.marked);
+                match ran.failed {
+                    None => {
+                        tried.tx = ran.tx;
+                        tried.applied.push(d.entry.clone());
+                    }
+                    Some((why, reject)) => {
+                        tried.tx = match ran.tx {
+                            Some(tx) => take_back(tx, &self.name, &run[i..], true).await,
+                            None => None,
+                        };
+                        tried.failed.push((d, why, tries + 1, reject));
+                        continue 'runs;
+                    }
+                }
+            }
+        }
+        tried
+    }
+
+    /// Admits and runs the events of `runs` one at a time in `tx`.
+    async fn one_at_a_time<'a>(
+        &self,
+        tx: Box<dyn DbTransaction>,
+        runs: &[&'a [Arc<Delivery>]],
+        attempts: &std::collections::HashMap<String, u32>,
+    ) -> Tried<'a> {
+        let mut tried = Tried::new(tx);
+        let mut marks = 0;
+        'runs: for run in runs {
+            for d in run.iter() {
+                let Some(held) = tried.tx.take() else {
+                    break 'runs;
+                };
+                if marks >= MARKED_MAX {
+                    tried.tx = Some(held);
+                    break 'runs;
+                }
+                let tries = attempts.get(&d.event.id).copied().unwrap_or(0);
+                let (back, step, marked) = self.try_one(held, d, tries).await;
+                marks += usize::from(marked);
+                tried.tx = back;
+                let go_on = match step {
+                    Step::Applied => {
+                        tried.applied.push(d.entry.clone());
+                        true
+                    }
+                    Step::Settled(next) => {
+                        let done = matches!(next, Next::Done);
+                        tried.settled.push((d.entry.clone(), next));
+                        done
+                    }
+                    Step::Failed(why, reject) => {
+                        tried.failed.push((d, why, tries + 1, reject));
+                        false
+                    }
+                };
+                // A key's later events wait for this one.
+                if !go_on && self.sub.ordering == Ordering::Key {
+                    break;
+                }
+            }
+        }
+        tried
+    }
+
     /// The group's transaction, with the lease set on PostgreSQL: a consumer stopped (paused,
     /// partitioned) mid-group for longer than `redeliver_after` has its session ended, so the
     /// transaction can never commit after another consumer took the events over, and its
@@ -545,14 +650,14 @@ impl Consumer {
         Ok(tx)
     }
 
-    /// One try of `d` in `tx`; gives the transaction back unless it was lost, and says whether
-    /// the run took a savepoint. What the try
-    /// wrote is taken back if it does not apply: the admission by [`inbox::unadmit`], the
-    /// handler's own statements by rolling back to the savepoint taken before its first.
+    /// One try of `d` in `tx`: admitted, then run; gives the transaction back unless it was
+    /// lost, and says whether the run took a savepoint. What the try wrote is taken back if it
+    /// does not apply: the admission by [`inbox::unadmit`], the handler's own statements by
+    /// rolling back to the savepoint taken before its first.
     async fn try_one(
         &self,
         mut tx: Box<dyn DbTransaction>,
-        d: &Delivery,
+        d: &Arc<Delivery>,
         tries: u32,
     ) -> (Option<Box<dyn DbTransaction>>, Step, bool) {
         let soon = Step::Settled(Next::soon());
@@ -567,15 +672,16 @@ impl Consumer {
                 return (None, soon, false);
             }
         };
+        let this = std::slice::from_ref(d);
         match admission {
             Admission::Apply => {}
             Admission::Duplicate => return (Some(tx), Step::Settled(Next::Done), false),
             Admission::Stale => {
-                let tx = undo(tx, &self.name, d, false, false).await;
+                let tx = take_back(tx, &self.name, this, false).await;
                 return (tx, Step::Settled(Next::Done), false);
             }
             Admission::Early => {
-                let tx = undo(tx, &self.name, d, false, false).await;
+                let tx = take_back(tx, &self.name, this, false).await;
                 let parked =
                     inbox::parked(self.db.as_ref(), &self.name, &d.event.topic, &d.event.key)
                         .await
@@ -588,6 +694,22 @@ impl Consumer {
                 return (tx, Step::Settled(next), false);
             }
         }
+        let ran = self.run_handler(tx, d, tries).await;
+        match ran.failed {
+            None => (ran.tx, Step::Applied, ran.marked),
+            Some((why, reject)) => {
+                let tx = match ran.tx {
+                    Some(tx) => take_back(tx, &self.name, this, by_key).await,
+                    None => None,
+                };
+                (tx, Step::Failed(why, reject), ran.marked)
+            }
+        }
+    }
+
+    /// Runs the handler of `d` (admitted) in `tx`; a failed run is rolled back to its
+    /// savepoint, if it took one.
+    async fn run_handler(&self, tx: Box<dyn DbTransaction>, d: &Delivery, tries: u32) -> Ran {
         let mut caps = self.caps.instance();
         caps.db.hold_in(tx, Some(SAVEPOINT));
         let id = RequestId::new();
@@ -599,7 +721,13 @@ impl Consumer {
         let held = ended.await.ok().and_then(|e| e.held);
         let (why, reject) = match verdict {
             Ok(Ok(())) => match held {
-                Some(held) => return (Some(held.tx), Step::Applied, held.marked),
+                Some(held) => {
+                    return Ran {
+                        tx: Some(held.tx),
+                        marked: held.marked,
+                        failed: None,
+                    };
+                }
                 None => ("the run's transaction was lost".to_string(), false),
             },
             Ok(Err(HandlerError::Reject(why))) => (why, true),
@@ -609,10 +737,27 @@ impl Consumer {
         tracing::info!(subscription = %self.name, event = %d.event.id, request_id = %id, tries = tries + 1, error = %why, "event handler failed");
         let marked = held.as_ref().is_some_and(|h| h.marked);
         let tx = match held {
-            Some(held) => undo(held.tx, &self.name, d, held.marked, by_key).await,
+            Some(mut held) if held.marked => {
+                match held
+                    .tx
+                    .execute(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}"), vec![])
+                    .await
+                {
+                    Ok(_) => Some(held.tx),
+                    Err(e) => {
+                        tracing::debug!(error = ?e, "rollback to an event's savepoint failed");
+                        None
+                    }
+                }
+            }
+            Some(held) => Some(held.tx),
             None => None,
         };
-        (tx, Step::Failed(why, reject), marked)
+        Ran {
+            tx,
+            marked,
+            failed: Some((why, reject)),
+        }
     }
 
     /// Counts a failed try of `d`: tried again after the backoff, or a dead letter after
@@ -649,31 +794,52 @@ impl Consumer {
 /// The savepoint an event's run takes before its first statement.
 const SAVEPOINT: &str = "wasmgate_event";
 
-/// Takes back what a try wrote in the group's transaction: the run's statements (rolled back
-/// to its savepoint, if it `marked` one) and its admission (with its key's move, if `moved`).
-/// `None` if that failed: the transaction is unusable and the whole group is tried again.
-async fn undo(
+/// Takes back the admission of `tail` (the end of one key's run, with its key's move if
+/// `moved`) in the group's transaction. `None` if that failed: the transaction is unusable and
+/// the whole group is tried again.
+async fn take_back(
     mut tx: Box<dyn DbTransaction>,
     subscription: &str,
-    d: &Delivery,
-    marked: bool,
+    tail: &[Arc<Delivery>],
     moved: bool,
 ) -> Option<Box<dyn DbTransaction>> {
-    if marked
-        && let Err(e) = tx
-            .execute(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}"), vec![])
-            .await
-    {
-        tracing::debug!(error = ?e, "rollback to an event's savepoint failed");
-        return None;
-    }
-    match inbox::unadmit(tx.as_mut(), subscription, d, moved).await {
+    let tail: Vec<&Delivery> = tail.iter().map(|d| &**d).collect();
+    match inbox::unadmit(tx.as_mut(), subscription, &tail, moved).await {
         Ok(()) => Some(tx),
         Err(e) => {
             tracing::debug!(error = ?e, "an event's admission was not taken back");
             None
         }
     }
+}
+
+/// What trying a group's events left: the transaction (unless lost), what was settled
+/// whatever becomes of it, what applied in it, and what failed (with its tries, and whether it
+/// was rejected).
+struct Tried<'a> {
+    tx: Option<Box<dyn DbTransaction>>,
+    settled: Vec<(String, Next)>,
+    applied: Vec<String>,
+    failed: Vec<(&'a Delivery, String, u32, bool)>,
+}
+
+impl Tried<'_> {
+    fn new(tx: Box<dyn DbTransaction>) -> Self {
+        Self {
+            tx: Some(tx),
+            settled: Vec::new(),
+            applied: Vec::new(),
+            failed: Vec::new(),
+        }
+    }
+}
+
+/// What a handler's run left: the transaction (unless lost), whether the run took a
+/// savepoint, and why it failed (`true`: it rejected the event).
+struct Ran {
+    tx: Option<Box<dyn DbTransaction>>,
+    marked: bool,
+    failed: Option<(String, bool)>,
 }
 
 /// What one try left.

@@ -193,29 +193,90 @@ fn admission(recorded: u64, moved: u64, last: u64, sequence: u64) -> Admission {
     }
 }
 
-/// Takes back what [`admit`] wrote for `d` in `tx`: its inbox row and, if `moved`, its key's
-/// move. Cheaper than a savepoint around every admission, which most events never need (a run
-/// that made statements of its own is rolled back to its savepoint first).
+/// Admits whole runs in one statement (PostgreSQL, by key): each run is one key's events of
+/// `topic` in sequence order without gaps, expected to follow what its key applied. Records
+/// every event and moves every key to its run's last sequence; `true` if all of it took (every
+/// event new, every key where its run expected it). `false` leaves part of it written: the
+/// caller rolls the transaction back and admits one event at a time, which says why.
+pub async fn admit_runs(
+    tx: &mut dyn DbTransaction,
+    subscription: &str,
+    topic: &str,
+    runs: &[&[std::sync::Arc<Delivery>]],
+) -> Result<bool, DbError> {
+    let events: Vec<&Delivery> = runs.iter().flat_map(|r| r.iter().map(|d| &**d)).collect();
+    let mut params = vec![
+        text(subscription),
+        text(topic),
+        Value::Int64(crate::auth::now_ms()),
+    ];
+    let rows: Vec<String> = events
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            params.extend([
+                text(&d.event.id),
+                text(&d.event.key),
+                Value::uint(d.event.sequence),
+            ]);
+            let at = 4 + 3 * i;
+            format!("(${at}, ${}, ${}::bigint)", at + 1, at + 2)
+        })
+        .collect();
+    let sql = format!(
+        "WITH ev (event_id, key, sequence) AS (VALUES {}), \
+         recorded AS (INSERT INTO wasmgate_inbox (subscription, event_id, handled_at) \
+           SELECT $1, event_id, $3 FROM ev ON CONFLICT (subscription, event_id) DO NOTHING RETURNING 1), \
+         runs AS (SELECT key, min(sequence) AS first, max(sequence) AS last FROM ev GROUP BY key), \
+         moved AS (UPDATE wasmgate_inbox_keys k SET sequence = runs.last FROM runs \
+           WHERE k.subscription = $1 AND k.topic = $2 AND k.key = runs.key AND k.sequence = runs.first - 1 \
+           RETURNING 1), \
+         created AS (INSERT INTO wasmgate_inbox_keys (subscription, topic, key, sequence) \
+           SELECT $1, $2, key, last FROM runs WHERE first = 1 \
+           ON CONFLICT (subscription, topic, key) DO NOTHING RETURNING 1) \
+         SELECT (SELECT count(*) FROM recorded), (SELECT count(*) FROM moved) + (SELECT count(*) FROM created)",
+        rows.join(", ")
+    );
+    let found = tx.query(&sql, params).await?;
+    let row = found
+        .rows
+        .first()
+        .ok_or_else(|| DbError::InvalidState("the admission was not returned".into()))?;
+    Ok(row[0].unsigned() == events.len() as u64 && row[1].unsigned() == runs.len() as u64)
+}
+
+/// Takes back what [`admit`] (or [`admit_runs`]) wrote for `tail`, the end of one key's run
+/// from some event on: their inbox rows and, if `moved`, the key's move (back to before the
+/// tail's first event). Cheaper than a savepoint around every admission, which most events
+/// never need (a run that made statements of its own is rolled back to its savepoint first).
 pub async fn unadmit(
     tx: &mut dyn DbTransaction,
     subscription: &str,
-    d: &Delivery,
+    tail: &[&Delivery],
     moved: bool,
 ) -> Result<(), DbError> {
-    let e = &d.event;
+    let (Some(first), Some(last)) = (tail.first(), tail.last()) else {
+        return Ok(());
+    };
+    let mut ids = vec![text(subscription)];
+    ids.extend(tail.iter().map(|d| text(&d.event.id)));
     tx.execute(
-        "DELETE FROM wasmgate_inbox WHERE subscription = $1 AND event_id = $2",
-        vec![text(subscription), text(&e.id)],
+        &format!(
+            "DELETE FROM wasmgate_inbox WHERE subscription = $1 AND event_id IN ({})",
+            placeholders(2, tail.len())
+        ),
+        ids,
     )
     .await?;
     if !moved {
         return Ok(());
     }
-    let key = vec![
+    let e = &first.event;
+    let mut key = vec![
         text(subscription),
         text(&e.topic),
         text(&e.key),
-        Value::uint(e.sequence),
+        Value::uint(last.event.sequence),
     ];
     if e.sequence == 1 {
         tx.execute(
@@ -224,8 +285,9 @@ pub async fn unadmit(
         )
         .await?;
     } else {
+        key.push(Value::uint(e.sequence - 1));
         tx.execute(
-            "UPDATE wasmgate_inbox_keys SET sequence = $4 - 1 \
+            "UPDATE wasmgate_inbox_keys SET sequence = $5 \
              WHERE subscription = $1 AND topic = $2 AND key = $3 AND sequence = $4",
             key,
         )
