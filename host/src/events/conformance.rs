@@ -216,18 +216,55 @@ async fn relay(db: Arc<dyn DbBackend>, broker: Arc<dyn Broker>) {
     .await
     .expect("append");
     tx.commit().await.expect("commit");
-    let dead = outbox::claim(db.as_ref(), "dead-relay", 10, LONG)
+    let dead = outbox::claim(db.as_ref(), "dead-relay", 10, LONG, "")
         .await
         .expect("claim");
     assert_eq!(dead.len(), 1);
     assert_eq!(a.pass().await.expect("a"), 0, "claimed by another");
-    let lapsed = outbox::claim(db.as_ref(), "next-relay", 10, Duration::ZERO)
+    let lapsed = outbox::claim(db.as_ref(), "next-relay", 10, Duration::ZERO, "")
         .await
         .expect("claim");
     assert_eq!(
         lapsed.iter().map(|e| &e.id).collect::<Vec<_>>(),
         [&dead[0].id]
     );
+
+    // A pass looks from a starting id on (ids are time-ordered); a new relay's first pass
+    // looks through everything, so a row written long ago and committed only now is not lost.
+    let insert_old = |n: u32| {
+        let (db, topic) = (db.clone(), topic.clone());
+        async move {
+            let id = format!("{}{n:020}", outbox::first_id_at(1_000));
+            db.execute(
+                "INSERT INTO wasmgate_outbox (id, topic, key, sequence, payload, headers, source, created_at) \
+                 VALUES ($1, $2, 'old', $3, $4, '[]', 'users', 1000)",
+                vec![
+                    crate::capabilities::db::Value::Text(id.clone()),
+                    crate::capabilities::db::Value::Text(topic),
+                    crate::capabilities::db::Value::Int64(i64::from(n)),
+                    crate::capabilities::db::Value::Bytes(vec![]),
+                ],
+            )
+            .await
+            .expect("an old row");
+            id
+        }
+    };
+    insert_old(1).await;
+    let fresh = Relay::new(db.clone(), broker.clone());
+    assert_eq!(fresh.pass().await.expect("whole pass"), 1);
+    let old = insert_old(2).await;
+    assert_eq!(fresh.pass().await.expect("pass"), 0, "looks back 10 s only");
+    let now = crate::auth::now_ms();
+    for (from, found) in [
+        (outbox::first_id_at(now - 60_000), false),
+        (String::new(), true),
+    ] {
+        let claimed = outbox::claim(db.as_ref(), "look", 10, Duration::ZERO, &from)
+            .await
+            .expect("claim");
+        assert_eq!(claimed.iter().any(|e| e.id == old), found, "from `{from}`");
+    }
 }
 
 async fn sqlite() -> (tempfile::TempDir, Arc<dyn DbBackend>) {

@@ -23,6 +23,13 @@ pub const IDLE: Duration = Duration::from_millis(50);
 pub static APPENDED: super::Signal = super::Signal::new();
 /// Sent rows are deleted after this long.
 pub const KEEP_SENT: Duration = Duration::from_secs(3600);
+/// How far back (by event id, which is time-ordered) an ordinary pass looks for unsent rows.
+/// Every sent row leaves a dead index entry until vacuum, and a pass from the oldest id would
+/// walk them all; a row that commits longer than this after it was written, or whose claim
+/// lapsed, is found by the next whole pass.
+pub const LOOK_BACK: Duration = Duration::from_secs(10);
+/// How often a pass looks through the whole outbox.
+pub const WHOLE_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -36,6 +43,8 @@ pub struct Relay {
     db: Arc<dyn DbBackend>,
     broker: Arc<dyn Broker>,
     id: String,
+    /// When the last whole pass started (`None`: the next one is).
+    whole: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Relay {
@@ -44,12 +53,26 @@ impl Relay {
             db,
             broker,
             id: uuid::Uuid::new_v4().simple().to_string(),
+            whole: std::sync::Mutex::new(None),
         }
     }
 
     /// One pass: claims, appends, marks. Returns how many events went to the broker.
     pub async fn pass(&self) -> Result<usize, RelayError> {
-        let events = outbox::claim(self.db.as_ref(), &self.id, BATCH, CLAIM)
+        let from = {
+            let mut whole = self
+                .whole
+                .lock()
+                .expect("the relay's clock is never poisoned");
+            if whole.is_some_and(|at| at.elapsed() < WHOLE_EVERY) {
+                let look_back = i64::try_from(LOOK_BACK.as_millis()).unwrap_or(i64::MAX);
+                outbox::first_id_at(crate::auth::now_ms() - look_back)
+            } else {
+                *whole = Some(tokio::time::Instant::now());
+                String::new()
+            }
+        };
+        let events = outbox::claim(self.db.as_ref(), &self.id, BATCH, CLAIM, &from)
             .await
             .map_err(RelayError::Outbox)?;
         if events.is_empty() {
