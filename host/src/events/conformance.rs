@@ -250,10 +250,22 @@ async fn relay(db: Arc<dyn DbBackend>, broker: Arc<dyn Broker>) {
             id
         }
     };
-    insert_old(1).await;
+    // A backlog stays in view while it drains: the next pass looks back from the oldest row
+    // the last one found.
+    let backlog = super::relay::BATCH + 10;
+    for n in 0..backlog {
+        insert_old(n).await;
+    }
     let fresh = Relay::new(db.clone(), broker.clone());
-    assert_eq!(fresh.pass().await.expect("whole pass"), 1);
-    let old = insert_old(2).await;
+    let batch = super::relay::BATCH as usize;
+    assert_eq!(fresh.pass().await.expect("whole pass"), batch);
+    assert_eq!(
+        fresh.pass().await.expect("pass"),
+        10,
+        "the rest of the backlog"
+    );
+    assert_eq!(fresh.pass().await.expect("pass"), 0);
+    let old = insert_old(backlog).await;
     assert_eq!(fresh.pass().await.expect("pass"), 0, "looks back 10 s only");
     let now = crate::auth::now_ms();
     for (from, found) in [

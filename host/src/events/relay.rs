@@ -23,10 +23,11 @@ pub const IDLE: Duration = Duration::from_millis(50);
 pub static APPENDED: super::Signal = super::Signal::new();
 /// Sent rows are deleted after this long.
 pub const KEEP_SENT: Duration = Duration::from_secs(3600);
-/// How far back (by event id, which is time-ordered) an ordinary pass looks for unsent rows.
-/// Every sent row leaves a dead index entry until vacuum, and a pass from the oldest id would
-/// walk them all; a row that commits longer than this after it was written, or whose claim
-/// lapsed, is found by the next whole pass.
+/// How far back (by event id, which is time-ordered) an ordinary pass looks for unsent rows:
+/// from this long before now, or before the oldest row the last pass found (so a backlog stays
+/// in view while it drains). Every sent row leaves a dead index entry until vacuum, and a pass
+/// from the oldest id would walk them all; a row that commits longer than this after it was
+/// written, or whose claim lapsed, is found by the next whole pass.
 pub const LOOK_BACK: Duration = Duration::from_secs(10);
 /// How often a pass looks through the whole outbox.
 pub const WHOLE_EVERY: Duration = Duration::from_secs(10);
@@ -43,8 +44,30 @@ pub struct Relay {
     db: Arc<dyn DbBackend>,
     broker: Arc<dyn Broker>,
     id: String,
+    scan: std::sync::Mutex<Scan>,
+}
+
+/// Where the next pass looks from.
+#[derive(Default)]
+struct Scan {
     /// When the last whole pass started (`None`: the next one is).
-    whole: std::sync::Mutex<Option<tokio::time::Instant>>,
+    whole_at: Option<tokio::time::Instant>,
+    /// When the oldest row the last pass found was written (by its id), if it found any.
+    oldest: Option<i64>,
+}
+
+impl Scan {
+    /// The id the next pass starts from (`""`: all).
+    fn from(&mut self) -> String {
+        if self.whole_at.is_some_and(|at| at.elapsed() < WHOLE_EVERY) {
+            let now = crate::auth::now_ms();
+            let look_back = i64::try_from(LOOK_BACK.as_millis()).unwrap_or(i64::MAX);
+            outbox::first_id_at(self.oldest.unwrap_or(now).min(now) - look_back)
+        } else {
+            self.whole_at = Some(tokio::time::Instant::now());
+            String::new()
+        }
+    }
 }
 
 impl Relay {
@@ -53,28 +76,17 @@ impl Relay {
             db,
             broker,
             id: uuid::Uuid::new_v4().simple().to_string(),
-            whole: std::sync::Mutex::new(None),
+            scan: std::sync::Mutex::default(),
         }
     }
 
     /// One pass: claims, appends, marks. Returns how many events went to the broker.
     pub async fn pass(&self) -> Result<usize, RelayError> {
-        let from = {
-            let mut whole = self
-                .whole
-                .lock()
-                .expect("the relay's clock is never poisoned");
-            if whole.is_some_and(|at| at.elapsed() < WHOLE_EVERY) {
-                let look_back = i64::try_from(LOOK_BACK.as_millis()).unwrap_or(i64::MAX);
-                outbox::first_id_at(crate::auth::now_ms() - look_back)
-            } else {
-                *whole = Some(tokio::time::Instant::now());
-                String::new()
-            }
-        };
+        let from = self.scan().from();
         let events = outbox::claim(self.db.as_ref(), &self.id, BATCH, CLAIM, &from)
             .await
             .map_err(RelayError::Outbox)?;
+        self.scan().oldest = events.first().and_then(|e| outbox::written_at(&e.id));
         if events.is_empty() {
             return Ok(0);
         }
@@ -85,6 +97,12 @@ impl Relay {
             .await
             .map_err(RelayError::Outbox)?;
         Ok(events.len())
+    }
+
+    fn scan(&self) -> std::sync::MutexGuard<'_, Scan> {
+        self.scan
+            .lock()
+            .expect("the relay's scan is never poisoned")
     }
 
     /// Passes until `owner` is dropped: back to back while there is work, otherwise when

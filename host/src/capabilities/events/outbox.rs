@@ -113,6 +113,11 @@ pub fn first_id_at(ms: i64) -> String {
     format!("{:012x}", ms.max(0))
 }
 
+/// When the event `id` was written (ms since the epoch), read from its UUIDv7 time.
+pub fn written_at(id: &str) -> Option<i64> {
+    i64::from_str_radix(id.get(..12)?, 16).ok()
+}
+
 /// Woken by every event written in this process, so the relay need not wait for its next
 /// poll (the event's transaction may still be open: the relay then finds it a poll later).
 pub static PUBLISHED: crate::events::Signal = crate::events::Signal::new();
