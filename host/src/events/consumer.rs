@@ -267,7 +267,12 @@ impl Consumer {
                 // the free groups take (in an ordered stream nearly every lane can run), so a
                 // group that just ended does not cost a look at every held key.
                 let check = (free * GROUP_MAX).clamp(GROUP_MAX, CHECK_LANES);
-                let due: Vec<(&str, Vec<&Arc<Delivery>>)> = due.into_iter().collect();
+                // Oldest first: the map's order is the same every round, and under a backlog
+                // the lanes at its end would wait for all the others (seconds).
+                let mut due: Vec<(&str, Vec<&Arc<Delivery>>)> = due.into_iter().collect();
+                due.sort_unstable_by_key(|(_, run)| {
+                    run.iter().map(|d| d.event.created_at).min().unwrap_or(0)
+                });
                 let mut runs: BTreeMap<String, Run> = BTreeMap::new();
                 let mut taken = 0;
                 for slice in due.chunks(check) {
