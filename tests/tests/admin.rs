@@ -46,6 +46,19 @@ impl Admin {
             .await
     }
 
+    /// `GET .../versions`: the function's versions.
+    async fn versions(&self) -> Value {
+        self.c
+            .get(self.url("/versions"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("versions")
+            .json()
+            .await
+            .expect("json")
+    }
+
     /// `GET .../summary`: every version's figures over the last 5 minutes.
     async fn summary(&self) -> Value {
         self.c
@@ -932,16 +945,7 @@ async fn a_version_may_change_its_functions_settings_and_they_are_checked() {
     }
     let up = admin.upload("quick&timeout=100ms", cachey()).await;
     assert_eq!(up.status(), 201);
-    let listed: Value = admin
-        .c
-        .get(admin.url("/versions"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("versions")
-        .json()
-        .await
-        .expect("json");
+    let listed = admin.versions().await;
     assert_eq!(
         listed["versions"][0]["settings"],
         json!({"timeout": "100ms"})
@@ -1022,16 +1026,7 @@ async fn uploads_in_flight_are_kept_on_disk_not_in_memory() {
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
         assert!(answer.contains("application/problem+json"), "{answer}");
     }
-    let versions: Value = admin
-        .c
-        .get(admin.url("/versions"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("versions")
-        .json()
-        .await
-        .expect("json");
+    let versions = admin.versions().await;
     assert!(!versions.to_string().contains("\"big\""), "{versions}");
     println!("heap {before} KiB before, {during} KiB with 96 MiB of uploads in flight");
 }

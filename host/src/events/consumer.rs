@@ -492,7 +492,7 @@ impl Consumer {
             applied,
             failed,
         } = if admitted {
-            self.run_admitted(tx, &fitting, &attempts).await
+            self.try_runs(tx, &fitting, &attempts, true).await
         } else {
             if batch {
                 // Something in it was not new or not next: one at a time says what.
@@ -505,7 +505,7 @@ impl Consumer {
                     }
                 };
             }
-            self.one_at_a_time(tx, &fitting, &attempts).await
+            self.try_runs(tx, &fitting, &attempts, false).await
         };
         let committed = match tx {
             Some(tx) => match tx.commit().await {
@@ -547,14 +547,17 @@ impl Consumer {
             })
     }
 
-    /// Runs the handlers of `runs`, admitted together in `tx`. A failed event is taken back
-    /// with the rest of its run (they wait for it); past [`MARKED_MAX`] runs that made
-    /// statements, what is left is taken back and stays due.
-    async fn run_admitted<'a>(
+    /// Tries the events of `runs` in `tx`, in order: runs the handlers of events `admitted`
+    /// together, or admits and runs one at a time. A key's later events wait when one of its
+    /// events does not apply (admitted together, they are taken back with it); past
+    /// [`MARKED_MAX`] runs that made statements, what is left stays due (taken back first if
+    /// it was admitted).
+    async fn try_runs<'a>(
         &self,
         tx: Box<dyn DbTransaction>,
         runs: &[&'a [Arc<Delivery>]],
         attempts: &std::collections::HashMap<String, u32>,
+        admitted: bool,
     ) -> Tried<'a> {
         let mut tried = Tried::new(tx);
         let mut marks = 0;
@@ -564,51 +567,19 @@ impl Consumer {
                     break 'runs;
                 };
                 if marks >= MARKED_MAX {
-                    tried.tx = take_back(held, &self.name, &run[i..], true).await;
+                    tried.tx = if admitted {
+                        take_back(held, &self.name, &run[i..], true).await
+                    } else {
+                        Some(held)
+                    };
                     continue 'runs;
                 }
                 let tries = attempts.get(&d.event.id).copied().unwrap_or(0);
-                let ran = self.run_handler(held, d, tries).await;
-                marks += usize::from(ran.marked);
-                match ran.failed {
-                    None => {
-                        tried.tx = ran.tx;
-                        tried.applied.push(d.entry.clone());
-                    }
-                    Some((why, reject)) => {
-                        tried.tx = match ran.tx {
-                            Some(tx) => take_back(tx, &self.name, &run[i..], true).await,
-                            None => None,
-                        };
-                        tried.failed.push((d, why, tries + 1, reject));
-                        continue 'runs;
-                    }
-                }
-            }
-        }
-        tried
-    }
-
-    /// Admits and runs the events of `runs` one at a time in `tx`.
-    async fn one_at_a_time<'a>(
-        &self,
-        tx: Box<dyn DbTransaction>,
-        runs: &[&'a [Arc<Delivery>]],
-        attempts: &std::collections::HashMap<String, u32>,
-    ) -> Tried<'a> {
-        let mut tried = Tried::new(tx);
-        let mut marks = 0;
-        'runs: for run in runs {
-            for d in run.iter() {
-                let Some(held) = tried.tx.take() else {
-                    break 'runs;
+                let (back, step, marked) = if admitted {
+                    self.run_tail(held, &run[i..], tries, true).await
+                } else {
+                    self.try_one(held, d, tries).await
                 };
-                if marks >= MARKED_MAX {
-                    tried.tx = Some(held);
-                    break 'runs;
-                }
-                let tries = attempts.get(&d.event.id).copied().unwrap_or(0);
-                let (back, step, marked) = self.try_one(held, d, tries).await;
                 marks += usize::from(marked);
                 tried.tx = back;
                 let go_on = match step {
@@ -626,13 +597,34 @@ impl Consumer {
                         false
                     }
                 };
-                // A key's later events wait for this one.
                 if !go_on && self.sub.ordering == Ordering::Key {
-                    break;
+                    continue 'runs;
                 }
             }
         }
         tried
+    }
+
+    /// Runs the first event of `tail` (the rest of its key's run, all admitted); if it fails,
+    /// takes back the admission of the whole tail (with the key's move if `moved`).
+    async fn run_tail(
+        &self,
+        tx: Box<dyn DbTransaction>,
+        tail: &[Arc<Delivery>],
+        tries: u32,
+        moved: bool,
+    ) -> (Option<Box<dyn DbTransaction>>, Step, bool) {
+        let ran = self.run_handler(tx, &tail[0], tries).await;
+        match ran.failed {
+            None => (ran.tx, Step::Applied, ran.marked),
+            Some((why, reject)) => {
+                let tx = match ran.tx {
+                    Some(tx) => take_back(tx, &self.name, tail, moved).await,
+                    None => None,
+                };
+                (tx, Step::Failed(why, reject), ran.marked)
+            }
+        }
     }
 
     /// The group's transaction, with the lease set on PostgreSQL: a consumer stopped (paused,
@@ -699,17 +691,7 @@ impl Consumer {
                 return (tx, Step::Settled(next), false);
             }
         }
-        let ran = self.run_handler(tx, d, tries).await;
-        match ran.failed {
-            None => (ran.tx, Step::Applied, ran.marked),
-            Some((why, reject)) => {
-                let tx = match ran.tx {
-                    Some(tx) => take_back(tx, &self.name, this, by_key).await,
-                    None => None,
-                };
-                (tx, Step::Failed(why, reject), ran.marked)
-            }
-        }
+        self.run_tail(tx, this, tries, by_key).await
     }
 
     /// Runs the handler of `d` (admitted) in `tx`; a failed run is rolled back to its
