@@ -762,18 +762,27 @@ pub fn notes_manifest(caps: &str) -> String {
 /// Waits until `query` answers `want` on `database_url` (a failing query, e.g. a table not
 /// created yet, counts as not yet), at most `limit`.
 pub async fn until_sql(database_url: &str, query: &str, want: &str, limit: std::time::Duration) {
-    let started = std::time::Instant::now();
-    loop {
+    if !try_until_sql(database_url, query, want, limit).await {
         let got = try_sql(database_url, query).unwrap_or_default();
-        if got == want {
-            return;
+        panic!("{query}: {got:?}, waiting for {want:?}");
+    }
+}
+
+/// [`until_sql`] that says whether `query` answered `want` within `limit` instead of failing.
+pub async fn try_until_sql(
+    database_url: &str,
+    query: &str,
+    want: &str,
+    limit: std::time::Duration,
+) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if try_sql(database_url, query).unwrap_or_default() == want {
+            return true;
         }
-        assert!(
-            started.elapsed() < limit,
-            "{query}: {got:?}, waiting for {want:?}"
-        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    false
 }
 
 /// `POST /publish/{topic}?{query}` with `body`, to the `publisher` fixture: its status and

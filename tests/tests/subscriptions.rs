@@ -206,7 +206,22 @@ async fn a_paused_consumer_that_wakes_up_cannot_commit() {
     .await;
     a.signal("STOP");
     let b = Server::start_with_args(&m, &["--database-url", &db]);
-    until(&db, "SELECT count(*) FROM tally_applied", "2").await;
+    let taken_over = wasmgate_tests::try_until_sql(
+        &db,
+        "SELECT count(*) FROM tally_applied",
+        "2",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        taken_over,
+        "the second process did not apply the event in 30 s; its log:\n{}\nsessions: {}",
+        b.log(),
+        sql(
+            &db,
+            "SELECT state, left(query, 120) FROM pg_stat_activity WHERE datname = current_database()"
+        )
+    );
     a.signal("CONT");
     // A finishes its run and tries to commit; give it time to, then to see the duplicate.
     tokio::time::sleep(Duration::from_secs(3)).await;
