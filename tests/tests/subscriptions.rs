@@ -200,7 +200,10 @@ async fn a_paused_consumer_that_wakes_up_cannot_commit() {
     publish(&a, &topic, "z", "slow:900:5").await;
     until(
         &db,
-        "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database() AND state = 'idle in transaction'",
+        // The group's transaction, idle in the handler (its last statement the admission), not
+        // some other transaction of the consumer's.
+        "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database() \
+         AND state = 'idle in transaction' AND query LIKE '%wasmgate_inbox%'",
         "t",
     )
     .await;

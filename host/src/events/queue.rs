@@ -119,6 +119,10 @@ fn entries_of(rows: &crate::capabilities::db::Rows) -> Vec<i64> {
         .collect()
 }
 
+/// How long a read's transaction may sit idle on PostgreSQL before its session is ended (its
+/// statements follow one another at once; idle this long, its process has stopped).
+const READ_LEASE_MS: &str = "5000";
+
 #[async_trait]
 impl Broker for Queue {
     fn kind(&self) -> &'static str {
@@ -177,14 +181,22 @@ impl Broker for Queue {
         );
         let mut tx = self.db.begin().await.map_err(unavailable)?;
         // The group's row first: it serializes readers of one group (a row lock on PostgreSQL,
-        // the write lock on SQLite), so no entry is handed out twice at once.
-        let locked = tx
-            .query(
-                "UPDATE wasmgate_queue_groups SET cursor = cursor WHERE topic = $1 AND grp = $2 RETURNING cursor",
-                vec![t.clone(), g.clone()],
-            )
-            .await
-            .map_err(unavailable)?;
+        // the write lock on SQLite), so no entry is handed out twice at once. On PostgreSQL the
+        // same statement sets the transaction's lease: a process stopped mid-read (SIGSTOP, a
+        // frozen VM) has its session ended, instead of holding every other reader of the group
+        // up for as long as it is stopped.
+        let lock = if self.db.kind() == "postgres" {
+            "WITH lease AS (SELECT set_config('idle_in_transaction_session_timeout', $3, true)) \
+             UPDATE wasmgate_queue_groups SET cursor = cursor FROM lease \
+             WHERE topic = $1 AND grp = $2 RETURNING cursor"
+        } else {
+            "UPDATE wasmgate_queue_groups SET cursor = cursor WHERE topic = $1 AND grp = $2 RETURNING cursor"
+        };
+        let mut params = vec![t.clone(), g.clone()];
+        if self.db.kind() == "postgres" {
+            params.push(Value::Text(READ_LEASE_MS.into()));
+        }
+        let locked = tx.query(lock, params).await.map_err(unavailable)?;
         let Some(cursor) = locked
             .rows
             .first()
