@@ -7,8 +7,8 @@
 //!   new version; `timeout`, `memory`, `max_body`, `instance_reuse` and `capabilities` in the
 //!   query change its function's manifest settings for this version. It is received into a
 //!   temporary file as it arrives, then compiled and checked against the function's grants off
-//!   the request path, one compile at a time; invalid wasm, a core module, the wrong world or an ungranted
-//!   import is a 400 naming the reason. The module is stored content-addressed.
+//!   the request path, one compile at a time; invalid wasm, a core module, the wrong world or an
+//!   ungranted import is a 400 naming the reason. The module is stored content-addressed.
 //!   A version that imports a capability the live version does not, is granted more, or
 //!   loosens a limit (timeout, memory, body size, instance reuse) is stored with that
 //!   difference (`widens`) and takes no traffic until approved (`?approve=true` at upload, or

@@ -357,13 +357,10 @@ async fn admission(db: Arc<dyn DbBackend>) {
             assert_eq!(admitted.expect("admit"), Admission::Apply);
         }
     }
-    fn tail(run: &[Arc<Delivery>]) -> Vec<&Delivery> {
-        run.iter().map(|d| &**d).collect()
-    }
-    inbox::unadmit(tx.as_mut(), "s", &tail(&a[1..]), true)
+    inbox::unadmit(tx.as_mut(), "s", &a[1..], true)
         .await
         .expect("a from 2");
-    inbox::unadmit(tx.as_mut(), "s", &tail(&b), true)
+    inbox::unadmit(tx.as_mut(), "s", &b, true)
         .await
         .expect("b from 1");
     tx.commit().await.expect("commit");

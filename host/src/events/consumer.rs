@@ -9,8 +9,10 @@
 //! waits), runs the handler (a savepoint is taken before the handler's first statement, none
 //! if it makes none), and if the handler fails rolls back to that savepoint and takes the
 //! admission back; so one commit carries the group's applied events with their inbox records,
-//! then their broker entries are acknowledged. A handler that fails (`retry`, a trap, a timeout) is rolled back and tried again after a backoff that
-//! doubles, with jitter; after `max_attempts` (or at once on `reject`) the event goes to the
+//! then their broker entries are acknowledged. On PostgreSQL with ordering by key a group whose
+//! runs follow on from their keys is admitted in one statement instead. A handler that fails
+//! (`retry`, a trap, a timeout) is rolled back and tried again after a backoff that doubles,
+//! with jitter; after `max_attempts` (or at once on `reject`) the event goes to the
 //! dead-letter queue and, with `ordering = "key"`, its key waits (parked) while the others
 //! keep flowing.
 
@@ -790,8 +792,7 @@ async fn take_back(
     tail: &[Arc<Delivery>],
     moved: bool,
 ) -> Option<Box<dyn DbTransaction>> {
-    let tail: Vec<&Delivery> = tail.iter().map(|d| &**d).collect();
-    match inbox::unadmit(tx.as_mut(), subscription, &tail, moved).await {
+    match inbox::unadmit(tx.as_mut(), subscription, tail, moved).await {
         Ok(()) => Some(tx),
         Err(e) => {
             tracing::debug!(error = ?e, "an event's admission was not taken back");

@@ -16,6 +16,8 @@
 //! - `wasmgate_dead_letters`: events that failed `max_attempts` times or were rejected, with
 //!   the error, attempts and times.
 
+use std::sync::Arc;
+
 use super::broker::Delivery;
 use crate::capabilities::db::migrations::{Migration, MigrationError};
 use crate::capabilities::db::{DbBackend, DbError, DbTransaction, Value, placeholders};
@@ -202,7 +204,7 @@ pub async fn admit_runs(
     tx: &mut dyn DbTransaction,
     subscription: &str,
     topic: &str,
-    runs: &[&[std::sync::Arc<Delivery>]],
+    runs: &[&[Arc<Delivery>]],
 ) -> Result<bool, DbError> {
     let events: Vec<&Delivery> = runs.iter().flat_map(|r| r.iter().map(|d| &**d)).collect();
     let mut params = vec![
@@ -252,7 +254,7 @@ pub async fn admit_runs(
 pub async fn unadmit(
     tx: &mut dyn DbTransaction,
     subscription: &str,
-    tail: &[&Delivery],
+    tail: &[Arc<Delivery>],
     moved: bool,
 ) -> Result<(), DbError> {
     let (Some(first), Some(last)) = (tail.first(), tail.last()) else {

@@ -185,17 +185,19 @@ impl Broker for Queue {
         // same statement sets the transaction's lease: a process stopped mid-read (SIGSTOP, a
         // frozen VM) has its session ended, instead of holding every other reader of the group
         // up for as long as it is stopped.
-        let lock = if self.db.kind() == "postgres" {
-            "WITH lease AS (SELECT set_config('idle_in_transaction_session_timeout', $3, true)) \
-             UPDATE wasmgate_queue_groups SET cursor = cursor FROM lease \
-             WHERE topic = $1 AND grp = $2 RETURNING cursor"
+        let (lock, params) = if self.db.kind() == "postgres" {
+            (
+                "WITH lease AS (SELECT set_config('idle_in_transaction_session_timeout', $3, true)) \
+                 UPDATE wasmgate_queue_groups SET cursor = cursor FROM lease \
+                 WHERE topic = $1 AND grp = $2 RETURNING cursor",
+                vec![t.clone(), g.clone(), Value::Text(READ_LEASE_MS.into())],
+            )
         } else {
-            "UPDATE wasmgate_queue_groups SET cursor = cursor WHERE topic = $1 AND grp = $2 RETURNING cursor"
+            (
+                "UPDATE wasmgate_queue_groups SET cursor = cursor WHERE topic = $1 AND grp = $2 RETURNING cursor",
+                vec![t.clone(), g.clone()],
+            )
         };
-        let mut params = vec![t.clone(), g.clone()];
-        if self.db.kind() == "postgres" {
-            params.push(Value::Text(READ_LEASE_MS.into()));
-        }
         let locked = tx.query(lock, params).await.map_err(unavailable)?;
         let Some(cursor) = locked
             .rows
