@@ -286,6 +286,15 @@ async fn sqlite() -> (tempfile::TempDir, Arc<dyn DbBackend>) {
     (dir, db)
 }
 
+/// A fresh PostgreSQL database.
+async fn postgres() -> Arc<dyn DbBackend> {
+    Db::connect(&fresh_postgres().await)
+        .await
+        .expect("postgres")
+        .backend()
+        .clone()
+}
+
 async fn queue(db: &Arc<dyn DbBackend>) -> Arc<dyn Broker> {
     Arc::new(Queue::open(db.clone()).await.expect("queue"))
 }
@@ -300,11 +309,7 @@ async fn queue_on_sqlite_conforms() {
 
 #[tokio::test]
 async fn queue_on_postgres_conforms() {
-    let db = Db::connect(&fresh_postgres().await)
-        .await
-        .expect("postgres")
-        .backend()
-        .clone();
+    let db = postgres().await;
     let broker = queue(&db).await;
     suite(broker.clone()).await;
     relay(db, broker).await;
@@ -406,10 +411,6 @@ async fn admission_on_sqlite() {
 
 #[tokio::test]
 async fn admission_on_postgres() {
-    let db = Db::connect(&fresh_postgres().await)
-        .await
-        .expect("postgres")
-        .backend()
-        .clone();
+    let db = postgres().await;
     admission(db).await;
 }
