@@ -339,7 +339,9 @@ def event_rows(work, wasmgate, cache, seconds, rows, skipped, extra):
     5% of events poison (`fail`, each on a key of its own: retried until max_attempts, then a
     dead letter), judged by the healthy keys' latency; as fast as wrk publishes, one and 10
     per request (publishing and consuming share the cores); the consumer alone, draining all
-    of it in a second subscription."""
+    of it in a second subscription. The two throughput rows and the consumer alone run again with
+    both functions opted in to `instance_reuse` (what an operator running a high-volume event
+    path would set): what fresh instances cost on this path."""
     redis = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
     db, drop = fresh_database(skipped, "event rows")
     if not db:
@@ -347,15 +349,18 @@ def event_rows(work, wasmgate, cache, seconds, rows, skipped, extra):
     topic = f"bench.{os.getpid()}.{int(time.time())}"
     sub = f"sink.{topic}"
 
-    def manifest(name, drain):
+    def manifest(name, subscription, reuse=False):
         path = work / name
+        reused = "instance_reuse = 1000" if reuse else ""
         path.write_text(f"""
 [functions.publisher]
 wasm = "{ROOT / 'functions/dist/publisher.wasm'}"
 capabilities = ["db", "events"]
 bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
+{reused}
 [functions.sink]
 wasm = "{ROOT / 'functions/dist/sink.wasm'}"
+{reused}
 [[routes]]
 path = "/publish/{{topic}}"
 methods = ["POST"]
@@ -363,7 +368,7 @@ function = "publisher"
 [[subscriptions]]
 topic = "{topic}"
 function = "sink"
-name = "{'drain' if drain else sub}"
+name = "{subscription}"
 max_attempts = 3
 backoff = "100ms"
 """)
@@ -372,7 +377,7 @@ backoff = "100ms"
     port = free_port()
     start = lambda m: Proc([wasmgate, "up", "--manifest", m, "--listen", f"127.0.0.1:{port}",
                             "--cache-dir", cache, "--database-url", db, "--redis-url", redis])
-    gate = start(manifest("events.toml", False))
+    gate = start(manifest("events.toml", sub))
 
     def drained(subscription, limit=180):
         """Waits until every published event is handled or a dead letter."""
@@ -470,14 +475,41 @@ backoff = "100ms"
                         f"({EVENTS_PER_REQUEST} per request, one transaction each, by wrk with 16 connections); "
                         "latency includes the backlog",
                         published_rate=w["rps"] * EVENTS_PER_REQUEST, errors=w["errors"])
-        # Everything above, already in the stream, for a new subscription: the consumer alone.
+        # The same two throughput rows with both functions reusing their instances.
         gate.stop()
-        gate = start(manifest("events-drain.toml", True))
+        gate = start(manifest("events-reused.toml", sub, reuse=True))
+        if not wait_ok(f"{base}/healthz"):
+            return
+        since, w = publish()
+        if not drained(sub):
+            return
+        full_reused = phase("events end to end, one per request, instances reused (PG + Redis)", since,
+                            "as two rows up, with instance_reuse = 1000 on the publisher and the sink; "
+                            "{n} events, published at {published:.0f}/s",
+                            published_rate=w["rps"], errors=w["errors"])
+        since, w = publish("0", "0", str(EVENTS_PER_REQUEST))
+        if not drained(sub):
+            return
+        batched_reused = phase(f"events end to end, {EVENTS_PER_REQUEST} per request, instances reused (PG + Redis)",
+                               since, "as two rows up, with instance_reuse = 1000 on the publisher and the sink; "
+                               "{n} events, published at {published:.0f}/s",
+                               published_rate=w["rps"] * EVENTS_PER_REQUEST, errors=w["errors"])
+        # Everything above, already in the stream, for a new subscription: the consumer alone,
+        # with fresh instances, then (another new subscription) reusing them.
+        gate.stop()
+        gate = start(manifest("events-drain.toml", "drain"))
         if not wait_ok(f"{base}/healthz") or not drained("drain"):
             return
         alone = phase("events consumed alone, a backlog in the stream (PG + Redis)", 0,
                       "{n} healthy events (every row's above) handled by a new subscription from its first to its "
                       "last; latency is from publish, so it includes the wait", subscription="drain")
+        gate.stop()
+        gate = start(manifest("events-drain-reused.toml", "drain-reused", reuse=True))
+        if not wait_ok(f"{base}/healthz") or not drained("drain-reused"):
+            return
+        alone_reused = phase("events consumed alone, instances reused (PG + Redis)", 0,
+                             "as the row above, another new subscription, with instance_reuse = 1000 on the sink",
+                             subscription="drain-reused")
         dead = psql(db, "SELECT count(*), coalesce(min(attempts), 0), coalesce(max(attempts), 0) "
                         f"FROM wasmgate_dead_letters WHERE subscription = '{sub}'")
         poison = psql(db, "SELECT count(*) FROM wasmgate_outbox WHERE key LIKE 'poison%'")
@@ -486,6 +518,9 @@ backoff = "100ms"
         extra["events_per_s_vs_5000_target"] = round(batched["rps"] / 5000, 2)
         extra["events_one_per_request_per_s_vs_5000_target"] = round(full["rps"] / 5000, 2)
         extra["events_consumed_alone_per_s_vs_5000_target"] = round(alone["rps"] / 5000, 2)
+        extra["events_reused_per_s_vs_5000_target"] = round(batched_reused["rps"] / 5000, 2)
+        extra["events_reused_one_per_request_per_s_vs_5000_target"] = round(full_reused["rps"] / 5000, 2)
+        extra["events_reused_consumed_alone_per_s_vs_5000_target"] = round(alone_reused["rps"] / 5000, 2)
         extra["events_p99_ms_at_2000_vs_50_target"] = round(steady["p99_ms"] / 50, 2)
         extra["events_healthy_p99_poison_vs_without"] = round(poisoned["p99_ms"] / max(calm["p99_ms"], 0.001), 2)
         extra["events_healthy_p50_poison_vs_without"] = round(poisoned["p50_ms"] / max(calm["p50_ms"], 0.001), 2)

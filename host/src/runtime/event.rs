@@ -1,11 +1,15 @@
 //! Event functions: components that export `wasmgate:platform/event-handler` instead of
-//! `wasi:http/incoming-handler`. One event runs in a fresh instance, with the same limits and
-//! deadline as a request, inside a transaction the host holds (see `RequestDb::hold`).
+//! `wasi:http/incoming-handler`. One event runs with the same limits and deadline as a request,
+//! inside a transaction the host holds (see `RequestDb::hold`), in a fresh instance unless the
+//! function opted in to `instance_reuse` as HTTP functions do: then an instance that finished an
+//! event cleanly (whatever the handler's verdict) serves the next, its capabilities, deadline and
+//! held transaction renewed, its own memory carried over.
 
 use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use super::invoke::{Exports, Warm};
 use super::{Ended, Failure, Function};
 use crate::capabilities::RequestCaps;
 use crate::request_id::RequestId;
@@ -29,7 +33,7 @@ impl Function {
         matches!(self.inner.entry, super::Entry::Event(_))
     }
 
-    /// Runs `event` through a fresh instance with `caps` and hands what the run left of its
+    /// Runs `event` through an instance with `caps` and hands what the run left of its
     /// database (the held transaction) to `ended`, for the caller to commit or roll back. The
     /// handler's own verdict is the inner result.
     pub async fn handle_event(
@@ -46,7 +50,17 @@ impl Function {
         };
         f.runs.increment(1);
         let deadline = Instant::now() + f.limits.timeout;
-        let mut store = self.new_store(deadline, caps);
+        let (mut store, warm) = match self.take_warm() {
+            Some(Warm {
+                mut store,
+                exports: Exports::Event(exports),
+                uses,
+            }) => {
+                store.data_mut().reset(deadline, caps);
+                (store, Some((exports, uses)))
+            }
+            _ => (self.new_store(deadline, caps), None),
+        };
         store.set_epoch_deadline(1);
         let pre = pre.clone();
         let timeout = f.limits.timeout;
@@ -55,12 +69,17 @@ impl Function {
         let running = super::invoke::Running::start(&f.running);
         let task = tokio::spawn(async move {
             let _running = running;
+            let mut kept = None;
+            let uses = warm.as_ref().map_or(0, |(_, n)| *n);
             let run = async {
-                let exports = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(super::invoke::Stage::Instantiate)?;
-                exports
+                let exports = match warm {
+                    Some((exports, _)) => exports,
+                    None => pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(super::invoke::Stage::Instantiate)?,
+                };
+                kept.insert(exports)
                     .wasmgate_platform_event_handler()
                     .call_handle(&mut store, &event)
                     .await
@@ -74,6 +93,14 @@ impl Function {
             let outcome = this.classify(result.map(|r| r.map(|_| ())), store.data(), &task_id);
             let held = store.data_mut().caps.db.release();
             let _ = ended.send(Ended { outcome, held });
+            if let (Ok(()), Some(exports)) = (&outcome, kept) {
+                // Only an instance that finished cleanly may serve again.
+                this.put_warm(Warm {
+                    store,
+                    exports: Exports::Event(exports),
+                    uses: uses + 1,
+                });
+            }
             match (outcome, verdict) {
                 (Ok(()), Some(verdict)) => Ok(verdict),
                 (Err(failure), _) => Err(failure),
@@ -114,11 +141,9 @@ mod tests {
         }
     }
 
-    /// The `tally` fixture (built by `scripts/build-functions`) handles events in a transaction
-    /// the host holds: its writes are there when the host commits, gone when it rolls back,
-    /// and its verdicts (retry, reject) reach the host.
-    #[tokio::test]
-    async fn an_event_function_runs_in_the_transaction_the_host_holds() {
+    /// The `tally` fixture (built by `scripts/build-functions`), loaded with `instance_reuse`,
+    /// and the embedded backends it writes to.
+    async fn tally(instance_reuse: u32) -> (Function, Backends, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tmp");
         let runtime = Runtime::new(&RuntimeOptions {
             max_instances: 4,
@@ -139,44 +164,58 @@ mod tests {
             timeout: Duration::from_secs(5),
             memory: 32 * 1024 * 1024,
             max_body: 1024,
-            instance_reuse: 0,
+            instance_reuse,
         };
-        let caps = backends.configure("tally");
         let f = runtime
-            .load("tally", &wasm, limits, &grants, caps.clone())
+            .load("tally", &wasm, limits, &grants, backends.configure("tally"))
             .expect("load");
         assert!(f.is_event_function());
+        (f, backends, dir)
+    }
 
-        // Runs one event held in a transaction; commits only when `commit` and the handler said ok.
-        let run = |event: Delivery, commit: bool| {
-            let (f, caps) = (f.clone(), caps.clone());
-            async move {
-                let mut request = caps.instance();
-                request.db.hold().await.expect("hold");
-                let (ended_tx, ended) = oneshot::channel();
-                let verdict = f
-                    .handle_event(event, &RequestId::new(), request, ended_tx)
-                    .await;
-                let ended = ended.await.expect("ended");
-                let tx = ended.held.expect("the held transaction comes back").tx;
-                if commit && matches!(verdict, Ok(Ok(()))) {
-                    tx.commit().await.expect("commit");
-                } else {
-                    tx.rollback().await.expect("rollback");
-                }
-                verdict
-            }
-        };
-        let total = || async {
-            let rows = backends
-                .db
-                .backend()
-                .query("SELECT total FROM tally_totals WHERE key = 'k'", vec![])
-                .await
-                .expect("query");
-            rows.rows.first().and_then(|r| r[0].int())
-        };
+    /// Runs one event held in a transaction; commits only when `commit` and the handler said ok.
+    async fn run(
+        f: &Function,
+        event: Delivery,
+        commit: bool,
+    ) -> Result<Result<(), HandlerError>, Failure> {
+        let mut request = f.inner.caps.instance();
+        request.db.hold().await.expect("hold");
+        let (ended_tx, ended) = oneshot::channel();
+        let verdict = f
+            .handle_event(event, &RequestId::new(), request, ended_tx)
+            .await;
+        let ended = ended.await.expect("ended");
+        let tx = ended.held.expect("the held transaction comes back").tx;
+        if commit && matches!(verdict, Ok(Ok(()))) {
+            tx.commit().await.expect("commit");
+        } else {
+            tx.rollback().await.expect("rollback");
+        }
+        verdict
+    }
 
+    async fn total(backends: &Backends) -> Option<i64> {
+        let rows = backends
+            .db
+            .backend()
+            .query("SELECT total FROM tally_totals WHERE key = 'k'", vec![])
+            .await
+            .expect("query");
+        rows.rows.first().and_then(|r| r[0].int())
+    }
+
+    fn idle(f: &Function) -> usize {
+        f.inner.idle.lock().expect("idle").len()
+    }
+
+    /// The handler's writes are there when the host commits, gone when it rolls back, and its
+    /// verdicts (retry, reject) reach the host.
+    #[tokio::test]
+    async fn an_event_function_runs_in_the_transaction_the_host_holds() {
+        let (f, backends, _dir) = tally(0).await;
+        let run = |event, commit| run(&f, event, commit);
+        let total = || total(&backends);
         assert_eq!(run(delivery("k", 1, "5"), true).await, Ok(Ok(())));
         assert_eq!(total().await, Some(5));
         // Handled, but the host rolled back: as if it never ran.
@@ -199,5 +238,26 @@ mod tests {
             .await
             .expect("query");
         assert_eq!(applied.rows[0][0], Value::Int64(2));
+    }
+
+    /// With `instance_reuse = 2` one instance handles two events, each in the transaction held
+    /// for it (a rolled-back event leaves nothing behind for the next), whatever the handler's
+    /// verdict; then it is dropped and a fresh one takes over.
+    #[tokio::test]
+    async fn an_opted_in_event_function_reuses_its_instance_with_each_events_transaction() {
+        let (f, backends, _dir) = tally(2).await;
+        assert_eq!(run(&f, delivery("k", 1, "5"), true).await, Ok(Ok(())));
+        assert_eq!(idle(&f), 1, "kept after its first event");
+        // The second event on the same instance: handled, rolled back.
+        assert_eq!(run(&f, delivery("k", 2, "7"), false).await, Ok(Ok(())));
+        assert_eq!(idle(&f), 0, "dropped after its second");
+        assert_eq!(total(&backends).await, Some(5));
+        assert_eq!(
+            run(&f, delivery("k", 2, "fail"), true).await,
+            Ok(Err(HandlerError::Retry("asked to fail".into())))
+        );
+        assert_eq!(idle(&f), 1, "a handler's own error is a clean finish");
+        assert_eq!(run(&f, delivery("k", 2, "7"), true).await, Ok(Ok(())));
+        assert_eq!(total(&backends).await, Some(12));
     }
 }

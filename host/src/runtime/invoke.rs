@@ -51,10 +51,17 @@ pub struct Ended {
 
 /// An instance kept for reuse, with the store it lives in.
 pub(super) struct Warm {
-    store: Store<GuestState>,
-    proxy: Proxy,
-    /// Requests it has served.
-    uses: u32,
+    pub(super) store: Store<GuestState>,
+    pub(super) exports: Exports,
+    /// Requests (or events) it has served.
+    pub(super) uses: u32,
+}
+
+/// What a kept instance exports: a function is one kind or the other, so its idle instances are
+/// all of its kind.
+pub(super) enum Exports {
+    Http(Proxy),
+    Event(super::event::bindings::EventExports),
 }
 
 impl Function {
@@ -80,7 +87,7 @@ impl Function {
     }
 
     /// An idle instance, when this function opted in to reuse.
-    fn take_warm(&self) -> Option<Warm> {
+    pub(super) fn take_warm(&self) -> Option<Warm> {
         if self.inner.limits.instance_reuse == 0 {
             return None;
         }
@@ -93,7 +100,7 @@ impl Function {
 
     /// Keeps an instance for the next request unless it has served its share or enough are
     /// idle already (each idle instance holds a pool slot).
-    fn put_warm(&self, warm: Warm) {
+    pub(super) fn put_warm(&self, warm: Warm) {
         let f = &self.inner;
         if warm.uses >= f.limits.instance_reuse {
             return;
@@ -121,12 +128,15 @@ impl Function {
         let f = &self.inner;
         let deadline = Instant::now() + f.limits.timeout;
         let (store, warm) = match self.take_warm() {
-            Some(w) => {
-                let mut store = w.store;
+            Some(Warm {
+                mut store,
+                exports: Exports::Http(proxy),
+                uses,
+            }) => {
                 store.data_mut().reset(deadline, f.caps.instance());
-                (store, Some((w.proxy, w.uses)))
+                (store, Some((proxy, uses)))
             }
-            None => (self.new_store(deadline, f.caps.instance()), None),
+            _ => (self.new_store(deadline, f.caps.instance()), None),
         };
         self.run(store, warm, req, request_id, None).await
     }
@@ -217,7 +227,7 @@ impl Function {
                 // Only an instance that finished cleanly may serve again.
                 this.put_warm(Warm {
                     store,
-                    proxy,
+                    exports: Exports::Http(proxy),
                     uses: uses + 1,
                 });
             }
