@@ -143,7 +143,7 @@ def users_manifest(work, name):
     path.write_text(f"""
 [functions.users]
 wasm = "{ROOT / 'functions/dist/users.wasm'}"
-capabilities = ["db", "response-cache", "auth", "events"]
+capabilities = ["db", "response-cache", "auth", "events", "password"]
 migrations = "{ROOT / 'functions/users/migrations'}"
 bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
 

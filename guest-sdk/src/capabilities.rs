@@ -9,4 +9,4 @@ wit_bindgen::generate!({
     generate_all,
 });
 
-pub use wasmgate::platform::{auth, cache, db, events, lock, response_cache};
+pub use wasmgate::platform::{auth, cache, db, events, lock, password, response_cache};

@@ -33,6 +33,7 @@ pub mod db;
 pub mod event;
 pub mod events;
 pub mod lock;
+pub mod password;
 pub mod response_cache;
 
 pub use wstd;

@@ -50,6 +50,9 @@ pub struct Manifest {
     /// granted the `auth` capability).
     #[serde(default)]
     pub auth: crate::auth::AuthConfig,
+    /// Argon2id's parameters and thread budget for the `password` capability.
+    #[serde(default)]
+    pub password: crate::capabilities::password::PasswordConfig,
     /// Functions by name: a TOML table makes duplicate names a parse error.
     #[serde(default)]
     pub functions: BTreeMap<String, FunctionConfig>,
@@ -360,6 +363,9 @@ impl Manifest {
         let mut problems = Vec::new();
         if self.server.max_instances == 0 {
             problems.push("[server] max_instances is 0; set it to at least 1".to_string());
+        }
+        if let Err(e) = self.password.params() {
+            problems.push(e);
         }
         for (name, f) in &self.functions {
             if !valid_name(name) {

@@ -304,6 +304,10 @@ impl Platform {
         })?;
         let backends_cfg = backends_config(manifest, base, overrides);
         let mut backends = Backends::connect(&backends_cfg).await?;
+        // Invalid parameters are reported by `Manifest::validate`; the defaults stand in meanwhile.
+        if let Ok(passwords) = crate::capabilities::password::Passwords::new(&manifest.password) {
+            backends.passwords = passwords;
+        }
         // The auth tables, keys and revocation list exist only when something uses them.
         let uses_auth = manifest.routes.iter().any(|r| r.auth.is_some())
             || manifest.functions.values().any(|f| {

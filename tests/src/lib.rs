@@ -433,7 +433,7 @@ pub fn users_manifest_with(extra: &str, throttle: &str) -> String {
         {extra}
         [functions.users]
         wasm = "{{wasm:users}}"
-        capabilities = ["db", "response-cache", "auth", "events"]
+        capabilities = ["db", "response-cache", "auth", "events", "password"]
         migrations = "{}"
         max_body = "64KiB"
 

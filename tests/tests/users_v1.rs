@@ -418,3 +418,60 @@ async fn parallel_creates_with_one_email_yield_exactly_one_201_on_postgres() {
     let statuses = sorted_statuses(tasks).await;
     assert_eq!(statuses, [201, 409, 409, 409, 409, 409, 409, 409]);
 }
+
+/// Passwords are hashed by the host with the `[password]` parameters; when an operator raises
+/// them, a login replaces the stored hash with one made with the new parameters (no new version
+/// of the account), and the password keeps working. Wrong passwords are refused throughout.
+#[tokio::test]
+async fn a_login_rehashes_a_password_hashed_with_older_parameters() {
+    let db = fresh_postgres();
+    let args = ["--database-url", db.as_str()];
+    let hash_of = |id: &str| {
+        wasmgate_tests::sql(
+            &db,
+            &format!("SELECT password_hash, version FROM users WHERE id = '{id}'"),
+        )
+    };
+    let login = |s: &Server, password: &'static str| {
+        let url = s.url("/v1/login");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&json!({"email": "rehash@example.com", "password": password}))
+                .send()
+                .await
+                .expect("login")
+                .status()
+        }
+    };
+    let old = Server::start_with_args(
+        &wasmgate_tests::users_manifest_with("[password]\nmemory_kib = 8192\niterations = 1", "{}"),
+        &args,
+    );
+    let id = wasmgate_tests::sign_up(&old, "rehash@example.com").await;
+    let before = hash_of(&id);
+    assert!(
+        before.starts_with("$argon2id$v=19$m=8192,t=1,p=1$"),
+        "{before}"
+    );
+    assert!(before.ends_with("|1"), "{before}");
+    assert_eq!(login(&old, wasmgate_tests::PASSWORD).await, 200);
+    assert_eq!(hash_of(&id), before, "current parameters: nothing to redo");
+    drop(old);
+
+    let raised = Server::start_with_args(&users_manifest(), &args);
+    assert_eq!(login(&raised, "wrong").await, 401);
+    assert_eq!(hash_of(&id), before, "a failed login changes nothing");
+    assert_eq!(login(&raised, wasmgate_tests::PASSWORD).await, 200);
+    let after = hash_of(&id);
+    assert!(
+        after.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+        "{after}"
+    );
+    assert!(
+        after.ends_with("|1"),
+        "the account's version stays: {after}"
+    );
+    assert_eq!(login(&raised, wasmgate_tests::PASSWORD).await, 200);
+    assert_eq!(login(&raised, "wrong").await, 401);
+}

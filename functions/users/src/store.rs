@@ -167,6 +167,16 @@ pub fn update(
     Ok(Some(user))
 }
 
+/// Stores a new hash of the same password (made with the host's current parameters) if the
+/// row still holds `old`. Not a change of the account: no new version, no event.
+pub fn replace_password_hash(id: &str, old: &str, new: &str) -> Result<(), Problem> {
+    db::execute(
+        "UPDATE users SET password_hash = $3 WHERE id = $1 AND password_hash = $2",
+        &[id.into(), old.into(), new.into()],
+    )?;
+    Ok(())
+}
+
 /// Deletes the user; `false` when there was none.
 pub fn delete(id: &str) -> Result<bool, Problem> {
     let tx = db::begin()?;

@@ -9,7 +9,7 @@ use wasmgate_sdk::{
 use crate::auth;
 use crate::invalid;
 use crate::store::{self, User};
-use wasmgate_sdk::response_cache;
+use wasmgate_sdk::{password, response_cache};
 
 /// Page size when `limit` is absent, and the most a page may hold.
 const DEFAULT_LIMIT: i64 = 20;
@@ -34,15 +34,25 @@ pub fn rfc3339_ms(ms: u64) -> String {
 }
 
 /// Checks a login body's email and password: the user, or `None` for wrong credentials. Always
-/// one Argon2 verification, known email or not, so timing does not reveal who has an account.
+/// one Argon2 verification in the host, known email or not, so timing does not reveal who has
+/// an account. A hash made with older parameters than the host's is replaced by a new one.
 pub async fn login(req: &mut Request<Body>) -> std::result::Result<Option<User>, Problem> {
     let login: Login = read_json(req).await?;
     let user = store::by_email(&login.email)?;
-    let ok = auth::verify(
-        &login.password,
-        user.as_ref().map(|u| u.password_hash.as_str()),
-    );
-    Ok(user.filter(|_| ok))
+    let stored = user.as_ref().map(|u| u.password_hash.as_str());
+    if !password::verify(&login.password, stored)? {
+        return Ok(None);
+    }
+    let Some(user) = user else {
+        return Ok(None);
+    };
+    if password::needs_rehash(&user.password_hash)? {
+        // Best effort: the login stands either way, and the next one tries again.
+        if let Ok(hash) = password::hash(&login.password) {
+            let _ = store::replace_password_hash(&user.id, &user.password_hash, &hash);
+        }
+    }
+    Ok(Some(user))
 }
 
 /// The one answer to wrong credentials, whatever was wrong.
@@ -210,7 +220,7 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             check_email(&new.email)?;
             check_name("name", &new.name)?;
             check_password(&new.password)?;
-            let hash = auth::hash_password(&new.password)?;
+            let hash = password::hash(&new.password)?;
             let user = store::insert(&new.email, &new.name, None, &hash)?;
             Ok(with_location(
                 json(StatusCode::CREATED, &shape(&user)),

@@ -140,7 +140,7 @@ pub async fn handle(mut req: Request<Body>, route: &str) -> Result {
             if let Some(d) = &new.display_name {
                 check_name("display_name", d)?;
             }
-            let hash = auth::hash_password(&new.password)?;
+            let hash = wasmgate_sdk::password::hash(&new.password)?;
             let user = store::insert(&new.email, &new.name, new.display_name.as_deref(), &hash)?;
             Ok(with_location(
                 respond(StatusCode::CREATED, &user),

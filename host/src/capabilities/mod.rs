@@ -16,6 +16,7 @@ pub mod config;
 pub mod db;
 pub mod events;
 pub mod lock;
+pub mod password;
 pub mod response_cache;
 
 use std::collections::BTreeSet;
@@ -69,16 +70,18 @@ pub enum Capability {
     ResponseCache,
     Auth,
     Events,
+    Password,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 6] = [
+    pub const ALL: [Capability; 7] = [
         Capability::Db,
         Capability::Cache,
         Capability::Lock,
         Capability::ResponseCache,
         Capability::Auth,
         Capability::Events,
+        Capability::Password,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +92,7 @@ impl Capability {
             Capability::ResponseCache => "response-cache",
             Capability::Auth => "auth",
             Capability::Events => "events",
+            Capability::Password => "password",
         }
     }
 }
@@ -107,6 +111,7 @@ pub fn link(linker: &mut Linker<GuestState>, grants: &Grants) -> wasmtime::Resul
             Capability::ResponseCache => response_cache::link(linker)?,
             Capability::Auth => auth::link(linker)?,
             Capability::Events => events::link(linker)?,
+            Capability::Password => password::link(linker)?,
         }
     }
     Ok(())
@@ -146,7 +151,7 @@ pub fn check_grants(engine: &Engine, component: &Component, grants: &Grants) -> 
             }
             None => {
                 return Err(format!(
-                    "it imports `{name}`, which wasmgate does not provide; the capabilities are db, cache, lock, response-cache, auth and events"
+                    "it imports `{name}`, which wasmgate does not provide; the capabilities are db, cache, lock, response-cache, auth, events and password"
                 ));
             }
         }
@@ -168,6 +173,8 @@ pub struct Backends {
     pub redis_client: Option<redis::Client>,
     /// Tokens and roles; opened by the loader when a route or a function uses them.
     pub auth: Option<crate::auth::Auth>,
+    /// Password hashing; the loader sets the manifest's `[password]` parameters.
+    pub passwords: password::Passwords,
 }
 
 /// One backend's state for `/readyz`.
@@ -207,6 +214,8 @@ impl Backends {
             redis,
             redis_client,
             auth: None,
+            passwords: password::Passwords::new(&password::PasswordConfig::default())
+                .expect("the default password parameters are valid"),
         })
     }
 
@@ -222,6 +231,7 @@ impl Backends {
             ),
             auth: auth::FunctionAuth::new(self.auth.clone()),
             events: events::FunctionEvents::new(function),
+            password: self.passwords.configure(function),
         }
     }
 
@@ -266,6 +276,7 @@ pub struct FunctionCaps {
     response_cache: response_cache::FunctionResponseCache,
     auth: auth::FunctionAuth,
     events: events::FunctionEvents,
+    password: password::FunctionPasswords,
 }
 
 impl FunctionCaps {
@@ -278,13 +289,15 @@ impl FunctionCaps {
             response_cache: self.response_cache.instance(),
             auth: self.auth.instance(),
             events: self.events.instance(),
+            password: self.password.instance(),
         }
     }
 
     /// Per shadow run: nothing it does may reach what live requests share. The database is the
     /// same (the runtime holds the run in a transaction it rolls back); the cache and locks are
     /// the run's own and empty; response-cache purges are dropped; tokens cannot be issued,
-    /// refreshed or revoked (`unavailable`); events are checked and answered, never written.
+    /// refreshed or revoked (`unavailable`); events are checked and answered, never written;
+    /// passwords hash as usual (nothing shared changes), on the function's own turns.
     pub fn shadow(&self) -> RequestCaps {
         RequestCaps {
             db: self.db.instance(),
@@ -293,6 +306,7 @@ impl FunctionCaps {
             response_cache: self.response_cache.discarding(),
             auth: auth::FunctionAuth::new(None).instance(),
             events: self.events.discarding(),
+            password: self.password.instance(),
         }
     }
 }
@@ -305,4 +319,5 @@ pub struct RequestCaps {
     pub response_cache: response_cache::RequestResponseCache,
     pub auth: auth::RequestAuth,
     pub events: events::RequestEvents,
+    pub password: password::RequestPasswords,
 }
