@@ -1,4 +1,4 @@
--- The user-management mix for wrk: 90% GET /v1/users/{id}, 8% PATCH, 2% POST, with a skewed
+-- The user-management mix for wrk: 90% GET /v1/users/{id}, 9.8% PATCH, 0.2% POST, with a skewed
 -- (Zipf-like) popularity over the seeded ids. Writes carry an Idempotency-Key, as a careful
 -- client's would. Usage: wrk -s bench/users-mix.lua URL -- IDS_FILE [patch]
 -- With `patch`, every request is a PATCH of an id drawn uniformly (the write path alone).
@@ -64,7 +64,7 @@ function request()
   local id = ids[math.floor(#ids * math.random() ^ 4) + 1]
   if r < 0.90 then
     return wrk.format("GET", "/v1/users/" .. id)
-  elseif r < 0.98 then
+  elseif r < 0.998 then
     return wrk.format("PATCH", "/v1/users/" .. id, write_headers(), '{"name":"n' .. math.random(1, 1000000000) .. '"}')
   else
     local headers = write_headers()

@@ -2,6 +2,7 @@
 //! calls a guest makes.
 
 use super::*;
+use argon2::password_hash::PasswordHasher;
 
 /// Cheap parameters: the suite tests behaviour, not cost.
 fn cheap() -> PasswordConfig {
