@@ -265,7 +265,7 @@ def users_mix(work, wasmgate, cache, seconds, conns, rows, skipped, n_users=10_0
         one_hash = lambda: float(subprocess.run([TARGET / "release/argon2-time", "100"], capture_output=True,
                                                 text=True, check=True).stdout)
         hash_times = [one_hash()]
-        out = wrk_script(f"{base}/v1/login", min(conns, 16), seconds, (), "login.lua",
+        out = wrk_script(base, min(conns, 16), seconds, (), "users-mix.lua", "-", "login",
                          "ops@example.com", "bench-password")
         r = parse_wrk(out)
         failures = ", ".join(re.findall(r"^non-2xx: (.*)$", out, re.M))

@@ -1,11 +1,13 @@
 -- The user-management mix for wrk: 90% GET /v1/users/{id}, 9.8% PATCH, 0.2% POST, with a skewed
 -- (Zipf-like) popularity over the seeded ids. Writes carry an Idempotency-Key, as a careful
--- client's would. Usage: wrk -s bench/users-mix.lua URL -- IDS_FILE [patch]
--- With `patch`, every request is a PATCH of an id drawn uniformly (the write path alone).
+-- client's would. Usage: wrk -s bench/users-mix.lua URL -- IDS_FILE [patch | login EMAIL PASSWORD]
+-- With `patch`, every request is a PATCH of an id drawn uniformly (the write path alone); with
+-- `login`, every request is a POST /v1/login as that account (IDS_FILE is not read then).
 local ids = {}
 local counter = 0
 local tag = ""
 local patch_only = false
+local login_body = nil
 local threads = {}
 -- A global, so `done` can read each thread's copy with thread:get.
 failures = {}
@@ -38,6 +40,10 @@ function done(summary, latency, requests)
 end
 
 function init(args)
+  if args[2] == "login" then
+    login_body = '{"email":"' .. args[3] .. '","password":"' .. args[4] .. '"}'
+    return
+  end
   for line in io.lines(args[1]) do ids[#ids + 1] = line end
   patch_only = args[2] == "patch"
   tag = tid .. "-" .. os.time()
@@ -55,6 +61,9 @@ local function write_headers()
 end
 
 function request()
+  if login_body then
+    return wrk.format("POST", "/v1/login", { ["Content-Type"] = "application/json" }, login_body)
+  end
   if patch_only then
     local id = ids[math.random(#ids)]
     return wrk.format("PATCH", "/v1/users/" .. id, write_headers(), '{"name":"n' .. math.random(1, 1000000000) .. '"}')
