@@ -86,7 +86,42 @@ def parse_wrk(out):
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
-    return {"rps": rps, "p50_ms": parse(lat["50"]), "p99_ms": parse(lat["99"]), "errors": errors}
+    done = re.search(r"(\d+) requests in", out)
+    return {"rps": rps, "p50_ms": parse(lat["50"]), "p99_ms": parse(lat["99"]), "errors": errors,
+            "requests": int(done.group(1)) if done else 0}
+
+
+def cpu_seconds(pids):
+    """User + system CPU seconds the processes `pids` have used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def costed(pid, run, settle=lambda: None):
+    """`run()`'s wrk row with the CPU each request cost in `pid` and in PostgreSQL (every
+    `postgres` process: the server is local), in ms, added to the row and its note; counted
+    until `settle()` returns, so work the requests left behind (events) counts too."""
+    postgres = lambda: [int(p) for p in subprocess.run(["pgrep", "-x", "postgres"], capture_output=True,
+                                                       text=True).stdout.split()]
+    before = (cpu_seconds([pid]), cpu_seconds(postgres()))
+    r = run()
+    settle()
+    after = (cpu_seconds([pid]), cpu_seconds(postgres()))
+    n = max(1, r.get("requests", 0))
+    r["cpu_ms_per_request"] = {"wasmgate": round((after[0] - before[0]) * 1000 / n, 3),
+                               "postgres": round((after[1] - before[1]) * 1000 / n, 3)}
+    return r
+
+
+def cpu_note(r):
+    c = r["cpu_ms_per_request"]
+    return f"CPU per request: wasmgate {c['wasmgate']:.2f} ms, PostgreSQL {c['postgres']:.2f} ms"
 
 
 def wasmtime_bin():
@@ -244,18 +279,34 @@ def users_mix(work, wasmgate, cache, seconds, conns, rows, skipped, n_users=10_0
             r.update(name=row_name, rss_kib=rss_kib(pid), note="mean of 3 alternating runs")
             rows.append(r)
             print(f"  {row_name}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']}", file=sys.stderr)
-        r = run_row(one, (bearer,), "unique-query.lua", seconds)
-        r.update(name="users GET one id, cache missed (guest + PostgreSQL)", rss_kib=rss_kib(gate.p.pid), note="")
+        r = costed(gate.p.pid, lambda: run_row(one, (bearer,), "unique-query.lua", seconds))
+        r.update(name="users GET one id, cache missed (guest + PostgreSQL)", rss_kib=rss_kib(gate.p.pid),
+                 note=cpu_note(r))
         rows.append(r)
         print(f"  {r['name']}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']}", file=sys.stderr)
-        out = wrk_script(base, conns, seconds, (bearer,), "users-mix.lua", ids)
-        r = parse_wrk(out)
-        failures = ", ".join(re.findall(r"^non-2xx: (.*)$", out, re.M))
-        r.update(name="user-management mix (PostgreSQL + Redis)", rss_kib=rss_kib(gate.p.pid),
-                 note=f"non-2xx: {failures}" if failures else "")
-        rows.append(r)
-        print(f"  {r['name']}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']} {r['note']}",
-              file=sys.stderr)
+        def settled():
+            """Waits (up to a minute) for `activity` to consume the writes' events, so a row's
+            CPU figures do not carry the previous row's backlog."""
+            for _ in range(300):
+                if psql(db, "SELECT (SELECT count(*) FROM wasmgate_outbox) - (SELECT count(*) FROM wasmgate_inbox)"
+                            " - (SELECT count(*) FROM wasmgate_dead_letters)") == "0":
+                    return
+                time.sleep(0.2)
+
+        # The mix, then its writes alone (where each request class spends its CPU).
+        for name, mode in (("user-management mix (PostgreSQL + Redis)", ()),
+                           ("users PATCH one id (idempotent, purge, event)", ("patch",))):
+            settled()
+            outs = []
+            r = costed(gate.p.pid, lambda: parse_wrk(
+                outs.append(wrk_script(base, conns, seconds, (bearer,), "users-mix.lua", ids, *mode)) or outs[-1]),
+                settled)
+            failures = ", ".join(re.findall(r"^non-2xx: (.*)$", outs[-1], re.M))
+            r.update(name=name, rss_kib=rss_kib(gate.p.pid),
+                     note=cpu_note(r) + (f"; non-2xx: {failures}" if failures else ""))
+            rows.append(r)
+            print(f"  {r['name']}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']} {r['note']}",
+                  file=sys.stderr)
         # Logins: 16 connections keep the hashing threads busy without a queue past its 2 s;
         # the second process (idle from here) is stopped first, so it takes none of the cores.
         if opened:
@@ -265,12 +316,14 @@ def users_mix(work, wasmgate, cache, seconds, conns, rows, skipped, n_users=10_0
         one_hash = lambda: float(subprocess.run([TARGET / "release/argon2-time", "100"], capture_output=True,
                                                 text=True, check=True).stdout)
         hash_times = [one_hash()]
-        out = wrk_script(base, min(conns, 16), seconds, (), "users-mix.lua", "-", "login",
-                         "ops@example.com", "bench-password")
-        r = parse_wrk(out)
-        failures = ", ".join(re.findall(r"^non-2xx: (.*)$", out, re.M))
+        settled()
+        outs = []
+        r = costed(gate.p.pid, lambda: parse_wrk(
+            outs.append(wrk_script(base, min(conns, 16), seconds, (), "users-mix.lua", "-", "login",
+                                   "ops@example.com", "bench-password")) or outs[-1]))
+        failures = ", ".join(re.findall(r"^non-2xx: (.*)$", outs[-1], re.M))
         r.update(name="users login (Argon2id in the host)", rss_kib=rss_kib(gate.p.pid),
-                 note=f"non-2xx: {failures}" if failures else "16 connections, one account")
+                 note=f"16 connections, one account; {cpu_note(r)}" + (f"; non-2xx: {failures}" if failures else ""))
         rows.append(r)
         print(f"  {r['name']}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']} {r['note']}",
               file=sys.stderr)
