@@ -415,10 +415,11 @@ async fn admission_on_postgres() {
     admission(db).await;
 }
 
-/// On PostgreSQL a group's admission reads the keys it names, not every key of its
-/// subscription and topic, whatever plan the server picks: with 2,000 keys applied and the
-/// plan forced generic (what a prepared statement gets after a few runs, with statistics from
-/// when the table was empty), admitting two events fetches a handful of key rows.
+/// On PostgreSQL a one-key group's admission reads its key, not every key of its subscription
+/// and topic, whatever plan the server picks: with 2,000 keys applied and the plan forced
+/// generic (what a prepared statement gets after a few runs, with statistics from when the
+/// table was empty), two admissions fetch a handful of key rows. (A group of several keys
+/// still reads them all until the table has statistics: not fixed yet.)
 #[tokio::test]
 async fn a_group_admission_reads_only_its_keys() {
     use super::broker::Delivery;
