@@ -50,17 +50,10 @@ impl Function {
         };
         f.runs.increment(1);
         let deadline = Instant::now() + f.limits.timeout;
-        let (mut store, warm) = match self.take_warm() {
-            Some(Warm {
-                mut store,
-                exports: Exports::Event(exports),
-                uses,
-            }) => {
-                store.data_mut().reset(deadline, caps);
-                (store, Some((exports, uses)))
-            }
-            _ => (self.new_store(deadline, caps), None),
-        };
+        let (mut store, warm) = self.warm_or_fresh(deadline, caps, |e| match e {
+            Exports::Event(exports) => Some(exports),
+            Exports::Http(_) => None,
+        });
         store.set_epoch_deadline(1);
         let pre = pre.clone();
         let timeout = f.limits.timeout;

@@ -87,7 +87,7 @@ impl Function {
     }
 
     /// An idle instance, when this function opted in to reuse.
-    pub(super) fn take_warm(&self) -> Option<Warm> {
+    fn take_warm(&self) -> Option<Warm> {
         if self.inner.limits.instance_reuse == 0 {
             return None;
         }
@@ -96,6 +96,28 @@ impl Function {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .pop()
+    }
+
+    /// A kept instance's store, readied for a run with `caps` until `deadline`, and what
+    /// `exports` takes from it (the export of this function's kind) with its uses so far; or a
+    /// fresh store, when none is kept.
+    pub(super) fn warm_or_fresh<E>(
+        &self,
+        deadline: Instant,
+        caps: RequestCaps,
+        exports: impl FnOnce(Exports) -> Option<E>,
+    ) -> (Store<GuestState>, Option<(E, u32)>) {
+        if let Some(Warm {
+            mut store,
+            exports: kept,
+            uses,
+        }) = self.take_warm()
+            && let Some(kept) = exports(kept)
+        {
+            store.data_mut().reset(deadline, caps);
+            return (store, Some((kept, uses)));
+        }
+        (self.new_store(deadline, caps), None)
     }
 
     /// Keeps an instance for the next request unless it has served its share or enough are
@@ -127,17 +149,10 @@ impl Function {
     {
         let f = &self.inner;
         let deadline = Instant::now() + f.limits.timeout;
-        let (store, warm) = match self.take_warm() {
-            Some(Warm {
-                mut store,
-                exports: Exports::Http(proxy),
-                uses,
-            }) => {
-                store.data_mut().reset(deadline, f.caps.instance());
-                (store, Some((proxy, uses)))
-            }
-            _ => (self.new_store(deadline, f.caps.instance()), None),
-        };
+        let (store, warm) = self.warm_or_fresh(deadline, f.caps.instance(), |e| match e {
+            Exports::Http(proxy) => Some(proxy),
+            Exports::Event(_) => None,
+        });
         self.run(store, warm, req, request_id, None).await
     }
 
