@@ -211,14 +211,15 @@ impl Passwords {
                 }
             },
         };
-        let parsed = self.parse(stored)?;
-        let malformed = |e: &dyn std::fmt::Display| PasswordError::Malformed(e.to_string());
-        let algorithm = Algorithm::new(parsed.algorithm.as_str()).map_err(|e| malformed(&e))?;
+        let Parsed {
+            hash: parsed,
+            algorithm,
+            params,
+        } = self.parse(stored)?;
         let version = parsed
             .version
             .map_or(Ok(Version::V0x13), Version::try_from)
-            .map_err(|e| malformed(&e))?;
-        let params = Params::try_from(&parsed).map_err(|e| malformed(&e))?;
+            .map_err(|e| PasswordError::Malformed(e.to_string()))?;
         let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
             return Err(PasswordError::Malformed("no salt or no hash".into()));
         };
@@ -228,7 +229,7 @@ impl Passwords {
     }
 
     /// A stored hash, checked before any work: Argon2, parameters within the host's limits.
-    fn parse<'h>(&self, hash: &'h str) -> Result<PasswordHash<'h>, PasswordError> {
+    fn parse<'h>(&self, hash: &'h str) -> Result<Parsed<'h>, PasswordError> {
         if hash.len() > MAX_HASH_LEN {
             return Err(PasswordError::Malformed(format!(
                 "a hash of {} bytes, over {MAX_HASH_LEN}",
@@ -237,12 +238,9 @@ impl Passwords {
         }
         let parsed = PasswordHash::new(hash)
             .map_err(|e| PasswordError::Malformed(format!("not a PHC string: {e}")))?;
-        if Algorithm::new(parsed.algorithm.as_str()).is_err() {
-            return Err(PasswordError::Malformed(format!(
-                "`{}` is not Argon2",
-                parsed.algorithm
-            )));
-        }
+        let algorithm = Algorithm::new(parsed.algorithm.as_str()).map_err(|_| {
+            PasswordError::Malformed(format!("`{}` is not Argon2", parsed.algorithm))
+        })?;
         let p = Params::try_from(&parsed)
             .map_err(|e| PasswordError::Malformed(format!("its parameters: {e}")))?;
         let mine = &self.0.params;
@@ -257,26 +255,37 @@ impl Passwords {
                 p.p_cost()
             )));
         }
-        Ok(parsed)
+        Ok(Parsed {
+            hash: parsed,
+            algorithm,
+            params: p,
+        })
     }
 
     /// Whether `hash` was made otherwise than the current parameters would make it. Cheap: no
     /// hashing, so it does not take a thread.
     pub fn needs_rehash(&self, hash: &str) -> Result<bool, PasswordError> {
-        let parsed = self.parse(hash)?;
-        let p = Params::try_from(&parsed)
-            .map_err(|e| PasswordError::Malformed(format!("its parameters: {e}")))?;
+        let Parsed {
+            hash: parsed,
+            algorithm,
+            params: p,
+        } = self.parse(hash)?;
         let mine = &self.0.params;
-        Ok(
-            parsed.algorithm.as_str() != Algorithm::Argon2id.ident().as_str()
-                || parsed.version != Some(Version::V0x13.into())
-                || p.m_cost() != mine.m_cost()
-                || p.t_cost() != mine.t_cost()
-                || p.p_cost() != mine.p_cost()
-                || parsed.hash.map(|h| h.len())
-                    != Some(mine.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN)),
-        )
+        Ok(algorithm != Algorithm::Argon2id
+            || parsed.version != Some(Version::V0x13.into())
+            || p.m_cost() != mine.m_cost()
+            || p.t_cost() != mine.t_cost()
+            || p.p_cost() != mine.p_cost()
+            || parsed.hash.map(|h| h.len())
+                != Some(mine.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN)))
     }
+}
+
+/// A stored hash taken apart, its settings checked.
+struct Parsed<'h> {
+    hash: PasswordHash<'h>,
+    algorithm: Algorithm,
+    params: Params,
 }
 
 /// A function's share of the process's hashing.
