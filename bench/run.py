@@ -104,24 +104,24 @@ def cpu_seconds(pids):
 
 
 def costed(pid, run, settle=lambda: None):
-    """`run()`'s wrk row with the CPU each request cost in `pid` and in PostgreSQL (every
-    `postgres` process: the server is local), in ms, added to the row and its note; counted
-    until `settle()` returns, so work the requests left behind (events) counts too."""
+    """The row of the wrk run `run()` (which returns wrk's output), with the CPU each request
+    cost in `pid` and in PostgreSQL (every `postgres` process: the server is local), in ms,
+    counted until `settle()` returns, so work the requests left behind (events) counts too. Its
+    note says that CPU and the answers that were not 2xx (`users-mix.lua` lists them)."""
     postgres = lambda: [int(p) for p in subprocess.run(["pgrep", "-x", "postgres"], capture_output=True,
                                                        text=True).stdout.split()]
     before = (cpu_seconds([pid]), cpu_seconds(postgres()))
-    r = run()
+    out = run()
     settle()
     after = (cpu_seconds([pid]), cpu_seconds(postgres()))
-    n = max(1, r.get("requests", 0))
-    r["cpu_ms_per_request"] = {"wasmgate": round((after[0] - before[0]) * 1000 / n, 3),
-                               "postgres": round((after[1] - before[1]) * 1000 / n, 3)}
+    r = parse_wrk(out)
+    n = max(1, r["requests"])
+    c = r["cpu_ms_per_request"] = {"wasmgate": round((after[0] - before[0]) * 1000 / n, 3),
+                                   "postgres": round((after[1] - before[1]) * 1000 / n, 3)}
+    failures = ", ".join(re.findall(r"^non-2xx: (.*)$", out, re.M))
+    r["note"] = (f"CPU per request: wasmgate {c['wasmgate']:.2f} ms, PostgreSQL {c['postgres']:.2f} ms"
+                 + (f"; non-2xx: {failures}" if failures else ""))
     return r
-
-
-def cpu_note(r):
-    c = r["cpu_ms_per_request"]
-    return f"CPU per request: wasmgate {c['wasmgate']:.2f} ms, PostgreSQL {c['postgres']:.2f} ms"
 
 
 def wasmtime_bin():
@@ -279,9 +279,8 @@ def users_mix(work, wasmgate, cache, seconds, conns, rows, skipped, n_users=10_0
             r.update(name=row_name, rss_kib=rss_kib(pid), note="mean of 3 alternating runs")
             rows.append(r)
             print(f"  {row_name}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']}", file=sys.stderr)
-        r = costed(gate.p.pid, lambda: run_row(one, (bearer,), "unique-query.lua", seconds))
-        r.update(name="users GET one id, cache missed (guest + PostgreSQL)", rss_kib=rss_kib(gate.p.pid),
-                 note=cpu_note(r))
+        r = costed(gate.p.pid, lambda: wrk_script(one, conns, seconds, (bearer,), "unique-query.lua"))
+        r.update(name="users GET one id, cache missed (guest + PostgreSQL)", rss_kib=rss_kib(gate.p.pid))
         rows.append(r)
         print(f"  {r['name']}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']}", file=sys.stderr)
         def settled():
@@ -297,13 +296,9 @@ def users_mix(work, wasmgate, cache, seconds, conns, rows, skipped, n_users=10_0
         for name, mode in (("user-management mix (PostgreSQL + Redis)", ()),
                            ("users PATCH one id (idempotent, purge, event)", ("patch",))):
             settled()
-            outs = []
-            r = costed(gate.p.pid, lambda: parse_wrk(
-                outs.append(wrk_script(base, conns, seconds, (bearer,), "users-mix.lua", ids, *mode)) or outs[-1]),
-                settled)
-            failures = ", ".join(re.findall(r"^non-2xx: (.*)$", outs[-1], re.M))
-            r.update(name=name, rss_kib=rss_kib(gate.p.pid),
-                     note=cpu_note(r) + (f"; non-2xx: {failures}" if failures else ""))
+            r = costed(gate.p.pid, lambda: wrk_script(base, conns, seconds, (bearer,), "users-mix.lua", ids, *mode),
+                       settled)
+            r.update(name=name, rss_kib=rss_kib(gate.p.pid))
             rows.append(r)
             print(f"  {r['name']}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']} {r['note']}",
                   file=sys.stderr)
@@ -317,13 +312,10 @@ def users_mix(work, wasmgate, cache, seconds, conns, rows, skipped, n_users=10_0
                                                 text=True, check=True).stdout)
         hash_times = [one_hash()]
         settled()
-        outs = []
-        r = costed(gate.p.pid, lambda: parse_wrk(
-            outs.append(wrk_script(base, min(conns, 16), seconds, (), "users-mix.lua", "-", "login",
-                                   "ops@example.com", "bench-password")) or outs[-1]))
-        failures = ", ".join(re.findall(r"^non-2xx: (.*)$", outs[-1], re.M))
+        r = costed(gate.p.pid, lambda: wrk_script(base, min(conns, 16), seconds, (), "users-mix.lua", "-", "login",
+                                                  "ops@example.com", "bench-password"))
         r.update(name="users login (Argon2id in the host)", rss_kib=rss_kib(gate.p.pid),
-                 note=f"16 connections, one account; {cpu_note(r)}" + (f"; non-2xx: {failures}" if failures else ""))
+                 note="16 connections, one account; " + r["note"])
         rows.append(r)
         print(f"  {r['name']}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']} {r['note']}",
               file=sys.stderr)
