@@ -2,7 +2,8 @@
 //!
 //! A declared `Content-Length` over the limit is refused before the guest runs. A body without
 //! one (chunked) streams to the guest through [`LimitedBody`], which fails the read that crosses
-//! the limit and raises a flag, so the server answers 413 whatever the guest then does.
+//! the limit and raises a flag, so the server answers 413 whatever the guest then does, or, when
+//! the guest has already sent its response head, cuts the response (`runtime::GuestBody`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -30,6 +31,11 @@ impl Exceeded {
 }
 
 impl LimitedBody {
+    /// The flag this body raises when it crosses its limit.
+    pub fn exceeded(&self) -> Exceeded {
+        Exceeded(self.exceeded.clone())
+    }
+
     pub fn new(inner: axum::body::Body, limit: u64) -> (Self, Exceeded) {
         let flag = Exceeded::default();
         let body = Self {

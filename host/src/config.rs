@@ -133,6 +133,9 @@ impl SubscriptionConfig {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_instances: u32,
+    /// Fresh instances kept instantiated ahead of requests, across all functions. 0 (the
+    /// default): none; see `runtime::warm_pool` for when they pay.
+    pub warm_instances: u32,
     pub cache_dir: PathBuf,
 }
 
@@ -143,6 +146,7 @@ impl Default for ServerConfig {
                 .parse()
                 .expect("DEFAULT_LISTEN is a valid socket address"),
             max_instances: DEFAULT_MAX_INSTANCES,
+            warm_instances: 0,
             cache_dir: PathBuf::from(DEFAULT_CACHE_DIR),
         }
     }
@@ -363,6 +367,12 @@ impl Manifest {
         let mut problems = Vec::new();
         if self.server.max_instances == 0 {
             problems.push("[server] max_instances is 0; set it to at least 1".to_string());
+        }
+        if self.server.warm_instances > self.server.max_instances / 2 {
+            problems.push(format!(
+                "[server] warm_instances ({}) is over half of max_instances ({}): instances made ahead would take the slots requests need; lower it (0 turns them off)",
+                self.server.warm_instances, self.server.max_instances
+            ));
         }
         if let Err(e) = self.password.params() {
             problems.push(e);

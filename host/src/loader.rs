@@ -45,6 +45,7 @@ pub struct Platform {
 pub struct Settings {
     pub listen: std::net::SocketAddr,
     pub max_instances: u32,
+    pub warm_instances: u32,
     pub cache_dir: PathBuf,
     /// The largest memory cap the pool's slots hold.
     pub max_memory: u64,
@@ -210,6 +211,7 @@ impl Settings {
         Self {
             listen: listen.unwrap_or(manifest.server.listen),
             max_instances: manifest.server.max_instances,
+            warm_instances: manifest.server.warm_instances,
             cache_dir: overrides
                 .cache_dir
                 .clone()
@@ -228,9 +230,12 @@ impl Settings {
         if next.listen != self.listen {
             problems.push(format!("[server] listen {restart}"));
         }
-        if next.max_instances != self.max_instances || next.cache_dir != self.cache_dir {
+        if next.max_instances != self.max_instances
+            || next.warm_instances != self.warm_instances
+            || next.cache_dir != self.cache_dir
+        {
             problems.push(format!(
-                "[server] max_instances and cache_dir: this {restart}"
+                "[server] max_instances, warm_instances and cache_dir: this {restart}"
             ));
         }
         if next.max_memory > self.max_memory {
@@ -299,6 +304,7 @@ impl Platform {
         let runtime = Runtime::new(&RuntimeOptions {
             // Zero is reported as a problem above; the engine still needs a pool to check the rest.
             max_instances: settings.max_instances.max(1),
+            warm_instances: settings.warm_instances,
             max_memory: settings.max_memory,
             cache_dir: settings.cache_dir.clone(),
         })?;

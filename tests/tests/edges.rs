@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wasmgate_tests::{Server, expect_problem};
 
@@ -13,6 +14,7 @@ wasm = "{wasm:hello}"
 [functions.echo]
 wasm = "{wasm:echo}"
 max_body = "1KiB"
+timeout = "2s"
 
 [functions.trap]
 wasm = "{wasm:trap}"
@@ -255,6 +257,95 @@ async fn streamed_oversized_body_is_413() {
     assert_eq!(resp.status(), 200);
     let body: serde_json::Value = resp.json().await.expect("json");
     assert_eq!(body["body_len"], 1024);
+}
+
+/// Chunked uploads that cross `max_body` while the guest streams them back (its 200 head already
+/// sent): a response the client sees fail, never a complete 200, and the server counts each cut.
+/// (Without the cut the server ended these bodies cleanly; whether the client noticed then
+/// depended on the TCP reset that follows unread request bytes, hence the server-side count.)
+#[tokio::test]
+async fn a_streamed_body_past_its_limit_never_looks_like_success() {
+    let s = server();
+    let client = reqwest::Client::new();
+    // 512 bytes, a pause in which the guest's 200 head goes out, then the rest in 16 KiB chunks.
+    let chunked = |total: usize| {
+        let sizes: Vec<usize> = std::iter::once(512)
+            .chain(
+                (512..total)
+                    .step_by(16 * 1024)
+                    .map(|at| (total - at).min(16 * 1024)),
+            )
+            .collect();
+        let stream =
+            futures::stream::iter(sizes.into_iter().enumerate()).then(|(i, n)| async move {
+                if i == 1 {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok::<_, std::io::Error>(vec![b'x'; n])
+            });
+        reqwest::Body::wrap_stream(stream)
+    };
+    // The guest aborts its response when its read fails, or (lenient) ends it as if all was read.
+    let uploads = ["stream", "stream=lenient"]
+        .into_iter()
+        .flat_map(|mode| [1, 16 * 1024, 49 * 1024 * 1024].map(|over| (mode, over)));
+    for (mode, over) in uploads {
+        let sent = client
+            .post(s.url(&format!("/echo/x?{mode}")))
+            .body(chunked(1024 + over))
+            .send()
+            .await;
+        // A send that fails is a failed response too: the server closed the connection.
+        if let Ok(resp) = sent {
+            assert_eq!(resp.status(), 200, "{mode}, {over} bytes over");
+            if let Ok(body) = resp.bytes().await {
+                panic!(
+                    "{mode}, {over} bytes over: a complete 200 with {} bytes",
+                    body.len()
+                );
+            }
+        }
+    }
+    let cut = s
+        .metric("wasmgate_responses_cut_total", r#"cause="body-too-large""#)
+        .await;
+    assert_eq!(cut, 6.0, "each upload cut once, after its head");
+    // At the limit, the whole body streams back.
+    let resp = client
+        .post(s.url("/echo/x?stream"))
+        .body(chunked(1024))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.expect("whole").len(), 1024);
+    hello_ok(&client, &s).await;
+}
+
+/// A guest that traps or times out after sending its head: the client's read of the body fails
+/// (the connection closes before the chunked body's end), and the cut is counted. (Before the
+/// cut, a trap after 64 KiB ended the body cleanly: a complete-looking 200.)
+#[tokio::test]
+async fn a_guest_that_fails_after_its_head_never_sends_a_complete_response() {
+    let s = server();
+    let client = reqwest::Client::new();
+    for (query, cause) in [("cut=trap", "trap"), ("cut=spin", "timeout")] {
+        // The head may not even reach the client before the connection closes.
+        if let Ok(resp) = client.post(s.url(&format!("/echo/x?{query}"))).send().await {
+            assert_eq!(resp.status(), 200);
+            if let Ok(body) = resp.bytes().await {
+                panic!("{query}: a complete 200 with {} bytes", body.len());
+            }
+        }
+        let cut = s
+            .metric(
+                "wasmgate_responses_cut_total",
+                &format!(r#"function="echo",cause="{cause}""#),
+            )
+            .await;
+        assert_eq!(cut, 1.0, "{query}");
+    }
+    hello_ok(&client, &s).await;
 }
 
 #[tokio::test]

@@ -181,6 +181,108 @@ async fn a_saturated_function_does_not_take_down_its_neighbour() {
     );
 }
 
+/// Instances made ahead of demand (`[server] warm_instances`) serve one request each, sequential
+/// or concurrent, and take the request's deadline when they are taken: one made longer than its
+/// timeout ago still runs its full timeout.
+#[tokio::test]
+async fn instances_made_ahead_serve_one_request_each_with_the_requests_own_deadline() {
+    let s = Server::start(
+        r#"
+        [server]
+        warm_instances = 8
+        [functions.stateful]
+        wasm = "{wasm:stateful}"
+        [functions.spin]
+        wasm = "{wasm:spin}"
+        timeout = "300ms"
+        [[routes]]
+        path = "/count"
+        function = "stateful"
+        [[routes]]
+        path = "/spin"
+        function = "spin"
+        "#,
+    );
+    let client = reqwest::Client::new();
+    for _ in 0..20 {
+        let body = get_json(&client, &s.url("/count")).await;
+        assert_eq!(body["seen"], 1, "an instance served twice");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let concurrent: Vec<_> = (0..16)
+        .map(|_| {
+            let (client, url) = (client.clone(), s.url("/count"));
+            tokio::spawn(async move { get_json(&client, &url).await })
+        })
+        .collect();
+    for task in concurrent {
+        assert_eq!(
+            task.await.expect("task")["seen"],
+            1,
+            "an instance served twice"
+        );
+    }
+    let used = s
+        .metric(
+            "wasmgate_instances_ready_used_total",
+            r#"function="stateful""#,
+        )
+        .await;
+    assert!(used >= 10.0, "only {used} requests found an instance ready");
+
+    let spin = |client: reqwest::Client| {
+        let url = s.url("/spin");
+        async move {
+            let started = Instant::now();
+            let resp = client.get(url).send().await.expect("spin");
+            (resp, started.elapsed())
+        }
+    };
+    let (first, _) = spin(client.clone()).await;
+    expect_problem(first, 504, "function-timeout").await;
+    // The instance made after that request is older than the timeout when the next one takes it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (second, took) = spin(client.clone()).await;
+    expect_problem(second, 504, "function-timeout").await;
+    assert!(
+        took >= Duration::from_millis(250),
+        "timed out after {took:?}: the deadline was the one it was made with"
+    );
+    let used = s
+        .metric("wasmgate_instances_ready_used_total", r#"function="spin""#)
+        .await;
+    assert_eq!(used, 1.0, "the second spin ran on the instance made ahead");
+}
+
+/// By default nothing is made ahead: every request instantiates its own.
+#[tokio::test]
+async fn no_instance_is_made_ahead_by_default() {
+    let s = Server::start(
+        r#"
+        [functions.stateful]
+        wasm = "{wasm:stateful}"
+        [[routes]]
+        path = "/count"
+        function = "stateful"
+        "#,
+    );
+    let client = reqwest::Client::new();
+    for _ in 0..5 {
+        let body = get_json(&client, &s.url("/count")).await;
+        assert_eq!(body["seen"], 1, "state leaked between requests");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        s.metric("wasmgate_instances_ready", r#"function="stateful""#)
+            .await,
+        0.0
+    );
+    assert_eq!(
+        s.metric("wasmgate_instances_ready_used_total", "").await,
+        0.0
+    );
+}
+
 #[tokio::test]
 async fn every_request_gets_a_fresh_instance() {
     let s = Server::start(

@@ -318,3 +318,23 @@ fn access_control_problems_are_named() {
         ],
     );
 }
+
+#[test]
+fn warm_instances_over_half_the_pool() {
+    assert_refused(
+        r#"
+        [server]
+        max_instances = 10
+        warm_instances = 6
+        [functions.hello]
+        wasm = "{wasm:hello}"
+        [[routes]]
+        path = "/hi"
+        function = "hello"
+        "#,
+        &[
+            "[server] warm_instances (6) is over half of max_instances (10)",
+            "0 turns them off",
+        ],
+    );
+}

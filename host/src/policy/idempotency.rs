@@ -197,7 +197,7 @@ async fn record(store: &Store, token: &crate::idempotency::Token, resp: Response
         }
         Err(resp) => {
             tracing::warn!(
-                "response over {MAX_STORED_BODY} bytes not kept for Idempotency-Key replay"
+                "response not kept for Idempotency-Key replay: over {MAX_STORED_BODY} bytes, or its body failed; a retry will run again"
             );
             release(store, token).await;
             resp

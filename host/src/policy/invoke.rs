@@ -39,9 +39,10 @@ impl tower::Service<GuestRequest> for Invoke {
         let function = self.function.clone();
         Box::pin(async move {
             let id = RequestId::of(req.extensions());
+            let request_body = req.body().exceeded();
             Ok(match function.handle(req, &id).await {
                 Ok(resp) => {
-                    let mut resp = resp.map(Body::new);
+                    let mut resp = resp.map(|body| Body::new(body.watching(request_body)));
                     id.stamp(resp.headers_mut());
                     // Tags are for the response cache, never for the client.
                     if let Some(tags) = resp.headers_mut().remove(TAG_HEADER) {

@@ -50,7 +50,7 @@ impl Function {
         };
         f.runs.increment(1);
         let deadline = Instant::now() + f.limits.timeout;
-        let (mut store, warm) = self.warm_or_fresh(deadline, caps, |e| match e {
+        let (mut store, warm) = self.warm_or_fresh(deadline, caps, true, |e| match e {
             Exports::Event(exports) => Some(exports),
             Exports::Http(_) => None,
         });
@@ -140,6 +140,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let runtime = Runtime::new(&RuntimeOptions {
             max_instances: 4,
+            warm_instances: 2,
             max_memory: 64 * 1024 * 1024,
             cache_dir: dir.path().join("cache"),
         })

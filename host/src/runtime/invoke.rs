@@ -5,10 +5,12 @@
 //! it never calls the host, and a tokio timeout covers time spent waiting in host calls. Whatever
 //! happens, the store (and with it the instance and its pool slot) is dropped when the task ends.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body::Body;
+use http_body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 use wasmtime::{PoolConcurrencyLimitError, Store, UpdateDeadline};
 use wasmtime_wasi_http::WasiHttpView;
@@ -17,6 +19,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use super::{Function, GuestState};
+use crate::body_limit::Exceeded;
 use crate::capabilities::RequestCaps;
 use crate::request_id::RequestId;
 
@@ -36,6 +39,20 @@ pub enum Failure {
     Overloaded,
     /// A host-side failure (a bug, not the guest's doing).
     Internal,
+}
+
+impl Failure {
+    /// Its name in logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::Trap => "trap",
+            Failure::MemoryExceeded => "memory-exceeded",
+            Failure::Timeout => "timeout",
+            Failure::NoResponse => "no-response",
+            Failure::Overloaded => "overloaded",
+            Failure::Internal => "internal",
+        }
+    }
 }
 
 pub(super) enum Stage {
@@ -98,20 +115,23 @@ impl Function {
             .pop()
     }
 
-    /// A kept instance's store, readied for a run with `caps` until `deadline`, and what
-    /// `exports` takes from it (the export of this function's kind) with its uses so far; or a
-    /// fresh store, when none is kept.
+    /// An instance's store, readied for a run with `caps` until `deadline`, and what
+    /// `exports` takes from it (the export of this function's kind) with its uses so far: an
+    /// idle one kept for reuse (when `reuse` and the function opted in), else one made ahead;
+    /// or a new store, for the caller to instantiate, when neither is there.
     pub(super) fn warm_or_fresh<E>(
         &self,
         deadline: Instant,
         caps: RequestCaps,
+        reuse: bool,
         exports: impl FnOnce(Exports) -> Option<E>,
     ) -> (Store<GuestState>, Option<(E, u32)>) {
+        let kept = reuse.then(|| self.take_warm()).flatten();
         if let Some(Warm {
             mut store,
             exports: kept,
             uses,
-        }) = self.take_warm()
+        }) = kept.or_else(|| self.take_ready())
             && let Some(kept) = exports(kept)
         {
             store.data_mut().reset(deadline, caps);
@@ -142,37 +162,34 @@ impl Function {
         &self,
         req: hyper::Request<B>,
         request_id: &RequestId,
-    ) -> Result<hyper::Response<HyperOutgoingBody>, Failure>
+    ) -> Result<hyper::Response<GuestBody>, Failure>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let f = &self.inner;
         let deadline = Instant::now() + f.limits.timeout;
-        let (store, warm) = self.warm_or_fresh(deadline, f.caps.instance(), |e| match e {
-            Exports::Http(proxy) => Some(proxy),
-            Exports::Event(_) => None,
-        });
+        let (store, warm) = self.warm_or_fresh(deadline, f.caps.instance(), true, http_export);
         self.run(store, warm, req, request_id, None).await
     }
 
-    /// Runs `req` in a fresh instance with `caps`, never kept for reuse, and hands what the run
-    /// left of its database to `ended` when the instance is done: a host-held transaction (see
-    /// `RequestDb::hold`) for the caller to commit or roll back.
+    /// Runs `req` in a fresh instance (made ahead or now) with `caps`, never kept for reuse,
+    /// and hands what the run left of its database to `ended` when the instance is done: a
+    /// host-held transaction (see `RequestDb::hold`) for the caller to commit or roll back.
     pub async fn handle_held<B>(
         &self,
         req: hyper::Request<B>,
         request_id: &RequestId,
         caps: crate::capabilities::RequestCaps,
         ended: oneshot::Sender<Ended>,
-    ) -> Result<hyper::Response<HyperOutgoingBody>, Failure>
+    ) -> Result<hyper::Response<GuestBody>, Failure>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let deadline = Instant::now() + self.inner.limits.timeout;
-        let store = self.new_store(deadline, caps);
-        self.run(store, None, req, request_id, Some(ended)).await
+        let (store, warm) = self.warm_or_fresh(deadline, caps, false, http_export);
+        self.run(store, warm, req, request_id, Some(ended)).await
     }
 
     async fn run<B>(
@@ -182,7 +199,7 @@ impl Function {
         req: hyper::Request<B>,
         request_id: &RequestId,
         ended: Option<oneshot::Sender<Ended>>,
-    ) -> Result<hyper::Response<HyperOutgoingBody>, Failure>
+    ) -> Result<hyper::Response<GuestBody>, Failure>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
@@ -214,6 +231,7 @@ impl Function {
         let this = self.clone();
         let id = request_id.clone();
         let running = Running::start(&f.running);
+        let (settled, outcome) = oneshot::channel();
         let task = tokio::spawn(async move {
             // Counted until the task ends and its store (the instance and its slot) is dropped.
             let _running = running;
@@ -235,6 +253,8 @@ impl Function {
             };
             let result = tokio::time::timeout(timeout, run).await;
             let outcome = this.classify(result, store.data(), &id);
+            // Before the store (and with it an unfinished response body) is dropped.
+            let _ = settled.send(outcome);
             if let Some(ended) = ended {
                 let held = store.data_mut().caps.db.release();
                 let _ = ended.send(Ended { outcome, held });
@@ -250,7 +270,14 @@ impl Function {
         });
 
         match rx.await {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => Ok(resp.map(|body| GuestBody {
+                body,
+                outcome,
+                request_body: None,
+                function: self.clone(),
+                request_id: request_id.clone(),
+                cut: false,
+            })),
             Ok(Err(code)) => {
                 log_error_code(self, request_id, &code);
                 Err(Failure::NoResponse)
@@ -319,6 +346,104 @@ impl Function {
             (_, None) => {}
         }
         Err(failure)
+    }
+}
+
+/// A guest's response body that ends cleanly only if its run did and its request body was
+/// whole. Once the head is sent, a trap, a timeout or a request body past `max_body` can no
+/// longer change the status; so the body ends with an error instead, and the client sees a
+/// failed response (HTTP/1.1: the connection closes before the body's end; HTTP/2: the stream
+/// is reset), never a complete-looking short one. Without this, a trap mid-body and a guest
+/// whose copy of its request body failed at the limit both ended the response cleanly.
+pub struct GuestBody {
+    body: HyperOutgoingBody,
+    /// The run's outcome, sent before its store is dropped: a body that ends because the store
+    /// went (trap, timeout) finds the failure here.
+    outcome: oneshot::Receiver<Result<(), Failure>>,
+    request_body: Option<Exceeded>,
+    function: Function,
+    request_id: RequestId,
+    /// Cut already: nothing more goes out.
+    cut: bool,
+}
+
+impl GuestBody {
+    /// Also cut the response if the request body goes over its limit.
+    pub fn watching(mut self, request_body: Exceeded) -> Self {
+        self.request_body = Some(request_body);
+        self
+    }
+
+    /// Why the response must not end cleanly, if it must not. `failed`: the guest's body itself
+    /// ended with an error (it aborted it), which is then only named.
+    fn cut(&mut self, at_end: bool, failed: bool) -> Option<&'static str> {
+        if self.request_body.as_ref().is_some_and(Exceeded::get) {
+            return Some("body-too-large");
+        }
+        if failed {
+            return Some("aborted");
+        }
+        if !at_end {
+            return None;
+        }
+        match self.outcome.try_recv() {
+            // Still running: the guest finished its body and has not returned yet.
+            Ok(Ok(())) | Err(oneshot::error::TryRecvError::Empty) => None,
+            Ok(Err(failure)) => Some(failure.name()),
+            Err(oneshot::error::TryRecvError::Closed) => Some(Failure::Internal.name()),
+        }
+    }
+}
+
+impl Body for GuestBody {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.cut {
+            return Poll::Ready(None);
+        }
+        let frame = match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(frame) => frame,
+        };
+        let at_end = !matches!(&frame, Some(Ok(f)) if f.is_data());
+        let failed = matches!(&frame, Some(Err(_)));
+        match this.cut(at_end, failed) {
+            None => Poll::Ready(frame),
+            Some(cause) => {
+                let f = &this.function.inner;
+                tracing::warn!(function = %f.name, request_id = %this.request_id, cause, "response cut after its head was sent");
+                metrics::counter!("wasmgate_responses_cut_total",
+                    "function" => f.name.clone(), "cause" => cause)
+                .increment(1);
+                this.cut = true;
+                Poll::Ready(Some(Err(match frame {
+                    Some(Err(e)) => e,
+                    _ => wasmtime_wasi_http::Error::HttpResponseIncomplete,
+                })))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // The end is where the checks run: never let hyper skip the last poll.
+        false
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+fn http_export(e: Exports) -> Option<Proxy> {
+    match e {
+        Exports::Http(proxy) => Some(proxy),
+        Exports::Event(_) => None,
     }
 }
 

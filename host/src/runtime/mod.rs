@@ -9,6 +9,7 @@
 //!   `wasmgate:platform/event-handler` export).
 //! - `shadow`: a run whose side effects go nowhere (shadow traffic), its database rolled back.
 //! - `deny_outgoing`: refuses `wasi:http` outgoing requests (capabilities are the only way out).
+//! - `warm_pool`: fresh instances made ahead of demand, off the request's critical path.
 //! - `epoch`: the ticker that makes deadlines real for guests that never call the host.
 //!
 //! Engine choices, and why: the pooling allocator makes instantiation a slot reuse instead of an
@@ -22,6 +23,7 @@ mod event;
 mod invoke;
 mod shadow;
 mod state;
+mod warm_pool;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,7 +37,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub use compile_cache::Source;
 pub use event::{Delivery, HandlerError};
-pub use invoke::{Ended, Failure};
+pub use invoke::{Ended, Failure, GuestBody};
 pub use shadow::Answer;
 pub use state::GuestState;
 
@@ -56,6 +58,8 @@ const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
 #[derive(Debug, Clone)]
 pub struct RuntimeOptions {
     pub max_instances: u32,
+    /// Instances made ahead of demand, across all functions (0: none).
+    pub warm_instances: u32,
     /// The largest memory cap of any function: the pool's slots are sized for it.
     pub max_memory: u64,
     pub cache_dir: PathBuf,
@@ -99,6 +103,8 @@ pub struct Runtime {
     /// reload that keeps a version gets the same one, with its idle instances, instead of
     /// loading it again. Weak: a version no deployment uses any more is still dropped.
     loaded: Mutex<BTreeMap<String, std::sync::Weak<FunctionInner>>>,
+    /// What makes instances ahead; none when `warm_instances` is 0.
+    warm: Option<warm_pool::Warmer>,
 }
 
 /// Why a component could not be loaded; each message names the file and the fix.
@@ -162,6 +168,14 @@ impl Runtime {
             linkers: Mutex::default(),
             cache,
             loaded: Mutex::default(),
+            warm: match opts.warm_instances {
+                0 => None,
+                n => Some(warm_pool::Warmer::start(n).map_err(|e| {
+                    EngineError(format!(
+                        "cannot start the thread that makes instances ahead: {e}"
+                    ))
+                })?),
+            },
         })
     }
 
@@ -268,7 +282,12 @@ impl Runtime {
             "function" => name.to_string(), "version" => sha256[..12].to_string());
         let running = metrics::gauge!("wasmgate_instances_running",
             "function" => name.to_string(), "version" => sha256[..12].to_string());
+        let warm_pool = self
+            .warm
+            .clone()
+            .map(|warmer| warm_pool::WarmPool::new(warmer, name, &sha256[..12]));
         let inner = Arc::new(FunctionInner {
+            warm_pool,
             running,
             runs,
             name: name.to_string(),
@@ -327,6 +346,8 @@ struct FunctionInner {
     /// The wasmgate capabilities it imports (what a deploy compares with the live version).
     imports: Vec<&'static str>,
     idle: Mutex<Vec<invoke::Warm>>,
+    /// Fresh instances made ahead of demand.
+    warm_pool: Option<warm_pool::WarmPool>,
 }
 
 impl Drop for FunctionInner {
