@@ -69,8 +69,10 @@ def to_ms(value, unit):
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(url, seconds, connections, headers=()):
-    args = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+def wrk(url, seconds, connections, headers=(), pin=None):
+    args = ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    if pin is not None:
+        args = ["taskset", "-c", str(pin)] + args
     for h in headers:
         args += ["-H", h]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
@@ -335,6 +337,51 @@ def users_mix(work, wasmgate, cache, seconds, conns, rows, skipped, n_users=10_0
         if opened:
             opened.stop()
         drop()
+
+
+def warm_rows(work, wasmgate, cache, seconds, rows, skipped, ratios):
+    """Fresh-instance hello with instances made ahead (`warm_instances = 8`) against none, on one
+    connection and on 64, with wasmgate unpinned and pinned to core 0 (wrk on core 1), each pair
+    alternated twice in this run."""
+    if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+        skipped.append("warm instances: needs 2 cores and taskset")
+        return
+    hello = ROOT / "functions/dist/hello.wasm"
+    manifests = {}
+    for warm in (8, 0):
+        manifests[warm] = work / f"warm-{warm}.toml"
+        manifests[warm].write_text(f"""
+[server]
+warm_instances = {warm}
+[functions.hello]
+wasm = "{hello}"
+bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
+[[routes]]
+path = "/hello"
+function = "hello"
+""")
+    for pinned in (False, True):
+        for conns in (1, 64):
+            runs = {8: [], 0: []}
+            for _ in range(2):
+                for warm in (8, 0):
+                    port = free_port()
+                    pin = ["taskset", "-c", "0"] if pinned else []
+                    p = Proc(pin + [wasmgate, "up", "--manifest", manifests[warm], "--listen", f"127.0.0.1:{port}",
+                                    "--cache-dir", cache, "--database-url", f"sqlite://{work}/warm-{warm}.sqlite"])
+                    assert wait_ok(f"http://127.0.0.1:{port}/hello"), "wasmgate did not start"
+                    runs[warm].append(wrk(f"http://127.0.0.1:{port}/hello", seconds, conns, pin=1 if pinned else None))
+                    p.stop()
+            where = "pinned to one core" if pinned else "unpinned"
+            for warm in (8, 0):
+                r = mean_of(runs[warm])
+                r.update(name=f"hello fresh, warm_instances={warm}, {conns} conn, {where}", rss_kib=None,
+                         note="mean of 2 alternated runs")
+                rows.append(r)
+                print(f"  {r['name']}: {r['rps']:.0f} req/s, p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.2f} ms",
+                      file=sys.stderr)
+            key = f"warm_vs_none_{conns}conn_{'pinned' if pinned else 'unpinned'}"
+            ratios[key] = round(mean_of(runs[8])["rps"] / mean_of(runs[0])["rps"], 2)
 
 
 def mean_of(runs):
@@ -709,7 +756,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="prove the harness runs; judge nothing")
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=64)
-    ap.add_argument("--only", choices=["events", "users"],
+    ap.add_argument("--only", choices=["events", "users", "warm"],
                     help="run one group of rows (writes bench/results/<group>.json)")
     args = ap.parse_args()
     seconds, conns = (2, 16) if args.quick else (args.seconds, args.connections)
@@ -721,6 +768,8 @@ def main():
         rows, skipped, ratios = [], [], {}
         if args.only == "events":
             event_rows(work, TARGET / "release/wasmgate", work / "cache", seconds, rows, skipped, ratios)
+        elif args.only == "warm":
+            warm_rows(work, TARGET / "release/wasmgate", work / "cache", seconds, rows, skipped, ratios)
         else:
             users_mix(work, TARGET / "release/wasmgate", work / "cache", seconds, conns, rows, skipped)
             ratios.update(users_ratios(rows))

@@ -16,13 +16,11 @@
 //! request's response: hello got slower, sequentially (p50 193 vs 177 us) and at 64 connections
 //! (8,137 vs 8,488 req/s).
 //!
-//! Off by default (`warm_instances = 0`), because on this 2-core machine it pays only when
-//! wasmgate has a core to itself: pinned to one core (wrk on the other), hello on one
-//! connection went from 4,962-5,157 to 5,673-5,837 req/s (p50 179-185 -> 161-165 us, p99
-//! 1.1 -> 0.7 ms), and saturated it was even (9,151-9,324 vs 9,038-9,070 req/s). Unpinned, with
-//! the instance made on the other core than the request that uses it, one connection got slower
-//! (p50 116-122 -> 171-175 us), and 64 connections were within noise. Measured with
-//! /tmp-style A/B runs of `wrk --latency` against two release binaries, alternated.
+//! Off by default (`warm_instances = 0`), because on a 2-core machine it pays only when
+//! wasmgate has a core to itself (`bench/run --only warm`, `warm_instances = 8` against 0, same
+//! run): pinned to one core with wrk on the other, one connection 1.14x req/s (p50 185 -> 166
+//! us) and 64 connections 1.02x; unpinned, where the instance is made on the other core than the
+//! request that uses it, one connection 0.81x (p50 119 -> 164 us) and 64 connections 0.94x.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
