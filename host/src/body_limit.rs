@@ -10,14 +10,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+
+use crate::problem::Problem;
 
 pub struct LimitedBody {
     inner: axum::body::Body,
     remaining: u64,
     limit: u64,
     exceeded: Arc<AtomicBool>,
+    /// How long [`LimitedBody::read_whole`] waits; none for a body already in memory.
+    read_timeout: Option<Duration>,
 }
 
 /// Tells, after the fact, whether the guest hit the limit.
@@ -43,8 +49,37 @@ impl LimitedBody {
             remaining: limit,
             limit,
             exceeded: flag.0.clone(),
+            read_timeout: None,
         };
         (body, flag)
+    }
+
+    /// Bounds [`LimitedBody::read_whole`]: a client that sends its body slowly cannot hold a
+    /// request forever on a route whose policy reads the body before the guest (whose own reads
+    /// are inside its deadline).
+    pub fn read_within(mut self, timeout: Duration) -> Self {
+        self.read_timeout = Some(timeout);
+        self
+    }
+
+    /// The whole body, for a policy that needs it before the guest runs (an idempotency
+    /// fingerprint, a login's account, a shadow copy), or the problem to answer instead.
+    pub async fn read_whole(self) -> Result<Bytes, Problem> {
+        let (limit, exceeded, timeout) = (self.limit, self.exceeded(), self.read_timeout);
+        let read = http_body_util::BodyExt::collect(self);
+        let read = match timeout {
+            Some(after) => tokio::time::timeout(after, read)
+                .await
+                .map_err(|_| Problem::BodyTimeout { after })?,
+            None => read.await,
+        };
+        read.map(http_body_util::Collected::to_bytes).map_err(|_| {
+            if exceeded.get() {
+                Problem::BodyTooLarge { limit }
+            } else {
+                Problem::BodyIncomplete
+            }
+        })
     }
 }
 

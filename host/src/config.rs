@@ -28,6 +28,11 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Live instances across all functions. Each slot reserves address space (not memory) in the
 /// pooling allocator; 1,000 is wasmtime's own default and far above what 2 cores keep busy.
 pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
+/// Open connections per listener; past it, a 503 and close (`connections`).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// A request head must arrive whole this soon after the server starts waiting for it (also the
+/// keep-alive idle timeout: hyper runs one timer for both).
+pub const DEFAULT_REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Compiled components are cached here, relative to the manifest, so a restart skips cranelift.
 pub const DEFAULT_CACHE_DIR: &str = ".wasmgate/cache";
 
@@ -137,6 +142,20 @@ pub struct ServerConfig {
     /// default): none; see `runtime::warm_pool` for when they pay.
     pub warm_instances: u32,
     pub cache_dir: PathBuf,
+    /// Open connections on each listener.
+    pub max_connections: u32,
+    #[serde(deserialize_with = "human_duration")]
+    pub request_head_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// The connection limits both listeners (public, admin) get.
+    pub fn connections(&self) -> crate::connections::Limits {
+        crate::connections::Limits {
+            max_connections: self.max_connections,
+            request_head_timeout: self.request_head_timeout,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -148,6 +167,8 @@ impl Default for ServerConfig {
             max_instances: DEFAULT_MAX_INSTANCES,
             warm_instances: 0,
             cache_dir: PathBuf::from(DEFAULT_CACHE_DIR),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            request_head_timeout: DEFAULT_REQUEST_HEAD_TIMEOUT,
         }
     }
 }
@@ -367,6 +388,15 @@ impl Manifest {
         let mut problems = Vec::new();
         if self.server.max_instances == 0 {
             problems.push("[server] max_instances is 0; set it to at least 1".to_string());
+        }
+        if self.server.max_connections == 0 {
+            problems.push("[server] max_connections is 0; set it to at least 1".to_string());
+        }
+        if self.server.request_head_timeout.is_zero() {
+            problems.push(
+                "[server] request_head_timeout is 0; give clients time to send a request head (default \"10s\")"
+                    .to_string(),
+            );
         }
         if self.server.warm_instances > self.server.max_instances / 2 {
             problems.push(format!(

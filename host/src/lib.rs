@@ -25,7 +25,9 @@
 //! - [`response_cache`]: the response cache's tiers (moka, Redis), tags, purges, single flight.
 //! - [`idempotency`]: the durable `Idempotency-Key` store in the platform's database.
 //! - [`snapshot`]: a response held in memory, as both of those keep and replay it.
-//! - [`server`]: the axum listener and the request path.
+//! - [`server`]: the request path (route, version pick, policies, body limit, metrics).
+//! - [`connections`]: the listeners' connections: cap, request-head deadline, HTTP/1.1 and
+//!   h2c, graceful drain.
 //! - [`body_limit`]: request bodies capped while streaming.
 //! - [`problem`]: RFC 9457 error responses.
 //! - [`request_id`]: the id that ties a response to its log lines.
@@ -38,6 +40,7 @@ pub mod auth;
 pub mod body_limit;
 pub mod capabilities;
 pub mod config;
+pub mod connections;
 pub mod deploy;
 pub mod events;
 pub mod heap;

@@ -44,6 +44,7 @@ pub struct Platform {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub listen: std::net::SocketAddr,
+    pub connections: crate::connections::Limits,
     pub max_instances: u32,
     pub warm_instances: u32,
     pub cache_dir: PathBuf,
@@ -210,6 +211,7 @@ impl Settings {
         let backends = backends_config(manifest, base, overrides);
         Self {
             listen: listen.unwrap_or(manifest.server.listen),
+            connections: manifest.server.connections(),
             max_instances: manifest.server.max_instances,
             warm_instances: manifest.server.warm_instances,
             cache_dir: overrides
@@ -229,6 +231,11 @@ impl Settings {
         let mut problems = Vec::new();
         if next.listen != self.listen {
             problems.push(format!("[server] listen {restart}"));
+        }
+        if next.connections != self.connections {
+            problems.push(format!(
+                "[server] max_connections and request_head_timeout: this {restart}"
+            ));
         }
         if next.max_instances != self.max_instances
             || next.warm_instances != self.warm_instances
@@ -531,7 +538,6 @@ pub async fn build(
                         Arc::new(ShadowPolicy::new(
                             candidate.clone(),
                             percent,
-                            function.limits().max_body,
                             platform
                                 .stats
                                 .comparisons(&r.function, shadow_label, &r.path),

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
@@ -907,6 +906,7 @@ async fn up(
         .with_context(|| format!("failed to listen on {addr}"))?;
     let local = listener.local_addr().context("listener has no address")?;
     let state = deployer.state();
+    let connections = deployer.settings().connections;
     match admin_token {
         Some(token) => {
             let admin_listener =
@@ -923,9 +923,13 @@ async fn up(
                 .context("admin listener has no address")?;
             let router = wasmgate::admin::router(deployer.clone(), &token);
             tokio::spawn(async move {
-                if let Err(e) =
-                    axum::serve(admin_listener.tap_io(wasmgate::server::no_delay), router).await
-                {
+                let serving = wasmgate::connections::serve(
+                    admin_listener,
+                    router,
+                    connections,
+                    std::future::pending(),
+                );
+                if let Err(e) = serving.await {
                     tracing::error!(error = %e, "admin API stopped");
                 }
             });
@@ -940,7 +944,7 @@ async fn up(
     // Tests and scripts wait for this exact line.
     println!("wasmgate listening on http://{local}");
     tracing::info!(%local, "serving");
-    server::run(listener, state, shutdown_signal())
+    server::run(listener, state, connections, shutdown_signal())
         .await
         .context("server failed")
 }

@@ -16,6 +16,12 @@ pub enum Problem {
     MethodNotAllowed {
         allow: String,
     },
+    /// A body the host reads whole itself did not arrive within the function's timeout.
+    BodyTimeout {
+        after: std::time::Duration,
+    },
+    /// The client's body ended early or was malformed.
+    BodyIncomplete,
     BodyTooLarge {
         limit: u64,
     },
@@ -64,6 +70,8 @@ impl Problem {
             Problem::RouteNotFound => StatusCode::NOT_FOUND,
             Problem::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Problem::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Problem::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Problem::BodyIncomplete => StatusCode::BAD_REQUEST,
             Problem::GuestTrap
             | Problem::GuestMemoryExceeded
             | Problem::GuestNoResponse
@@ -92,6 +100,8 @@ impl Problem {
             Problem::RouteNotFound => "route-not-found",
             Problem::MethodNotAllowed { .. } => "method-not-allowed",
             Problem::BodyTooLarge { .. } => "body-too-large",
+            Problem::BodyTimeout { .. } => "body-timeout",
+            Problem::BodyIncomplete => "body-incomplete",
             Problem::GuestTrap => "function-failed",
             Problem::GuestMemoryExceeded => "function-memory-exceeded",
             Problem::GuestNoResponse => "function-no-response",
@@ -118,6 +128,8 @@ impl Problem {
             Problem::RouteNotFound => "No route matches this path",
             Problem::MethodNotAllowed { .. } => "Method not allowed on this path",
             Problem::BodyTooLarge { .. } => "Request body too large",
+            Problem::BodyTimeout { .. } => "Request body not received in time",
+            Problem::BodyIncomplete => "Request body incomplete",
             Problem::GuestTrap => "The function failed",
             Problem::GuestMemoryExceeded => "The function exceeded its memory limit",
             Problem::GuestNoResponse => "The function returned no response",
@@ -144,6 +156,12 @@ impl Problem {
             Problem::MethodNotAllowed { allow } => Some(format!("allowed methods: {allow}")),
             Problem::BodyTooLarge { limit } => {
                 Some(format!("this function accepts bodies up to {limit} bytes"))
+            }
+            Problem::BodyTimeout { after } => Some(format!(
+                "this route reads the whole body before the function runs; it must arrive within {after:?}"
+            )),
+            Problem::BodyIncomplete => {
+                Some("the body ended before its declared end, or its framing was malformed".into())
             }
             Problem::IdempotencyKeyMissing => Some(
                 "this route runs POST and PATCH only with an Idempotency-Key header; send a new unique key per request and reuse it on retries".into(),

@@ -7,7 +7,6 @@
 //! deployment it started with. The backends live as long as the process.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,7 +16,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
@@ -83,14 +81,10 @@ pub fn app(state: Arc<AppState>) -> Router {
 pub async fn run(
     listener: TcpListener,
     state: Arc<AppState>,
+    limits: crate::connections::Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener.tap_io(no_delay),
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    crate::connections::serve(listener, app(state), limits, shutdown).await
 }
 
 /// Sends what is written at once: a response leaves in more than one write (head, then body
@@ -188,6 +182,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
         let (mut parts, body) = req.into_parts();
         tell_guest_about_route(&mut parts.headers, &pattern, &params);
         let (body, exceeded) = LimitedBody::new(body, limit);
+        let body = body.read_within(version.function.limits().timeout);
         let req = http::Request::from_parts(parts, body);
         let resp = match version.service.oneshot(req).await {
             Ok(resp) => resp,

@@ -18,7 +18,6 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::Response;
-use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 
 use super::GuestRequest;
@@ -139,11 +138,11 @@ impl Policy for IdempotencyPolicy {
             Ok(None) => return forward(&mut next, req).await,
             Err(problem) => return problem.into_response_with(&id),
         };
-        // The fingerprint needs the body; it is already capped, so reading it is bounded.
+        // The fingerprint needs the body; it is capped in size and in time.
         let (head, body) = req.into_parts();
-        let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
-            // Over the limit (the server answers 413) or the client went away.
-            return Problem::Internal.into_response_with(&id);
+        let body = match body.read_whole().await {
+            Ok(body) => body,
+            Err(problem) => return problem.into_response_with(&id),
         };
         let (scope, fingerprint) = self.scope_and_fingerprint(&head, &key, &body);
         let token = match self

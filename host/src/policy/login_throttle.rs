@@ -18,7 +18,6 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Method, StatusCode};
 use axum::response::Response;
-use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 
 use super::GuestRequest;
@@ -141,9 +140,10 @@ impl Policy for LoginThrottle {
         }
         let id = RequestId::of(req.extensions());
         let (head, body) = req.into_parts();
-        // Already capped at the function's max_body.
-        let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
-            return Problem::Internal.into_response_with(&id);
+        // Capped at the function's max_body and timeout.
+        let body = match body.read_whole().await {
+            Ok(body) => body,
+            Err(problem) => return problem.into_response_with(&id),
         };
         let (account, address) = self.keys(&head, &body);
         let (a, b) = tokio::join!(self.blocked_for(&account), self.blocked_for(&address));

@@ -21,7 +21,6 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use http_body::{Body as _, Frame};
-use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, oneshot};
 
@@ -29,7 +28,6 @@ use super::GuestRequest;
 use super::layer::{Next, Policy, forward};
 use crate::body_limit::LimitedBody;
 use crate::deploy::{Comparisons, Sample, Verdict};
-use crate::problem::Problem;
 use crate::request_id::RequestId;
 use crate::runtime::{Answer, Failure, Function};
 
@@ -46,8 +44,6 @@ pub fn shadows() -> Shadows {
 pub struct ShadowPolicy {
     candidate: Function,
     percent: u32,
-    /// The live version's body limit: a body over it is answered as the live path would.
-    limit: u64,
     comparisons: Arc<Comparisons>,
     runs: Shadows,
 }
@@ -56,14 +52,12 @@ impl ShadowPolicy {
     pub fn new(
         candidate: Function,
         percent: u32,
-        limit: u64,
         comparisons: Arc<Comparisons>,
         runs: Shadows,
     ) -> Self {
         Self {
             candidate,
             percent,
-            limit,
             comparisons,
             runs,
         }
@@ -81,12 +75,9 @@ impl Policy for ShadowPolicy {
         }
         let id = RequestId::of(req.extensions());
         let (parts, body) = req.into_parts();
-        let bytes = match body.collect().await {
-            Ok(collected) => collected.to_bytes(),
-            // Over the limit (the server answers 413) or the client went away.
-            Err(_) => {
-                return Problem::BodyTooLarge { limit: self.limit }.into_response_with(&id);
-            }
+        let bytes = match body.read_whole().await {
+            Ok(bytes) => bytes,
+            Err(problem) => return problem.into_response_with(&id),
         };
         let copy = http::Request::from_parts(
             parts.clone(),
