@@ -110,7 +110,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         "status": if ready { "ready" } else { "unavailable" },
         "backends": backends
             .iter()
-            .map(|b| (b.name.to_string(), serde_json::json!({"kind": b.kind, "ready": b.ready})))
+            .map(|b| (b.name.to_string(), serde_json::to_value(b).unwrap_or_default()))
             .collect::<serde_json::Map<_, _>>(),
     });
     let status = if ready {

@@ -201,3 +201,118 @@ idempotency = {}
         "keys kept across the outage"
     );
 }
+
+/// With PostgreSQL stopped under load, the db breaker opens after a few calls that waited out
+/// the backend's bound: from then on requests that need the database fail at once (instead of
+/// about 2 s each), other routes are unaffected, `/readyz` and `/metrics` show the breaker, and
+/// service returns soon after PostgreSQL does.
+#[tokio::test]
+async fn the_db_breaker_fails_fast_while_postgres_is_down_and_closes_when_it_is_back() {
+    let pg = PrivatePostgres::start();
+    let s = Server::start_with_args(MANIFEST, &["--database-url", &pg.url()]);
+    let client = reqwest::Client::new();
+    assert_eq!(get_status(&client, &s.url("/probe/db")).await, 200);
+
+    pg.stop();
+    let first: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, url) = (client.clone(), s.url("/probe/db"));
+            tokio::spawn(async move { client.get(url).send().await.expect("db").status() })
+        })
+        .collect();
+    for request in first {
+        assert_eq!(request.await.expect("task"), 503);
+    }
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let resp = client.get(s.url("/probe/db")).send().await.expect("db");
+        slowest = slowest.max(started.elapsed());
+        wasmgate_tests::expect_guest_problem(resp, 503, "backend-unavailable").await;
+    }
+    // A debug build answering over loopback; without the breaker each took about 2 s.
+    assert!(
+        slowest < Duration::from_millis(250),
+        "with the breaker open a request took {slowest:?}"
+    );
+    assert_eq!(get_status(&client, &s.url("/hello")).await, 200);
+    let (_, body) = readyz(&s).await;
+    assert!(
+        ["open", "half-open"].contains(&body["backends"]["db"]["breaker"].as_str().unwrap_or("")),
+        "{body}"
+    );
+    assert_eq!(body["backends"]["cache"]["breaker"], "closed", "{body}");
+    assert_eq!(
+        s.metric("wasmgate_breaker_open", r#"capability="db""#)
+            .await,
+        1.0
+    );
+    assert!(
+        s.metric("wasmgate_breaker_refused_total", r#"capability="db""#)
+            .await
+            >= 10.0
+    );
+
+    pg.resume();
+    let back = Instant::now();
+    loop {
+        if get_status(&client, &s.url("/probe/db")).await == 200 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(3),
+            "not serving {:?} after PostgreSQL came back",
+            back.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "served again {:?} after PostgreSQL came back",
+        back.elapsed()
+    );
+    assert_eq!(readyz(&s).await.1["backends"]["db"]["breaker"], "closed");
+}
+
+/// The same for Redis behind the cache capability: once its breaker is open, cache calls fail at
+/// once, and it closes when Redis is back.
+#[tokio::test]
+async fn the_cache_breaker_fails_fast_while_redis_is_down_and_closes_when_it_is_back() {
+    let mut redis = PrivateRedis::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = format!("sqlite://{}", dir.path().join("t.db").display());
+    let s = Server::start_with_args(
+        MANIFEST,
+        &["--redis-url", &redis.url(), "--database-url", &db],
+    );
+    let client = reqwest::Client::new();
+    assert_eq!(get_status(&client, &s.url("/probe/cache/k")).await, 200);
+
+    redis.stop();
+    let first: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, url) = (client.clone(), s.url("/probe/cache/k"));
+            tokio::spawn(async move { client.get(url).send().await.expect("get").status() })
+        })
+        .collect();
+    for request in first {
+        assert_eq!(request.await.expect("task"), 503);
+    }
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(get_status(&client, &s.url("/probe/cache/k")).await, 503);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "20 requests with the breaker open took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        s.metric("wasmgate_breaker_open", r#"capability="cache""#)
+            .await,
+        1.0
+    );
+
+    redis.resume();
+    until_ok(&client, &s.url("/probe/cache/k"), reqwest::Method::GET).await;
+    assert_eq!(readyz(&s).await.1["backends"]["cache"]["breaker"], "closed");
+}

@@ -11,6 +11,7 @@
 //! They are composed by hand in [`Backends`] (process-wide) and [`RequestCaps`] (per request).
 
 pub mod auth;
+pub mod breaker;
 pub mod cache;
 pub mod config;
 pub mod db;
@@ -183,6 +184,9 @@ pub struct Readiness {
     pub name: &'static str,
     pub kind: &'static str,
     pub ready: bool,
+    /// The capability's circuit breaker (`closed`, `open`, `half-open`), where it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<&'static str>,
 }
 
 impl Backends {
@@ -247,21 +251,25 @@ impl Backends {
                 name: "db",
                 kind: self.db.kind(),
                 ready: db,
+                breaker: Some(self.db.breaker()),
             },
             Readiness {
                 name: "cache",
                 kind: self.cache.kind(),
                 ready: cache,
+                breaker: Some(self.cache.breaker()),
             },
             Readiness {
                 name: "lock",
                 kind: self.lock.kind(),
                 ready: lock,
+                breaker: None,
             },
             Readiness {
                 name: "response-cache",
                 kind: self.response_cache.kind(),
                 ready: response_cache,
+                breaker: None,
             },
         ]
     }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use super::{CacheError, MAX_KEY_LEN, MAX_VALUE_LEN, RequestCache, wit};
 use crate::capabilities::BACKEND_TIMEOUT;
+use crate::capabilities::breaker::Breaker;
 
 type Answer<T> = wasmtime::Result<Result<T, CacheError>>;
 
@@ -18,10 +19,24 @@ impl RequestCache {
     }
 }
 
-async fn bounded<T>(fut: impl Future<Output = Result<T, CacheError>>) -> Result<T, CacheError> {
-    tokio::time::timeout(BACKEND_TIMEOUT, fut)
+/// A backend call, bounded in time and through the breaker: a cache that is down fails calls at
+/// once instead of each waiting out the timeout.
+async fn bounded<T>(
+    breaker: &Breaker,
+    fut: impl Future<Output = Result<T, CacheError>>,
+) -> Result<T, CacheError> {
+    let timed = async {
+        tokio::time::timeout(BACKEND_TIMEOUT, fut)
+            .await
+            .unwrap_or(Err(CacheError::Timeout))
+    };
+    breaker
+        .call(
+            timed,
+            |e| matches!(e, CacheError::Unavailable | CacheError::Timeout),
+            || CacheError::Unavailable,
+        )
         .await
-        .unwrap_or(Err(CacheError::Timeout))
 }
 
 impl wit::Host for RequestCache {
@@ -30,7 +45,7 @@ impl wit::Host for RequestCache {
             Ok(k) => k,
             Err(e) => return Ok(Err(e)),
         };
-        Ok(bounded(self.0.backend.get(&key)).await)
+        Ok(bounded(&self.0.breaker, self.0.backend.get(&key)).await)
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Answer<()> {
@@ -47,7 +62,7 @@ impl wit::Host for RequestCache {
             return Ok(Err(CacheError::Invalid("ttl-ms must be above 0".into())));
         }
         let ttl = ttl_ms.map(Duration::from_millis);
-        Ok(bounded(self.0.backend.set(&key, value, ttl)).await)
+        Ok(bounded(&self.0.breaker, self.0.backend.set(&key, value, ttl)).await)
     }
 
     async fn delete(&mut self, key: String) -> Answer<bool> {
@@ -55,7 +70,7 @@ impl wit::Host for RequestCache {
             Ok(k) => k,
             Err(e) => return Ok(Err(e)),
         };
-        Ok(bounded(self.0.backend.delete(&key)).await)
+        Ok(bounded(&self.0.breaker, self.0.backend.delete(&key)).await)
     }
 
     async fn increment(&mut self, key: String, delta: i64) -> Answer<i64> {
@@ -63,6 +78,6 @@ impl wit::Host for RequestCache {
             Ok(k) => k,
             Err(e) => return Ok(Err(e)),
         };
-        Ok(bounded(self.0.backend.increment(&key, delta)).await)
+        Ok(bounded(&self.0.breaker, self.0.backend.increment(&key, delta)).await)
     }
 }

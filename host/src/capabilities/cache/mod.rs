@@ -12,6 +12,7 @@ use std::sync::Arc;
 use wasmtime::component::{HasData, Linker};
 
 use super::bindings::wasmgate::platform::cache as wit;
+use super::breaker::Breaker;
 use crate::runtime::GuestState;
 
 pub use backend::{CacheBackend, MemoryCache, RedisCache, redis_client, redis_manager};
@@ -26,6 +27,7 @@ pub const MAX_VALUE_LEN: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct Cache {
     backend: Arc<dyn CacheBackend>,
+    breaker: Arc<Breaker>,
 }
 
 impl Cache {
@@ -35,11 +37,19 @@ impl Cache {
             Some(conn) => Arc::new(RedisCache::new(conn)),
             None => Arc::new(MemoryCache::new(backend::DEFAULT_MEMORY_CAPACITY)),
         };
-        Self { backend }
+        Self {
+            backend,
+            breaker: Arc::new(Breaker::new("cache")),
+        }
     }
 
     pub fn kind(&self) -> &'static str {
         self.backend.kind()
+    }
+
+    /// Its circuit breaker's state, for `/readyz`.
+    pub fn breaker(&self) -> &'static str {
+        self.breaker.state()
     }
 
     pub async fn ready(&self) -> bool {
@@ -49,6 +59,7 @@ impl Cache {
     pub fn configure(&self, function: &str) -> FunctionCache {
         FunctionCache {
             backend: self.backend.clone(),
+            breaker: self.breaker.clone(),
             prefix: Arc::from(format!("{function}:")),
         }
     }
@@ -58,6 +69,7 @@ impl Cache {
 #[derive(Clone)]
 pub struct FunctionCache {
     backend: Arc<dyn CacheBackend>,
+    breaker: Arc<Breaker>,
     prefix: Arc<str>,
 }
 
@@ -74,6 +86,7 @@ impl FunctionCache {
     pub fn private(&self) -> RequestCache {
         RequestCache(FunctionCache {
             backend: Arc::new(MemoryCache::new(SHADOW_CAPACITY)),
+            breaker: Arc::new(Breaker::new("cache")),
             prefix: self.prefix.clone(),
         })
     }

@@ -8,6 +8,7 @@ use super::migrations::Migration;
 use wasmtime::component::Resource;
 
 use super::{Db, DbBackend, DbError, Value};
+use crate::capabilities::breaker::Breaker;
 
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -264,7 +265,11 @@ async fn held(b: Arc<dyn DbBackend>) {
         )
     };
     for keep in [false, true] {
-        let mut db = super::FunctionDb { backend: b.clone() }.instance();
+        let mut db = super::FunctionDb {
+            backend: b.clone(),
+            breaker: Arc::new(Breaker::new("db")),
+        }
+        .instance();
         let mut table = wasmtime::component::ResourceTable::new();
         db.hold().await.expect("hold");
         let mut view = super::DbView {
@@ -361,7 +366,10 @@ async fn marked_runs(b: Arc<dyn DbBackend>) {
     tx.execute("INSERT INTO marked (n) VALUES (0)", vec![])
         .await
         .expect("the host's own write");
-    let functions = super::FunctionDb { backend: b.clone() };
+    let functions = super::FunctionDb {
+        backend: b.clone(),
+        breaker: Arc::new(Breaker::new("db")),
+    };
     // Runs 1 and 3 insert their number; run 2 makes no statement; run 3 is undone.
     for n in 1..=3i64 {
         let mut db = functions.instance();

@@ -4,6 +4,7 @@ use wasmtime::component::Resource;
 
 use super::{DbError, DbView, MAX_TRANSACTIONS_PER_REQUEST, Rows, Transaction, Value, wit};
 use crate::capabilities::BACKEND_TIMEOUT;
+use crate::capabilities::breaker::Breaker;
 
 type Answer<T> = wasmtime::Result<Result<T, DbError>>;
 
@@ -16,6 +17,22 @@ async fn bounded<T>(fut: impl Future<Output = Result<T, DbError>>) -> Result<T, 
         .unwrap_or(Err(DbError::Timeout))
 }
 
+/// A call that takes a connection from the pool: where a database that is down shows first, so
+/// through the breaker (calls on a transaction's own connection are not).
+async fn pooled<T>(
+    breaker: &Breaker,
+    fut: impl Future<Output = Result<T, DbError>>,
+) -> Result<T, DbError> {
+    breaker
+        .call(
+            bounded(fut),
+            // A statement timeout is a slow query on a working database, not an outage.
+            |e| matches!(e, DbError::Unavailable),
+            || DbError::Unavailable,
+        )
+        .await
+}
+
 fn finished() -> DbError {
     DbError::InvalidState("the transaction was already committed or rolled back".into())
 }
@@ -24,14 +41,14 @@ impl wit::Host for DbView<'_> {
     async fn query(&mut self, sql: String, params: Vec<Value>) -> Answer<Rows> {
         Ok(match &mut self.db.held {
             Some(h) => bounded(async { h.tx().await?.query(&sql, params).await }).await,
-            None => bounded(self.db.backend.query(&sql, params)).await,
+            None => pooled(&self.db.breaker, self.db.backend.query(&sql, params)).await,
         })
     }
 
     async fn execute(&mut self, sql: String, params: Vec<Value>) -> Answer<u64> {
         Ok(match &mut self.db.held {
             Some(h) => bounded(async { h.tx().await?.execute(&sql, params).await }).await,
-            None => bounded(self.db.backend.execute(&sql, params)).await,
+            None => pooled(&self.db.breaker, self.db.backend.execute(&sql, params)).await,
         })
     }
 
@@ -53,7 +70,7 @@ impl wit::Host for DbView<'_> {
                 }
                 Transaction::Savepoint(Some(name))
             }
-            None => match bounded(self.db.backend.begin()).await {
+            None => match pooled(&self.db.breaker, self.db.backend.begin()).await {
                 Ok(tx) => Transaction::Own(Some(tx)),
                 Err(e) => return Ok(Err(e)),
             },

@@ -26,6 +26,7 @@ use super::bindings::wasmgate::platform::db as wit;
 use super::config::ConnectError;
 use crate::runtime::GuestState;
 
+use super::breaker::Breaker;
 pub use backend::{DbBackend, DbTransaction};
 pub use wit::{Error as DbError, Rows, Value};
 
@@ -86,6 +87,7 @@ pub const MAX_TRANSACTIONS_PER_REQUEST: usize = 4;
 #[derive(Clone)]
 pub struct Db {
     backend: Arc<dyn DbBackend>,
+    breaker: Arc<Breaker>,
 }
 
 impl Db {
@@ -103,7 +105,15 @@ impl Db {
                     reason: "unknown scheme".into(),
                 });
             };
-        Ok(Self { backend })
+        Ok(Self {
+            backend,
+            breaker: Arc::new(Breaker::new("db")),
+        })
+    }
+
+    /// Its circuit breaker's state, for `/readyz`.
+    pub fn breaker(&self) -> &'static str {
+        self.breaker.state()
     }
 
     pub fn backend(&self) -> &Arc<dyn DbBackend> {
@@ -121,6 +131,7 @@ impl Db {
     pub fn configure(&self, _function: &str) -> FunctionDb {
         FunctionDb {
             backend: self.backend.clone(),
+            breaker: self.breaker.clone(),
         }
     }
 }
@@ -130,12 +141,14 @@ impl Db {
 #[derive(Clone)]
 pub struct FunctionDb {
     backend: Arc<dyn DbBackend>,
+    breaker: Arc<Breaker>,
 }
 
 impl FunctionDb {
     pub fn instance(&self) -> RequestDb {
         RequestDb {
             backend: self.backend.clone(),
+            breaker: self.breaker.clone(),
             open: 0,
             held: None,
         }
@@ -144,6 +157,8 @@ impl FunctionDb {
 
 pub struct RequestDb {
     backend: Arc<dyn DbBackend>,
+    /// Calls that take a connection from the pool go through it.
+    breaker: Arc<Breaker>,
     /// Transactions open in this request.
     open: usize,
     /// A transaction the host opened around the whole run (see [`RequestDb::hold`]).
