@@ -20,6 +20,18 @@ fn addr(s: &Server) -> String {
     s.base.trim_start_matches("http://").to_string()
 }
 
+/// A keep-alive connection that has been served one `GET /hello`.
+async fn served_connection(s: &Server) -> TcpStream {
+    let mut conn = TcpStream::connect(addr(s)).await.expect("connect");
+    conn.write_all(b"GET /hello HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = conn.read(&mut buf).await.expect("answer");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    conn
+}
+
 /// Whether the server has closed `conn`: a read that ends (EOF or reset) within `wait`.
 async fn closed_within(conn: &mut TcpStream, wait: Duration) -> bool {
     let mut buf = [0u8; 1024];
@@ -88,13 +100,7 @@ async fn stalled_request_heads_are_closed_at_their_deadline_while_others_are_ser
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_after_the_deadline() {
     let s = Server::start(&format!("[server]\nrequest_head_timeout = \"1s\"\n{HELLO}"));
-    let mut conn = TcpStream::connect(addr(&s)).await.expect("connect");
-    conn.write_all(b"GET /hello HTTP/1.1\r\nhost: test\r\n\r\n")
-        .await
-        .expect("write");
-    let mut buf = vec![0u8; 4096];
-    let n = conn.read(&mut buf).await.expect("answer");
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let mut conn = served_connection(&s).await;
     let t = Instant::now();
     assert!(closed_within(&mut conn, Duration::from_secs(3)).await);
     assert!(
@@ -112,14 +118,7 @@ async fn the_connection_cap_refuses_clearly_and_recovers() {
     // Eight keep-alive connections, each proven accepted by a served request.
     let mut held = Vec::new();
     for _ in 0..8 {
-        let mut conn = TcpStream::connect(addr(&s)).await.expect("connect");
-        conn.write_all(b"GET /hello HTTP/1.1\r\nhost: test\r\n\r\n")
-            .await
-            .expect("write");
-        let mut buf = vec![0u8; 4096];
-        let n = conn.read(&mut buf).await.expect("answer");
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-        held.push(conn);
+        held.push(served_connection(&s).await);
     }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)

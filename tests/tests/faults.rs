@@ -202,6 +202,20 @@ idempotency = {}
     );
 }
 
+/// Eight requests at once that each find the backend down (and wait out its bound): enough to
+/// open its breaker.
+async fn find_it_down(client: &reqwest::Client, url: &str) {
+    let first: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.to_string());
+            tokio::spawn(async move { client.get(url).send().await.expect("request").status() })
+        })
+        .collect();
+    for request in first {
+        assert_eq!(request.await.expect("task"), 503);
+    }
+}
+
 /// With PostgreSQL stopped under load, the db breaker opens after a few calls that waited out
 /// the backend's bound: from then on requests that need the database fail at once (instead of
 /// about 2 s each), other routes are unaffected, `/readyz` and `/metrics` show the breaker, and
@@ -214,15 +228,7 @@ async fn the_db_breaker_fails_fast_while_postgres_is_down_and_closes_when_it_is_
     assert_eq!(get_status(&client, &s.url("/probe/db")).await, 200);
 
     pg.stop();
-    let first: Vec<_> = (0..8)
-        .map(|_| {
-            let (client, url) = (client.clone(), s.url("/probe/db"));
-            tokio::spawn(async move { client.get(url).send().await.expect("db").status() })
-        })
-        .collect();
-    for request in first {
-        assert_eq!(request.await.expect("task"), 503);
-    }
+    find_it_down(&client, &s.url("/probe/db")).await;
     let mut slowest = Duration::ZERO;
     for _ in 0..20 {
         let started = Instant::now();
@@ -288,15 +294,7 @@ async fn the_cache_breaker_fails_fast_while_redis_is_down_and_closes_when_it_is_
     assert_eq!(get_status(&client, &s.url("/probe/cache/k")).await, 200);
 
     redis.stop();
-    let first: Vec<_> = (0..8)
-        .map(|_| {
-            let (client, url) = (client.clone(), s.url("/probe/cache/k"));
-            tokio::spawn(async move { client.get(url).send().await.expect("get").status() })
-        })
-        .collect();
-    for request in first {
-        assert_eq!(request.await.expect("task"), 503);
-    }
+    find_it_down(&client, &s.url("/probe/cache/k")).await;
     let started = Instant::now();
     for _ in 0..20 {
         assert_eq!(get_status(&client, &s.url("/probe/cache/k")).await, 503);
