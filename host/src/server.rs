@@ -87,15 +87,6 @@ pub async fn run(
     crate::connections::serve(listener, app(state), limits, shutdown).await
 }
 
-/// Sends what is written at once: a response leaves in more than one write (head, then body
-/// chunks), and with Nagle's algorithm the last small write waits for the client's delayed
-/// acknowledgement, about 40 ms, on one request in hundreds.
-pub fn no_delay(tcp: &mut tokio::net::TcpStream) {
-    if let Err(e) = tcp.set_nodelay(true) {
-        tracing::debug!(error = %e, "TCP_NODELAY not set on an accepted connection");
-    }
-}
-
 async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({"status": "ok"}))
 }

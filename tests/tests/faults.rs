@@ -70,15 +70,21 @@ async fn assert_unavailable_fast(client: &reqwest::Client, req: reqwest::Request
     let _ = client;
 }
 
-#[tokio::test]
-async fn redis_down_is_unavailable_and_recovers() {
-    let mut redis = PrivateRedis::start();
+/// The manifest's server on `redis` (cache and lock) and a SQLite file of its own.
+fn on_redis(redis: &PrivateRedis) -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tmp");
     let db = format!("sqlite://{}", dir.path().join("t.db").display());
     let s = Server::start_with_args(
         MANIFEST,
         &["--redis-url", &redis.url(), "--database-url", &db],
     );
+    (s, dir)
+}
+
+#[tokio::test]
+async fn redis_down_is_unavailable_and_recovers() {
+    let mut redis = PrivateRedis::start();
+    let (s, _dir) = on_redis(&redis);
     let client = reqwest::Client::new();
     let put = client
         .put(s.url("/probe/cache/k"))
@@ -284,12 +290,7 @@ async fn the_db_breaker_fails_fast_while_postgres_is_down_and_closes_when_it_is_
 #[tokio::test]
 async fn the_cache_breaker_fails_fast_while_redis_is_down_and_closes_when_it_is_back() {
     let mut redis = PrivateRedis::start();
-    let dir = tempfile::tempdir().expect("tmp");
-    let db = format!("sqlite://{}", dir.path().join("t.db").display());
-    let s = Server::start_with_args(
-        MANIFEST,
-        &["--redis-url", &redis.url(), "--database-url", &db],
-    );
+    let (s, _dir) = on_redis(&redis);
     let client = reqwest::Client::new();
     assert_eq!(get_status(&client, &s.url("/probe/cache/k")).await, 200);
 
