@@ -89,8 +89,10 @@ def parse_wrk(out):
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
     done = re.search(r"(\d+) requests in", out)
+    took = re.search(r"requests in ([\d.]+)(us|ms|s)", out)
     return {"rps": rps, "p50_ms": parse(lat["50"]), "p99_ms": parse(lat["99"]), "errors": errors,
-            "requests": int(done.group(1)) if done else 0}
+            "requests": int(done.group(1)) if done else 0,
+            "seconds": to_ms(*took.groups()) / 1000 if took else None}
 
 
 def cpu_seconds(pids):
@@ -382,6 +384,52 @@ function = "hello"
                       file=sys.stderr)
             key = f"warm_vs_none_{conns}conn_{'pinned' if pinned else 'unpinned'}"
             ratios[key] = round(mean_of(runs[8])["rps"] / mean_of(runs[0])["rps"], 2)
+
+
+def overload_rows(work, binaries, cache, seconds, rows, skipped, ratios, quick=False):
+    """Goodput under a flash crowd: fresh-instance hello on the product's default bulkhead, driven
+    by wrk's closed loop (every answer, refusals included, is followed by the next request at once)
+    at 64, 1,000 and 4,000 connections. Successful requests per second at each against the
+    64-connection figure of the same binary; `binaries` maps a label to a wasmgate build, so a
+    baseline build can be measured in the same run (`--baseline`)."""
+    hello = ROOT / "functions/dist/hello.wasm"
+    manifest = work / "overload.toml"
+    manifest.write_text(f"""
+[functions.hello]
+wasm = "{hello}"
+[[routes]]
+path = "/hello/{{name}}"
+function = "hello"
+""")
+    levels = (16, 64) if quick else (64, 1000, 4000)
+    need = max(levels) + 1000
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+        if min(need, hard) < need:
+            skipped.append(f"overload: needs {need} file descriptors, the hard limit is {hard}")
+            return
+    for label, binary in binaries.items():
+        port = free_port()
+        p = Proc([binary, "up", "--manifest", manifest, "--listen", f"127.0.0.1:{port}", "--cache-dir", cache,
+                  "--database-url", f"sqlite://{work}/overload-{label}.sqlite"])
+        assert wait_ok(f"http://127.0.0.1:{port}/hello/x"), "wasmgate did not start"
+        url = f"http://127.0.0.1:{port}/hello/crowd"
+        peak = None
+        for conns in levels:
+            r = wrk(url, seconds, conns)
+            good = (r["requests"] - r["errors"]) / r["seconds"]
+            r.update(name=f"overload {label}: hello fresh, {conns} conns, closed loop", rss_kib=rss_kib(p.p.pid),
+                     goodput=round(good), note=f"{r['errors']} of {r['requests']} answers not 2xx (or socket errors); "
+                                                "p50/p99 over every answer")
+            rows.append(r)
+            peak = peak or good
+            ratios[f"goodput_{conns}_vs_{levels[0]}_conns{'' if label == 'wasmgate' else '_' + label}"] = \
+                round(good / peak, 2) if peak else None
+            print(f"  {r['name']}: {good:.0f} ok/s ({r['errors']} refused/failed), p50 {r['p50_ms']:.1f} ms, "
+                  f"p99 {r['p99_ms']:.1f} ms", file=sys.stderr)
+        p.stop()
 
 
 def mean_of(runs):
@@ -756,7 +804,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="prove the harness runs; judge nothing")
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=64)
-    ap.add_argument("--only", choices=["events", "users", "warm"],
+    ap.add_argument("--baseline", type=Path,
+                    help="with --only overload: also measure this wasmgate binary, in the same run")
+    ap.add_argument("--only", choices=["events", "users", "warm", "overload"],
                     help="run one group of rows (writes bench/results/<group>.json)")
     args = ap.parse_args()
     seconds, conns = (2, 16) if args.quick else (args.seconds, args.connections)
@@ -768,6 +818,11 @@ def main():
         rows, skipped, ratios = [], [], {}
         if args.only == "events":
             event_rows(work, TARGET / "release/wasmgate", work / "cache", seconds, rows, skipped, ratios)
+        elif args.only == "overload":
+            binaries = {"wasmgate": TARGET / "release/wasmgate"}
+            if args.baseline:
+                binaries["baseline"] = args.baseline
+            overload_rows(work, binaries, work / "cache", seconds, rows, skipped, ratios, args.quick)
         elif args.only == "warm":
             warm_rows(work, TARGET / "release/wasmgate", work / "cache", seconds, rows, skipped, ratios)
         else:
@@ -904,6 +959,7 @@ function = "spin"
     swap_rows(work, wasmgate, cache, seconds, conns, rows, skipped, swaps)
     shadow_rows(work, wasmgate, cache, seconds, conns, rows, skipped, swaps)
     event_rows(work, wasmgate, cache, seconds, rows, skipped, swaps)
+    overload_rows(work, {"wasmgate": wasmgate}, cache, seconds, rows, skipped, swaps, args.quick)
 
     ratio = lambda a, b: round(a / b, 2) if a and b else None
     row = lambda prefix: next((r["rps"] for r in rows if r["name"].startswith(prefix)), None)

@@ -222,8 +222,11 @@ pub struct RateLimitConfig {
 /// At most 64 of one function's instances run at once by default: with the default 1,000-slot
 /// pool, a flooded function leaves room for every other one.
 pub const DEFAULT_MAX_CONCURRENCY: u32 = 64;
-/// Requests that may wait for a slot; beyond this they are shed at once with 503.
-pub const DEFAULT_MAX_QUEUE: u32 = 64;
+/// Requests that may wait for a slot; beyond this they are shed at once with 503. Large, since
+/// waiting costs a parked task while a refusal costs a whole request for nothing: the queue is
+/// bounded by the wait it predicts (`max_wait`), this is only the hard cap (the default
+/// `max_connections`).
+pub const DEFAULT_MAX_QUEUE: u32 = 10_000;
 /// How long a queued request waits for a slot before 503: short, because a client retrying
 /// elsewhere beats one waiting here.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
@@ -235,6 +238,9 @@ pub struct BulkheadConfig {
     pub max_queue: u32,
     #[serde(deserialize_with = "human_duration")]
     pub max_wait: Duration,
+    /// The limit in force follows measured latency, with `max_concurrency` as its ceiling;
+    /// `false` keeps it at `max_concurrency`.
+    pub adaptive: bool,
 }
 
 impl Default for BulkheadConfig {
@@ -243,6 +249,7 @@ impl Default for BulkheadConfig {
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
             max_queue: DEFAULT_MAX_QUEUE,
             max_wait: DEFAULT_MAX_WAIT,
+            adaptive: true,
         }
     }
 }

@@ -43,6 +43,8 @@ pub mod config;
 pub mod connections;
 pub mod deploy;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod heap;
 pub mod idempotency;
 pub mod loader;

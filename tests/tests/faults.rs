@@ -210,11 +210,11 @@ idempotency = {}
 
 /// Eight requests at once that each find the backend down (and wait out its bound): enough to
 /// open its breaker.
-async fn find_it_down(client: &reqwest::Client, url: &str) {
+async fn find_it_down(client: &reqwest::Client, method: reqwest::Method, url: &str) {
     let first: Vec<_> = (0..8)
         .map(|_| {
-            let (client, url) = (client.clone(), url.to_string());
-            tokio::spawn(async move { client.get(url).send().await.expect("request").status() })
+            let request = client.request(method.clone(), url);
+            tokio::spawn(async move { request.send().await.expect("request").status() })
         })
         .collect();
     for request in first {
@@ -234,7 +234,7 @@ async fn the_db_breaker_fails_fast_while_postgres_is_down_and_closes_when_it_is_
     assert_eq!(get_status(&client, &s.url("/probe/db")).await, 200);
 
     pg.stop();
-    find_it_down(&client, &s.url("/probe/db")).await;
+    find_it_down(&client, reqwest::Method::GET, &s.url("/probe/db")).await;
     let mut slowest = Duration::ZERO;
     for _ in 0..20 {
         let started = Instant::now();
@@ -289,29 +289,45 @@ async fn the_db_breaker_fails_fast_while_postgres_is_down_and_closes_when_it_is_
 /// once, and it closes when Redis is back.
 #[tokio::test]
 async fn the_cache_breaker_fails_fast_while_redis_is_down_and_closes_when_it_is_back() {
+    breaker_on_redis("cache", reqwest::Method::GET, "/probe/cache/k").await;
+}
+
+/// And behind the lock capability (a busy lock is a healthy answer; only a lock backend that
+/// cannot be reached counts).
+#[tokio::test]
+async fn the_lock_breaker_fails_fast_while_redis_is_down_and_closes_when_it_is_back() {
+    breaker_on_redis("lock", reqwest::Method::POST, "/probe/lock/x?wait_ms=100").await;
+}
+
+async fn breaker_on_redis(capability: &str, method: reqwest::Method, path: &str) {
     let mut redis = PrivateRedis::start();
     let (s, _dir) = on_redis(&redis);
     let client = reqwest::Client::new();
-    assert_eq!(get_status(&client, &s.url("/probe/cache/k")).await, 200);
+    let url = s.url(path);
+    let status = |client: &reqwest::Client| {
+        let request = client.request(method.clone(), &url);
+        async move { request.send().await.expect("request").status() }
+    };
+    assert_eq!(status(&client).await, 200);
 
     redis.stop();
-    find_it_down(&client, &s.url("/probe/cache/k")).await;
+    find_it_down(&client, method.clone(), &url).await;
     let started = Instant::now();
     for _ in 0..20 {
-        assert_eq!(get_status(&client, &s.url("/probe/cache/k")).await, 503);
+        assert_eq!(status(&client).await, 503);
     }
     assert!(
         started.elapsed() < Duration::from_secs(2),
-        "20 requests with the breaker open took {:?}",
+        "20 requests with the {capability} breaker open took {:?}",
         started.elapsed()
     );
-    assert_eq!(
-        s.metric("wasmgate_breaker_open", r#"capability="cache""#)
-            .await,
-        1.0
-    );
+    let label = format!(r#"capability="{capability}""#);
+    assert_eq!(s.metric("wasmgate_breaker_open", &label).await, 1.0);
 
     redis.resume();
-    until_ok(&client, &s.url("/probe/cache/k"), reqwest::Method::GET).await;
-    assert_eq!(readyz(&s).await.1["backends"]["cache"]["breaker"], "closed");
+    until_ok(&client, &url, method.clone()).await;
+    assert_eq!(
+        readyz(&s).await.1["backends"][capability]["breaker"],
+        "closed"
+    );
 }

@@ -105,6 +105,78 @@ async fn bulkhead_queues_briefly_then_sheds_with_503() {
     assert_eq!(holder.await.expect("task"), 200);
 }
 
+/// Under a flood the queue is bounded by the wait it predicts, not by a small count: requests
+/// whose place in line fits in `max_wait` wait and are served, the rest are refused at once
+/// (503 with `Retry-After`, before the guest or the body), instead of waiting `max_wait` to fail.
+#[tokio::test]
+async fn a_flood_waits_while_the_wait_fits_and_is_refused_at_once_past_it() {
+    let s = Server::start(
+        r#"
+[functions.slow]
+wasm = "{wasm:capprobe}"
+capabilities = ["db", "cache", "lock"]
+bulkhead = { max_concurrency = 2, max_wait = "1s" }
+[[routes]]
+path = "/probe/lock/{name}"
+function = "slow"
+"#,
+    );
+    let client = reqwest::Client::new();
+    let send = |n: usize| {
+        let (client, url) = (
+            client.clone(),
+            s.url(&format!("/probe/lock/l{n}?hold_ms=50")),
+        );
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let resp = client.post(url).send().await.expect("request");
+            let retry_after = resp.headers().get("retry-after").cloned();
+            (resp.status().as_u16(), retry_after, started.elapsed())
+        })
+    };
+    // The mean time a slot is held: about 50 ms.
+    for n in 0..4 {
+        assert_eq!(send(n).await.expect("task").0, 200);
+    }
+    // 16 at once on 2 slots: the last waits about 16 x 50 / 2 = 400 ms, within max_wait.
+    let burst: Vec<_> = (0..16).map(send).collect();
+    for task in burst {
+        let (status, _, took) = task.await.expect("task");
+        assert_eq!(
+            status, 200,
+            "a request whose wait fits was refused after {took:?}"
+        );
+    }
+    // 120 at once: places past about 40 would wait more than a second.
+    let flood: Vec<_> = (0..120).map(send).collect();
+    let (mut served, mut refused) = (0, Vec::new());
+    for task in flood {
+        match task.await.expect("task") {
+            (200, _, _) => served += 1,
+            (503, retry_after, took) => {
+                assert_eq!(retry_after.expect("Retry-After on a shed"), "1");
+                refused.push(took);
+            }
+            (other, _, took) => panic!("{other} after {took:?}"),
+        }
+    }
+    refused.sort();
+    assert!(served >= 20, "only {served} of 120 served");
+    assert!(refused.len() >= 30, "only {} of 120 refused", refused.len());
+    let median = refused[refused.len() / 2];
+    assert!(
+        median < Duration::from_millis(500),
+        "refusals should come at once, the median took {median:?}"
+    );
+    let shed = s
+        .metric(
+            "wasmgate_bulkhead_shed_total",
+            r#"function="slow",reason="would-wait-too-long""#,
+        )
+        .await;
+    assert!(shed >= 30.0, "{shed}");
+}
+
 #[tokio::test]
 async fn a_saturated_function_does_not_take_down_its_neighbour() {
     let s = Server::start(

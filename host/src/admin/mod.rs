@@ -794,3 +794,38 @@ async fn history(State(admin): State<Arc<Admin>>, Path(function): Path<String>) 
         .collect();
     Ok(axum::Json(serde_json::json!({"function": function, "history": list})).into_response())
 }
+
+/// The admin API's inputs, read and checked as the handlers do before anything is written (for
+/// [`crate::fuzzing`]): line 1 an upload's query, line 2 an `If-Match`, the rest a JSON body as
+/// a deployment and as a rollout.
+#[doc(hidden)]
+pub fn fuzz_inputs(data: &[u8], function: &crate::config::FunctionConfig) {
+    let mut parts = data.splitn(3, |b| *b == b'\n');
+    let (query, if_match, body) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    if let Ok(uri) = http::Uri::try_from([b"/?", query].concat())
+        && let Ok(Query(q)) = Query::<UploadQuery>::try_from_uri(&uri)
+    {
+        let _ = crate::loader::effective(function, &q.settings(), 4 << 30);
+    }
+    if let Ok(v) = HeaderValue::from_bytes(if_match) {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::IF_MATCH, v);
+        let _ = expected_generation(&headers);
+    }
+    if let Ok(req) = json_body::<DeployRequest>(body) {
+        if let Some(sticky) = &req.sticky {
+            let _ = crate::deploy::StickyKey::parse(sticky);
+        }
+        let _ = Spec {
+            versions: req.versions,
+            sticky: req.sticky,
+            shadow: None,
+        }
+        .check();
+    }
+    rollouts::fuzz_start(body);
+}

@@ -247,3 +247,24 @@ pub(super) async fn superseded(admin: &Admin, function: &str, generation: i64) {
         tracing::warn!(error = %e, function, "a running rollout could not be stopped; its driver stops it");
     }
 }
+
+/// A rollout's JSON body, read and checked as [`start`] does before it looks at the registry.
+pub(super) fn fuzz_start(body: &[u8]) {
+    let Ok(req) = json_body::<StartRequest>(body) else {
+        return;
+    };
+    let Ok(interval) = req
+        .interval
+        .as_deref()
+        .map_or(Ok(DEFAULT_INTERVAL), crate::config::parse_duration)
+    else {
+        return;
+    };
+    let plan = Plan {
+        steps: req.steps.unwrap_or(DEFAULT_STEPS.to_vec()),
+        interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+        gates: req.gates,
+        sticky: None,
+    };
+    let _ = plan.check();
+}

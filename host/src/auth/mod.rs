@@ -24,7 +24,7 @@ pub mod revocation;
 pub mod store;
 pub mod throttle;
 mod tokens;
-mod verify;
+pub(crate) mod verify;
 
 use std::sync::Arc;
 

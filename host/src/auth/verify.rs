@@ -114,7 +114,7 @@ impl moka::Expiry<String, Arc<Principal>> for UntilExpiry {
 }
 
 /// The `iss` of a token, read without trusting it: it only picks which keys to check against.
-fn peek_issuer(token: &str) -> Option<String> {
+pub(crate) fn peek_issuer(token: &str) -> Option<String> {
     let payload = token.split('.').nth(1)?;
     let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
     #[derive(serde::Deserialize)]

@@ -263,7 +263,7 @@ impl Backends {
                 name: "lock",
                 kind: self.lock.kind(),
                 ready: lock,
-                breaker: None,
+                breaker: Some(self.lock.breaker()),
             },
             Readiness {
                 name: "response-cache",

@@ -72,14 +72,14 @@ impl AuthPolicy {
 }
 
 /// What the `Authorization` header holds.
-enum Credentials<'a> {
+pub(crate) enum Credentials<'a> {
     None,
     Bearer(&'a str),
     /// A header that is there but not a usable bearer token.
     Unusable,
 }
 
-fn credentials(headers: &HeaderMap) -> Credentials<'_> {
+pub(crate) fn credentials(headers: &HeaderMap) -> Credentials<'_> {
     let mut all = headers.get_all(header::AUTHORIZATION).iter();
     let Some(value) = all.next() else {
         return Credentials::None;

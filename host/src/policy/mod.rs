@@ -7,7 +7,8 @@
 //! - `login_throttle`: failed logins per account and per client address, with backoff.
 //! - `rate_limit`: GCRA requests per second and burst, per function or per client key; local
 //!   (governor) or shared through Redis.
-//! - `bulkhead`: max concurrent executions plus a bounded queue with a max wait.
+//! - `bulkhead`: concurrent executions under a limit that adapts to latency, plus a queue bounded
+//!   by the wait it predicts.
 //! - `idempotency`: `Idempotency-Key` on POST/PATCH routes that opt in (store in `crate::idempotency`).
 //! - `response_cache`: GET/HEAD responses of routes that opt in (storage in `crate::response_cache`).
 //! - `shadow`: a copy of a share of requests runs on a candidate version after the live
@@ -108,7 +109,10 @@ impl PolicyState {
         });
         let bulkhead = match previous.map(|p| &p.bulkhead).filter(|(c, _)| c == bulkhead) {
             Some((_, b)) => (bulkhead.clone(), b.clone()),
-            None => (bulkhead.clone(), Arc::new(Bulkhead::new(bulkhead))),
+            None => (
+                bulkhead.clone(),
+                Arc::new(Bulkhead::new(function, bulkhead)),
+            ),
         };
         Self {
             rate_limit,

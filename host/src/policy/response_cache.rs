@@ -88,7 +88,12 @@ impl CachePolicy {
     /// The entry key, or `None` when this request must not use the cache. A request with
     /// credentials bypasses the cache, unless the route's `auth` policy has already decided it
     /// may see the resource (`authorized`): then it shares the one cached copy.
-    fn key(&self, uri: &http::Uri, headers: &HeaderMap, authorized: bool) -> Option<String> {
+    pub(crate) fn key(
+        &self,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+        authorized: bool,
+    ) -> Option<String> {
         if !authorized
             && headers.contains_key(header::AUTHORIZATION)
             && !self.vary.contains(&header::AUTHORIZATION)
@@ -125,7 +130,7 @@ impl CachePolicy {
 
     /// How long the guest's response may be kept, if at all, and whether it may be handed to
     /// other requests that waited for it.
-    fn judge(&self, status: StatusCode, headers: &HeaderMap) -> Judgement {
+    pub(crate) fn judge(&self, status: StatusCode, headers: &HeaderMap) -> Judgement {
         if headers.contains_key(header::SET_COOKIE) {
             return Judgement::Private;
         }
@@ -168,7 +173,8 @@ impl CachePolicy {
     }
 }
 
-enum Judgement {
+#[derive(Debug)]
+pub(crate) enum Judgement {
     Keep(Duration),
     /// Not kept, but the same answer any concurrent requester would have had.
     Shareable,

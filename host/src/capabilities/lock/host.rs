@@ -10,6 +10,7 @@ use super::{
     wit,
 };
 use crate::capabilities::BACKEND_TIMEOUT;
+use crate::capabilities::breaker::Breaker;
 
 type Answer<T> = wasmtime::Result<Result<T, LockError>>;
 
@@ -28,15 +29,30 @@ fn duration(ms: u64, what: &str) -> Result<Duration, LockError> {
     Ok(d)
 }
 
-async fn bounded<T>(fut: impl Future<Output = Result<T, LockError>>) -> Result<T, LockError> {
-    tokio::time::timeout(BACKEND_TIMEOUT, fut)
+/// A backend call, bounded in time and through the breaker: with the lock backend down, calls
+/// fail at once instead of each waiting out the timeout. A busy lock is a healthy answer.
+async fn bounded<T>(
+    breaker: &Breaker,
+    fut: impl Future<Output = Result<T, LockError>>,
+) -> Result<T, LockError> {
+    let timed = async {
+        tokio::time::timeout(BACKEND_TIMEOUT, fut)
+            .await
+            .unwrap_or(Err(LockError::Unavailable))
+    };
+    breaker
+        .call(
+            timed,
+            |e| matches!(e, LockError::Unavailable),
+            || LockError::Unavailable,
+        )
         .await
-        .unwrap_or(Err(LockError::Unavailable))
 }
 
 /// Tries until the lock is taken or `wait` has passed.
 async fn acquire(
     backend: &Arc<dyn LockBackend>,
+    breaker: &Breaker,
     name: &str,
     ttl: Duration,
     wait: Duration,
@@ -44,7 +60,7 @@ async fn acquire(
     let deadline = Instant::now() + wait;
     let mut backoff = MIN_BACKOFF;
     loop {
-        if let Some(token) = bounded(backend.try_acquire(name, ttl)).await? {
+        if let Some(token) = bounded(breaker, backend.try_acquire(name, ttl)).await? {
             return Ok(token);
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -82,7 +98,8 @@ impl wit::Host for LockView<'_> {
         };
         let full = format!("{}{name}", self.lock.function.prefix);
         let backend = self.lock.function.backend.clone();
-        let token = match acquire(&backend, &full, ttl, wait).await {
+        let breaker = self.lock.function.breaker.clone();
+        let token = match acquire(&backend, &breaker, &full, ttl, wait).await {
             Ok(t) => t,
             Err(e) => return Ok(Err(e)),
         };
@@ -90,6 +107,7 @@ impl wit::Host for LockView<'_> {
             name: full,
             token,
             backend,
+            breaker,
             released: false,
         };
         self.lock.held += 1;
@@ -111,7 +129,11 @@ impl wit::HostLease for LockView<'_> {
         if lease.released {
             return Ok(Err(LockError::Lost));
         }
-        Ok(bounded(lease.backend.renew(&lease.name, lease.token, ttl)).await)
+        Ok(bounded(
+            &lease.breaker,
+            lease.backend.renew(&lease.name, lease.token, ttl),
+        )
+        .await)
     }
 
     async fn release(&mut self, lease: Resource<Lease>) -> Answer<()> {
@@ -119,7 +141,11 @@ impl wit::HostLease for LockView<'_> {
         if lease.released {
             return Ok(Err(LockError::Lost));
         }
-        let result = bounded(lease.backend.release(&lease.name, lease.token)).await;
+        let result = bounded(
+            &lease.breaker,
+            lease.backend.release(&lease.name, lease.token),
+        )
+        .await;
         // Released or lost, this lease is finished either way.
         lease.released = true;
         self.lock.held = self.lock.held.saturating_sub(1);

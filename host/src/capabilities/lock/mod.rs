@@ -15,6 +15,7 @@ use std::time::Duration;
 use wasmtime::component::{HasData, Linker, ResourceTable};
 
 use super::bindings::wasmgate::platform::lock as wit;
+use super::breaker::Breaker;
 use crate::runtime::GuestState;
 
 pub use backend::{LockBackend, MemoryLocks, RedisLocks};
@@ -30,6 +31,7 @@ pub const MAX_NAME_LEN: usize = 256;
 #[derive(Clone)]
 pub struct Lock {
     backend: Arc<dyn LockBackend>,
+    breaker: Arc<Breaker>,
 }
 
 impl Lock {
@@ -39,7 +41,15 @@ impl Lock {
             Some(conn) => Arc::new(RedisLocks::new(conn)),
             None => Arc::new(MemoryLocks::default()),
         };
-        Self { backend }
+        Self {
+            backend,
+            breaker: Arc::new(Breaker::new("lock")),
+        }
+    }
+
+    /// Its circuit breaker's state, for `/readyz`.
+    pub fn breaker(&self) -> &'static str {
+        self.breaker.state()
     }
 
     pub fn kind(&self) -> &'static str {
@@ -59,6 +69,7 @@ impl Lock {
     pub fn configure(&self, function: &str) -> FunctionLock {
         FunctionLock {
             backend: self.backend.clone(),
+            breaker: self.breaker.clone(),
             prefix: Arc::from(format!("{function}:")),
         }
     }
@@ -67,6 +78,7 @@ impl Lock {
 #[derive(Clone)]
 pub struct FunctionLock {
     backend: Arc<dyn LockBackend>,
+    breaker: Arc<Breaker>,
     prefix: Arc<str>,
 }
 
@@ -84,6 +96,7 @@ impl FunctionLock {
         RequestLock {
             function: FunctionLock {
                 backend: Arc::new(MemoryLocks::default()),
+                breaker: Arc::new(Breaker::new("lock")),
                 prefix: self.prefix.clone(),
             },
             held: 0,
@@ -104,6 +117,7 @@ pub struct Lease {
     name: String,
     token: u64,
     backend: Arc<dyn LockBackend>,
+    breaker: Arc<Breaker>,
     released: bool,
 }
 
