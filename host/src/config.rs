@@ -232,15 +232,37 @@ pub const DEFAULT_MAX_QUEUE: u32 = 10_000;
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(from = "BulkheadSettings")]
 pub struct BulkheadConfig {
     pub max_concurrency: u32,
     pub max_queue: u32,
-    #[serde(deserialize_with = "human_duration")]
     pub max_wait: Duration,
     /// The limit in force follows measured latency, with `max_concurrency` as its ceiling;
-    /// `false` keeps it at `max_concurrency`.
+    /// `false` keeps it at `max_concurrency`. By default it adapts unless `max_concurrency` is
+    /// written down: a number an operator chose is taken as meant.
     pub adaptive: bool,
+}
+
+/// `bulkhead = { ... }` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkheadSettings {
+    max_concurrency: Option<u32>,
+    max_queue: Option<u32>,
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    max_wait: Option<Duration>,
+    adaptive: Option<bool>,
+}
+
+impl From<BulkheadSettings> for BulkheadConfig {
+    fn from(s: BulkheadSettings) -> Self {
+        Self {
+            max_concurrency: s.max_concurrency.unwrap_or(DEFAULT_MAX_CONCURRENCY),
+            max_queue: s.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
+            max_wait: s.max_wait.unwrap_or(DEFAULT_MAX_WAIT),
+            adaptive: s.adaptive.unwrap_or(s.max_concurrency.is_none()),
+        }
+    }
 }
 
 impl Default for BulkheadConfig {
@@ -645,6 +667,10 @@ pub(crate) fn human_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
+fn human_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    human_duration(d).map(Some)
+}
+
 fn human_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -664,6 +690,33 @@ mod tests {
 
     fn parse(text: &str) -> Manifest {
         Manifest::parse(text).expect("test manifest parses")
+    }
+
+    #[test]
+    fn a_bulkhead_adapts_unless_its_limit_is_written_down() {
+        let m = parse(
+            r#"
+            [functions.a]
+            wasm = "a.wasm"
+            [functions.b]
+            wasm = "b.wasm"
+            bulkhead = { max_concurrency = 16 }
+            [functions.c]
+            wasm = "c.wasm"
+            bulkhead = { max_concurrency = 16, adaptive = true, max_wait = "250ms" }
+            "#,
+        );
+        let b = |name: &str| m.functions[name].bulkhead.clone();
+        assert_eq!(b("a"), BulkheadConfig::default());
+        assert!(b("a").adaptive);
+        assert_eq!((b("a").max_concurrency, b("a").max_queue), (64, 10_000));
+        assert!(!b("b").adaptive);
+        assert_eq!(b("b").max_concurrency, 16);
+        assert!(b("c").adaptive);
+        assert_eq!(b("c").max_wait, Duration::from_millis(250));
+        assert!(
+            Manifest::parse("[functions.d]\nwasm = \"d.wasm\"\nbulkhead = { limit = 3 }").is_err()
+        );
     }
 
     #[test]

@@ -58,6 +58,11 @@ impl<T> RouteTable<T> {
     where
         T: Clone,
     {
+        // The manifest's check says this first; here too, so no caller can add a route that
+        // no request path can reach (found by the `routes` fuzz target).
+        if !path.starts_with('/') {
+            return Err(format!("{label}: path must start with `/`"));
+        }
         let methods: Vec<Option<Method>> = if methods.is_empty() {
             vec![None]
         } else {
