@@ -146,6 +146,8 @@ pub struct ServerConfig {
     pub max_connections: u32,
     #[serde(deserialize_with = "human_duration")]
     pub request_head_timeout: Duration,
+    /// HTTPS on both listeners (public and admin); plain HTTP without it.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 impl ServerConfig {
@@ -169,6 +171,7 @@ impl Default for ServerConfig {
             cache_dir: PathBuf::from(DEFAULT_CACHE_DIR),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             request_head_timeout: DEFAULT_REQUEST_HEAD_TIMEOUT,
+            tls: None,
         }
     }
 }

@@ -15,6 +15,10 @@
 //!
 //! A slow request body needs no timer of its own here: the guest waiting for it is inside its
 //! function's `timeout`.
+//!
+//! With TLS (`[server] tls`), the handshake must also finish within `request_head_timeout`;
+//! past the connection cap a TLS connection is closed at once (a 503 would need a handshake
+//! first, which is the work the cap is there to avoid).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -53,12 +57,13 @@ pub struct Limits {
     pub request_head_timeout: Duration,
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and lets open
-/// connections finish the requests they have started.
+/// Serves `router` on `listener` (over TLS when `tls` is given) until `shutdown` resolves, then
+/// stops accepting and lets open connections finish the requests they have started.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<crate::tls::Tls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections as usize));
@@ -84,7 +89,9 @@ pub async fn serve(
         no_delay(&mut tcp);
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             refused.increment(1);
-            tokio::spawn(refuse(tcp, limits.max_connections));
+            if tls.is_none() {
+                tokio::spawn(refuse(tcp, limits.max_connections));
+            }
             continue;
         };
         let router = router.clone();
@@ -92,15 +99,32 @@ pub async fn serve(
             req.extensions_mut().insert(ConnectInfo(remote));
             router.clone().oneshot(req.map(axum::body::Body::new))
         });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        let open = open.clone();
+        let (builder, watcher, open) = (builder.clone(), graceful.watcher(), open.clone());
+        let tls = tls.as_ref().map(|t| t.acceptor().clone());
         open.increment(1.0);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                // Timeouts, resets and malformed requests end here; they are the client's.
+            let served = match tls {
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.request_head_timeout, acceptor.accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(stream)) => {
+                            let conn = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Ok(Err(e)) => Err(e.into()),
+                        Err(_) => Err("TLS handshake timed out".into()),
+                    }
+                }
+            };
+            if let Err(e) = served {
+                // Timeouts, resets, failed handshakes and malformed requests end here; they are
+                // the client's.
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
             open.decrement(1.0);

@@ -59,3 +59,4 @@ pub mod router;
 pub mod runtime;
 pub mod server;
 pub mod snapshot;
+pub mod tls;

@@ -52,6 +52,8 @@ pub struct Settings {
     pub max_memory: u64,
     pub database_url: String,
     pub redis_url: Option<String>,
+    /// `[server] tls`, its paths made absolute.
+    pub tls: Option<crate::tls::TlsConfig>,
     /// `[auth]`, as written (its Debug form: the section holds no secrets).
     pub auth: String,
 }
@@ -221,6 +223,10 @@ impl Settings {
             max_memory: max_memory(manifest),
             database_url: backends.database_url,
             redis_url: backends.redis_url,
+            tls: manifest.server.tls.as_ref().map(|t| crate::tls::TlsConfig {
+                cert: base.join(&t.cert),
+                key: base.join(&t.key),
+            }),
             auth: format!("{:?}", manifest.auth),
         }
     }
@@ -231,6 +237,11 @@ impl Settings {
         let mut problems = Vec::new();
         if next.listen != self.listen {
             problems.push(format!("[server] listen {restart}"));
+        }
+        if next.tls != self.tls {
+            problems.push(format!(
+                "[server] tls (which files; their contents are reloaded on their own) {restart}"
+            ));
         }
         if next.connections != self.connections {
             problems.push(format!(

@@ -273,14 +273,28 @@ struct AdminConn {
     /// The admin API's bearer token.
     #[arg(long, env = "WASMGATE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: String,
+    /// A CA (PEM) to trust for an `https://` admin URL, beside the usual roots: the CA that
+    /// signed `[server] tls`'s certificate, when it is a private one.
+    #[arg(long, env = "WASMGATE_ADMIN_CA_FILE")]
+    admin_ca_file: Option<PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     json: bool,
 }
 
 impl AdminConn {
-    fn client(&self) -> AdminClient {
-        AdminClient::new(&self.admin_url, &self.admin_token)
+    fn client(&self) -> anyhow::Result<AdminClient> {
+        let client = AdminClient::new(&self.admin_url, &self.admin_token);
+        Ok(match &self.admin_ca_file {
+            None => client,
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("reading --admin-ca-file {}", path.display()))?;
+                client
+                    .trusting(&pem)
+                    .with_context(|| format!("--admin-ca-file {}", path.display()))?
+            }
+        })
     }
 
     /// Prints `body` as JSON, or as the table `table` makes of it.
@@ -349,7 +363,7 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
                 use sha2::Digest;
                 hex::encode(sha2::Sha256::digest(&bytes))[..12].to_string()
             });
-            let client = api.client();
+            let client = api.client()?;
             let settings: Vec<(&str, String)> = [
                 ("timeout", timeout),
                 ("memory", memory),
@@ -389,7 +403,7 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
             label,
             api,
         } => {
-            let body = api.client().approve(&function, &label).await?;
+            let body = api.client()?.approve(&function, &label).await?;
             api.print(&body, |b| {
                 format!(
                     "{function} {label} approved by {}: {}\n",
@@ -399,7 +413,7 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
             });
         }
         Command::Versions { function, api } => {
-            let body = api.client().versions(&function).await?;
+            let body = api.client()?.versions(&function).await?;
             api.print(&body, |b| {
                 let mut out = format!("{:<16} {:<14} {:<12} CREATED\n", "LABEL", "SHA256", "BY");
                 for v in b["versions"].as_array().into_iter().flatten() {
@@ -422,7 +436,7 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
             api,
         } => {
             let body = api
-                .client()
+                .client()?
                 .traffic(&function, &weights, sticky.as_deref(), &reason)
                 .await?;
             api.print(&body, deployment_table);
@@ -433,7 +447,7 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
             api,
         } => {
             let body = api
-                .client()
+                .client()?
                 .traffic(
                     &function,
                     &[(label.clone(), 100)],
@@ -444,11 +458,11 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
             api.print(&body, deployment_table);
         }
         Command::Rollback { function, api } => {
-            let body = api.client().rollback(&function).await?;
+            let body = api.client()?.rollback(&function).await?;
             api.print(&body, deployment_table);
         }
         Command::History { function, api } => {
-            let body = api.client().history(&function).await?;
+            let body = api.client()?.history(&function).await?;
             api.print(&body, |b| {
                 let mut out = format!(
                     "{:<4} {:<24} {:<12} {:<32} REASON\n",
@@ -480,7 +494,7 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
             reason,
             api,
         } => {
-            let client = api.client();
+            let client = api.client()?;
             let mut body = if abort {
                 client.abort_rollout(&function).await?
             } else if let Some(version) = version {
@@ -527,7 +541,7 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
             discard,
             api,
         } => {
-            let client = api.client();
+            let client = api.client()?;
             let action = match (&show, &replay, replay_all, &discard) {
                 (Some(id), _, _, _) => Some(("show", id.as_str())),
                 (_, Some(id), _, _) => Some(("replay", id.as_str())),
@@ -546,7 +560,7 @@ async fn deployments(command: Command) -> anyhow::Result<()> {
             reason,
             api,
         } => {
-            let client = api.client();
+            let client = api.client()?;
             let body = if stop {
                 client.stop_shadow(&function).await?
             } else if let Some(version) = version {
@@ -907,6 +921,16 @@ async fn up(
     let local = listener.local_addr().context("listener has no address")?;
     let state = deployer.state();
     let connections = deployer.settings().connections;
+    let tls = match &deployer.settings().tls {
+        Some(files) => {
+            let tls = wasmgate::tls::Tls::load(files)?;
+            // Runs as long as the process: the listeners share it.
+            drop(tls.watch());
+            Some(tls)
+        }
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     match admin_token {
         Some(token) => {
             let admin_listener =
@@ -922,11 +946,13 @@ async fn up(
                 .local_addr()
                 .context("admin listener has no address")?;
             let router = wasmgate::admin::router(deployer.clone(), &token);
+            let admin_tls = tls.clone();
             tokio::spawn(async move {
                 let serving = wasmgate::connections::serve(
                     admin_listener,
                     router,
                     connections,
+                    admin_tls,
                     std::future::pending(),
                 );
                 if let Err(e) = serving.await {
@@ -934,7 +960,7 @@ async fn up(
                 }
             });
             // Printed before the public line, which tests and scripts wait for.
-            println!("wasmgate admin listening on http://{admin_local}");
+            println!("wasmgate admin listening on {scheme}://{admin_local}");
         }
         None => {
             tracing::info!("admin API off: no token (--admin-token-file or WASMGATE_ADMIN_TOKEN)")
@@ -942,9 +968,9 @@ async fn up(
     }
     tokio::spawn(reload_on_sighup(deployer));
     // Tests and scripts wait for this exact line.
-    println!("wasmgate listening on http://{local}");
+    println!("wasmgate listening on {scheme}://{local}");
     tracing::info!(%local, "serving");
-    server::run(listener, state, connections, shutdown_signal())
+    server::run(listener, state, connections, tls, shutdown_signal())
         .await
         .context("server failed")
 }

@@ -82,9 +82,10 @@ pub async fn run(
     listener: TcpListener,
     state: Arc<AppState>,
     limits: crate::connections::Limits,
+    tls: Option<crate::tls::Tls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    crate::connections::serve(listener, app(state), limits, shutdown).await
+    crate::connections::serve(listener, app(state), limits, tls, shutdown).await
 }
 
 async fn healthz() -> impl IntoResponse {

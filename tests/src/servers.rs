@@ -24,6 +24,8 @@ fn wait_for_port(port: u16, up: bool) {
 pub struct PrivateRedis {
     port: u16,
     child: Option<Child>,
+    /// `--tls-*` arguments when it speaks only TLS.
+    tls: Vec<String>,
 }
 
 impl PrivateRedis {
@@ -31,13 +33,39 @@ impl PrivateRedis {
         let mut r = Self {
             port: crate::free_port(),
             child: None,
+            tls: Vec::new(),
+        };
+        r.resume();
+        r
+    }
+
+    /// One that speaks only TLS, with this certificate and key (PEM files); clients are not
+    /// asked for certificates.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
+        let path = |p: &std::path::Path| p.to_str().expect("utf-8 path").to_string();
+        let mut r = Self {
+            port: crate::free_port(),
+            child: None,
+            tls: vec![
+                "--tls-cert-file".into(),
+                path(cert),
+                "--tls-key-file".into(),
+                path(key),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ],
         };
         r.resume();
         r
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_empty() {
+            "redis"
+        } else {
+            "rediss"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn stop(&mut self) {
@@ -50,17 +78,16 @@ impl PrivateRedis {
 
     /// Starts it again on the same port.
     pub fn resume(&mut self) {
+        let port = self.port.to_string();
+        let ports: &[&str] = if self.tls.is_empty() {
+            &["--port", &port]
+        } else {
+            &["--port", "0", "--tls-port", &port]
+        };
         let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--port",
-            ])
-            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(ports)
+            .args(&self.tls)
             .stdout(Stdio::null())
             .spawn()
             .expect("starting redis-server (scripts/services installs it)");
@@ -83,6 +110,8 @@ pub struct PrivatePostgres {
     port: u16,
     dir: PathBuf,
     bin: PathBuf,
+    /// `-c` settings beyond the defaults.
+    settings: String,
 }
 
 fn pg_bin() -> PathBuf {
@@ -95,6 +124,11 @@ fn pg_bin() -> PathBuf {
     dirs.sort();
     dirs.pop()
         .expect("an initdb under /usr/lib/postgresql/*/bin")
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
 fn is_root() -> bool {
@@ -118,6 +152,30 @@ fn pg_command(bin: &std::path::Path, tool: &str) -> Command {
 
 impl PrivatePostgres {
     pub fn start() -> Self {
+        Self::start_with(|_| String::new())
+    }
+
+    /// One that accepts only TLS connections over TCP, with this certificate and key (PEM).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        Self::start_with(|data| {
+            for (name, text) in [
+                ("server.crt", cert_pem),
+                ("server.key", key_pem),
+                (
+                    "pg_hba.conf",
+                    "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+                ),
+            ] {
+                let path = data.join(name);
+                std::fs::write(&path, text).expect("write into the data dir");
+                set_mode(&path, 0o600);
+            }
+            "-c ssl=on".into()
+        })
+    }
+
+    /// `prepare` gets the data directory after initdb and returns extra `-c` settings.
+    fn start_with(prepare: impl FnOnce(&std::path::Path) -> String) -> Self {
         let bin = pg_bin();
         let dir = std::env::temp_dir().join(format!("wasmgate-pg-{}", crate::unique_suffix()));
         std::fs::create_dir_all(&dir).expect("pg dir");
@@ -137,10 +195,21 @@ impl PrivatePostgres {
             .status()
             .expect("initdb");
         assert!(status.success(), "initdb failed");
+        let settings = prepare(&dir.join("data"));
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.join("data"))
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "chown of the PostgreSQL data dir failed");
+        }
         let pg = Self {
             port: crate::free_port(),
             dir,
             bin,
+            settings,
         };
         pg.resume();
         pg
@@ -168,9 +237,10 @@ impl PrivatePostgres {
 
     pub fn resume(&self) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off {}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.settings
         );
         self.pg_ctl(&[
             "-o",

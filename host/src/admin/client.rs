@@ -32,6 +32,18 @@ impl AdminClient {
         }
     }
 
+    /// Also trusts the CA in `ca_pem` (for an admin listener whose certificate a private CA
+    /// signed).
+    pub fn trusting(self, ca_pem: &[u8]) -> Result<Self> {
+        let ca = reqwest::Certificate::from_pem(ca_pem)
+            .map_err(|e| ClientError::Unavailable(format!("not a PEM certificate: {e}")))?;
+        let http = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .build()
+            .map_err(|e| ClientError::Unavailable(e.to_string()))?;
+        Ok(Self { http, ..self })
+    }
+
     fn url(&self, function: &str, path: &str) -> String {
         format!("{}/admin/v1/functions/{function}/{path}", self.base)
     }
@@ -43,8 +55,16 @@ impl AdminClient {
             .send()
             .await
             .map_err(|e| {
+                // reqwest's own message stops at "error sending request"; the cause (refused,
+                // an untrusted certificate) is in its sources.
+                let mut why = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    why.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
                 ClientError::Unavailable(format!(
-                    "cannot reach the admin API at {}: {e}",
+                    "cannot reach the admin API at {}: {why}",
                     self.base
                 ))
             })?;

@@ -146,11 +146,50 @@ pub struct RedisCache {
 }
 
 /// A client for `url`, for connections a manager cannot multiplex (pub/sub).
+///
+/// `rediss://` is Redis over TLS, verified against the system's roots, or against the CA named
+/// by `sslrootcert=<PEM file>` in the query (the parameter PostgreSQL URLs use for the same).
 pub fn redis_client(url: &str) -> Result<redis::Client, ConnectError> {
-    redis::Client::open(url).map_err(|e| ConnectError::RedisUrl {
+    let bad = |reason: String| ConnectError::RedisUrl {
         url: crate::capabilities::config::redact(url),
-        reason: e.to_string(),
-    })
+        reason,
+    };
+    let Some((plain, ca)) = split_root_cert(url) else {
+        return redis::Client::open(url).map_err(|e| bad(e.to_string()));
+    };
+    if !plain.starts_with("rediss://") {
+        return Err(bad("sslrootcert needs TLS: use rediss://".into()));
+    }
+    let root_cert = std::fs::read(&ca).map_err(|e| bad(format!("sslrootcert {ca}: {e}")))?;
+    // redis-rs uses the process's rustls provider; ring, as everything else here.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    redis::Client::build_with_tls(
+        plain.as_str(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root_cert),
+        },
+    )
+    .map_err(|e| bad(e.to_string()))
+}
+
+/// `url` without its `sslrootcert` query parameter, and that parameter's value; `None` when the
+/// URL has none.
+fn split_root_cert(url: &str) -> Option<(String, String)> {
+    let (base, query) = url.split_once('?')?;
+    let (mut ca, mut rest) = (None, Vec::new());
+    for pair in query.split('&') {
+        match pair.strip_prefix("sslrootcert=") {
+            Some(path) => ca = Some(path.to_string()),
+            None => rest.push(pair),
+        }
+    }
+    let plain = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Some((plain, ca?))
 }
 
 /// A ConnectionManager that fails fast while Redis is down and reconnects on its own when it
@@ -248,5 +287,28 @@ impl CacheBackend for RedisCache {
             .await
             .map(drop)
             .map_err(|e| redis_error("ping", &e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_root_cert_is_taken_out_of_the_url_and_needs_tls() {
+        assert_eq!(split_root_cert("rediss://h:1"), None);
+        assert_eq!(split_root_cert("rediss://h:1/?protocol=resp3"), None);
+        assert_eq!(
+            split_root_cert("rediss://h:1/?sslrootcert=/ca.pem"),
+            Some(("rediss://h:1/".into(), "/ca.pem".into()))
+        );
+        assert_eq!(
+            split_root_cert("rediss://h:1/0?protocol=resp3&sslrootcert=/ca.pem"),
+            Some(("rediss://h:1/0?protocol=resp3".into(), "/ca.pem".into()))
+        );
+        let plain = redis_client("redis://h:1/?sslrootcert=/ca.pem").expect_err("refused");
+        assert!(plain.to_string().contains("use rediss://"), "{plain}");
+        let missing = redis_client("rediss://h:1/?sslrootcert=/nowhere.pem").expect_err("refused");
+        assert!(missing.to_string().contains("/nowhere.pem"), "{missing}");
     }
 }
