@@ -139,7 +139,10 @@ function = "hello"
         wasmgate_tests::admin_cli(&admin, &["versions", "hello", "--admin-ca-file", ca_arg]);
     assert_eq!(code, 0, "{out}{err}");
     let (code, _, err) = wasmgate_tests::admin_cli(&admin, &["versions", "hello"]);
-    assert_ne!(code, 0, "a private CA's certificate was trusted without --admin-ca-file");
+    assert_ne!(
+        code, 0,
+        "a private CA's certificate was trusted without --admin-ca-file"
+    );
     assert!(err.to_lowercase().contains("certificate"), "{err}");
 
     // Plain HTTP to the TLS port gets no HTTP answer.

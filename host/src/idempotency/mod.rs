@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::capabilities::db::migrations::{Migration, MigrationError};
-use crate::capabilities::db::{DbBackend, DbError, Value};
+use crate::capabilities::db::{DbBackend, DbError, Value, read_again};
 use crate::response_cache::unix_ms;
 use crate::snapshot::Snapshot;
 
@@ -152,13 +152,13 @@ impl Store {
                     owner,
                 }));
             }
-            let rows = self
-                .db
-                .query(
-                    &format!("SELECT fingerprint, response FROM {TABLE} WHERE scope = $1"),
-                    vec![Value::Text(scope.into())],
-                )
-                .await?;
+            // The look-up alone is safe to repeat; the claim above is not (it may have landed).
+            let rows = read_again(
+                &*self.db,
+                &format!("SELECT fingerprint, response FROM {TABLE} WHERE scope = $1"),
+                vec![Value::Text(scope.into())],
+            )
+            .await?;
             let Some(row) = rows.rows.into_iter().next() else {
                 continue;
             };

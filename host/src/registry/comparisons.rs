@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::{Registry, RegistryError, Result};
-use crate::capabilities::db::Value;
+use crate::capabilities::db::{Value, read_again};
 use crate::deploy::Tally;
 
 pub(super) const DDL: &str = "CREATE TABLE wasmgate_shadow_comparisons (
@@ -64,9 +64,8 @@ impl Registry {
         label: &str,
         since: i64,
     ) -> Result<BTreeMap<String, Tally>> {
-        let rows = self
-            .db
-            .query(
+        let rows = read_again(
+                &*self.db,
                 "SELECT route, matched, status, body, failed, skipped, samples FROM wasmgate_shadow_comparisons WHERE function = $1 AND label = $2 AND at >= $3 ORDER BY at, flush",
                 vec![
                     Value::Text(function.into()),

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::{Registry, Result};
-use crate::capabilities::db::Value;
+use crate::capabilities::db::{Value, read_again};
 use crate::deploy::Figures;
 
 pub(super) const DDL: &str = "CREATE TABLE wasmgate_version_figures (
@@ -59,9 +59,8 @@ impl Registry {
     /// Every version's figures for `function` from the second `since` on, summed over
     /// processes.
     pub async fn figures(&self, function: &str, since: i64) -> Result<BTreeMap<String, Figures>> {
-        let rows = self
-            .db
-            .query(
+        let rows = read_again(
+                &*self.db,
                 "SELECT label, requests, failed, refused, latency FROM wasmgate_version_figures WHERE function = $1 AND at >= $2",
                 vec![Value::Text(function.into()), Value::Int64(since)],
             )

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::capabilities::db::migrations::{Migration, MigrationError};
-use crate::capabilities::db::{DbBackend, DbError, Value};
+use crate::capabilities::db::{DbBackend, DbError, Value, read_again};
 
 /// The migrations namespace of these tables (function names cannot contain `_`).
 const OWNER: &str = "_wasmgate_registry";
@@ -316,13 +316,12 @@ impl Registry {
     }
 
     pub async fn module(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
-        let rows = self
-            .db
-            .query(
-                "SELECT bytes FROM wasmgate_modules WHERE sha256 = $1",
-                vec![Value::Text(sha256.into())],
-            )
-            .await?;
+        let rows = read_again(
+            &*self.db,
+            "SELECT bytes FROM wasmgate_modules WHERE sha256 = $1",
+            vec![Value::Text(sha256.into())],
+        )
+        .await?;
         Ok(rows
             .rows
             .into_iter()
@@ -377,10 +376,7 @@ impl Registry {
     }
 
     pub async fn versions(&self, function: &str) -> Result<Vec<VersionRow>> {
-        let rows = self
-            .db
-            .query(
-                "SELECT function, label, sha256, settings, created_by, created_at, surface, widens, approved_by FROM wasmgate_versions WHERE function = $1 ORDER BY created_at, label",
+        let rows = read_again(&*self.db, "SELECT function, label, sha256, settings, created_by, created_at, surface, widens, approved_by FROM wasmgate_versions WHERE function = $1 ORDER BY created_at, label",
                 vec![Value::Text(function.into())],
             )
             .await?;
@@ -443,18 +439,14 @@ impl Registry {
             "SELECT function, generation, spec, updated_by, updated_at FROM wasmgate_deployments";
         let rows = match function {
             Some(f) => {
-                self.db
-                    .query(
-                        &format!("{select} WHERE function = $1"),
-                        vec![Value::Text(f.into())],
-                    )
-                    .await?
+                read_again(
+                    &*self.db,
+                    &format!("{select} WHERE function = $1"),
+                    vec![Value::Text(f.into())],
+                )
+                .await?
             }
-            None => {
-                self.db
-                    .query(&format!("{select} ORDER BY function"), vec![])
-                    .await?
-            }
+            None => read_again(&*self.db, &format!("{select} ORDER BY function"), vec![]).await?,
         };
         rows.rows
             .iter()
@@ -584,10 +576,7 @@ impl Registry {
 
     /// The function's changes, newest first.
     pub async fn history(&self, function: &str) -> Result<Vec<HistoryRow>> {
-        let rows = self
-            .db
-            .query(
-                "SELECT generation, spec, reason, actor, at FROM wasmgate_history WHERE function = $1 ORDER BY generation DESC",
+        let rows = read_again(&*self.db, "SELECT generation, spec, reason, actor, at FROM wasmgate_history WHERE function = $1 ORDER BY generation DESC",
                 vec![Value::Text(function.into())],
             )
             .await?;
@@ -626,13 +615,12 @@ impl Registry {
 
     /// The function a preview token is for, and until when, if it is one.
     pub async fn preview_token(&self, token: &str) -> Result<Option<(String, i64)>> {
-        let rows = self
-            .db
-            .query(
-                "SELECT function, expires_at FROM wasmgate_preview_tokens WHERE hash = $1",
-                vec![Value::Text(hex::encode(Sha256::digest(token.as_bytes())))],
-            )
-            .await?;
+        let rows = read_again(
+            &*self.db,
+            "SELECT function, expires_at FROM wasmgate_preview_tokens WHERE hash = $1",
+            vec![Value::Text(hex::encode(Sha256::digest(token.as_bytes())))],
+        )
+        .await?;
         Ok(rows
             .rows
             .first()

@@ -7,7 +7,7 @@
 //! driver whose lease lapsed, or that judged a step another already moved past, changes nothing.
 
 use super::{Guard, Registry, RegistryError, Result, Spec, now_ms};
-use crate::capabilities::db::Value;
+use crate::capabilities::db::{Value, read_again};
 
 pub(super) const DDL: &str = "CREATE TABLE wasmgate_rollouts (
        id TEXT PRIMARY KEY,
@@ -142,9 +142,8 @@ impl Registry {
 
     /// The function's rollouts, newest first.
     pub async fn rollouts(&self, function: &str) -> Result<Vec<RolloutRow>> {
-        let rows = self
-            .db
-            .query(
+        let rows = read_again(
+                &*self.db,
                 &format!("SELECT {COLUMNS} FROM wasmgate_rollouts WHERE function = $1 ORDER BY created_at DESC, id"),
                 vec![Value::Text(function.into())],
             )
@@ -154,15 +153,12 @@ impl Registry {
 
     /// Every running rollout (what drivers look for).
     pub async fn running_rollouts(&self) -> Result<Vec<RolloutRow>> {
-        let rows = self
-            .db
-            .query(
-                &format!(
-                    "SELECT {COLUMNS} FROM wasmgate_rollouts WHERE state = $1 ORDER BY function"
-                ),
-                vec![Value::Text(RUNNING.into())],
-            )
-            .await?;
+        let rows = read_again(
+            &*self.db,
+            &format!("SELECT {COLUMNS} FROM wasmgate_rollouts WHERE state = $1 ORDER BY function"),
+            vec![Value::Text(RUNNING.into())],
+        )
+        .await?;
         Ok(rows.rows.iter().map(|r| row_of(r)).collect())
     }
 

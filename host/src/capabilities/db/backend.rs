@@ -111,3 +111,115 @@ pub fn from_micros(us: i64) -> Result<chrono::DateTime<chrono::Utc>, DbError> {
     chrono::DateTime::from_timestamp_micros(us)
         .ok_or_else(|| DbError::InvalidQuery(format!("timestamp {us} is out of range")))
 }
+
+/// Attempts of a host read ([`read_again`]) in all, and the first pause between them (doubled
+/// each time, with jitter).
+const READ_ATTEMPTS: usize = 3;
+const READ_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// A read the host makes for itself (a registry look-up, an `Idempotency-Key` look-up), tried
+/// again with backoff and jitter when the database was unreachable or too slow: a blip (a
+/// failover, a pool that was reconnecting) does not fail the request or the reload that needed
+/// it. Only reads: a write is never repeated by the host (it may have landed), and a guest's
+/// statements never go through here.
+pub async fn read_again(
+    db: &dyn DbBackend,
+    sql: &str,
+    params: Vec<Value>,
+) -> Result<Rows, DbError> {
+    use backon::{ExponentialBuilder, Retryable};
+    (|| db.query(sql, params.clone()))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(READ_FIRST_PAUSE)
+                .with_max_times(READ_ATTEMPTS - 1)
+                .with_jitter(),
+        )
+        .when(|e| matches!(e, DbError::Unavailable | DbError::Timeout))
+        .notify(|e, pause| tracing::debug!(error = ?e, ?pause, "host read failed; trying again"))
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::capabilities::db::Db;
+
+    /// The real SQLite backend behind a door that fails the next queries with the given errors.
+    struct Failing {
+        inner: Arc<dyn DbBackend>,
+        next: Mutex<Vec<DbError>>,
+        calls: Mutex<usize>,
+    }
+
+    #[async_trait]
+    impl DbBackend for Failing {
+        fn kind(&self) -> &'static str {
+            self.inner.kind()
+        }
+        async fn query(&self, sql: &str, params: Vec<Value>) -> Result<Rows, DbError> {
+            *self.calls.lock().expect("calls") += 1;
+            let failure = self.next.lock().expect("next").pop();
+            match failure {
+                Some(e) => Err(e),
+                None => self.inner.query(sql, params).await,
+            }
+        }
+        async fn execute(&self, sql: &str, params: Vec<Value>) -> Result<u64, DbError> {
+            self.inner.execute(sql, params).await
+        }
+        async fn begin(&self) -> Result<Box<dyn DbTransaction>, DbError> {
+            self.inner.begin().await
+        }
+        async fn ping(&self) -> Result<(), DbError> {
+            self.inner.ping().await
+        }
+        async fn migrate(
+            &self,
+            function: &str,
+            migrations: &[Migration],
+        ) -> Result<Vec<String>, MigrationError> {
+            self.inner.migrate(function, migrations).await
+        }
+    }
+
+    async fn failing(next: Vec<DbError>) -> (Failing, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let inner = Db::connect(&url).await.expect("sqlite").backend().clone();
+        let f = Failing {
+            inner,
+            next: Mutex::new(next),
+            calls: Mutex::new(0),
+        };
+        (f, dir)
+    }
+
+    #[tokio::test]
+    async fn a_host_read_is_tried_again_only_when_the_database_was_unreachable_or_slow() {
+        let (f, _dir) = failing(vec![DbError::Timeout, DbError::Unavailable]).await;
+        let rows = read_again(&f, "SELECT 1", vec![]).await.expect("third try");
+        assert_eq!(rows.rows.len(), 1);
+        assert_eq!(*f.calls.lock().expect("calls"), 3);
+
+        let (f, _dir) = failing(vec![DbError::Unavailable; 3]).await;
+        assert_eq!(
+            read_again(&f, "SELECT 1", vec![]).await,
+            Err(DbError::Unavailable)
+        );
+        assert_eq!(*f.calls.lock().expect("calls"), 3, "3 attempts in all");
+
+        let (f, _dir) = failing(vec![DbError::InvalidQuery("no such table".into())]).await;
+        assert!(matches!(
+            read_again(&f, "SELECT 1", vec![]).await,
+            Err(DbError::InvalidQuery(_))
+        ));
+        assert_eq!(
+            *f.calls.lock().expect("calls"),
+            1,
+            "a bad query is not repeated"
+        );
+    }
+}

@@ -27,7 +27,7 @@ use super::config::ConnectError;
 use crate::runtime::GuestState;
 
 use super::breaker::Breaker;
-pub use backend::{DbBackend, DbTransaction};
+pub use backend::{DbBackend, DbTransaction, read_again};
 pub use wit::{Error as DbError, Rows, Value};
 
 /// How the host's own tables (auth, registry) read a column: text or empty, integer or none.
