@@ -8,7 +8,8 @@
 //!   one: from accept for a new connection, from the end of the last response for a keep-alive
 //!   one (hyper runs one timer for both, so it is also the keep-alive idle timeout);
 //! - at most `max_connections` are open; the next ones get a 503 `too-many-connections` with
-//!   `Retry-After` and are closed, and the server accepts again as soon as one closes;
+//!   `Retry-After` and are closed (at most `MAX_REFUSING` being answered at once; past that
+//!   they are closed without an answer), and the server accepts again as soon as one closes;
 //! - HTTP/2 connections get a cap on concurrent streams and on header size, and pings that close
 //!   a connection whose peer went away (an idle HTTP/2 connection is otherwise kept: the cap on
 //!   connections bounds them).
@@ -37,6 +38,11 @@ use tower::ServiceExt;
 
 /// How long a refused connection may take to send its request head and read its 503.
 const REFUSAL_TIME: Duration = Duration::from_secs(2);
+
+/// Refused connections being answered at once; past this, a connection over the cap is closed
+/// without an answer, so a flood of new connections cannot hold more than this many
+/// descriptors beyond `max_connections`.
+const MAX_REFUSING: usize = 256;
 
 /// HTTP/2 pings: sent after this long without frames; the connection closes when one is not
 /// answered within as long again.
@@ -67,6 +73,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections as usize));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let graceful = GracefulShutdown::new();
     let builder = builder(&limits);
     let open = metrics::gauge!("wasmgate_connections_open");
@@ -89,8 +96,13 @@ pub async fn serve(
         no_delay(&mut tcp);
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             refused.increment(1);
-            if tls.is_none() {
-                tokio::spawn(refuse(tcp, limits.max_connections));
+            if tls.is_none()
+                && let Ok(answering) = refusing.clone().try_acquire_owned()
+            {
+                tokio::spawn(async move {
+                    refuse(tcp, limits.max_connections).await;
+                    drop(answering);
+                });
             }
             continue;
         };

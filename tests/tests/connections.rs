@@ -148,6 +148,30 @@ async fn the_connection_cap_refuses_clearly_and_recovers() {
     );
 }
 
+/// Connections past the cap that say nothing are answered only 256 at a time (each may wait up
+/// to 2 s for its request head): the rest are closed at once, so a flood of new connections
+/// holds a bounded number of descriptors beyond the cap.
+#[tokio::test]
+async fn refusals_in_progress_are_bounded_too() {
+    let s = Server::start(&format!("[server]\nmax_connections = 1\n{HELLO}"));
+    let _held = served_connection(&s).await;
+    let mut silent = Vec::new();
+    for _ in 0..400 {
+        silent.push(TcpStream::connect(addr(&s)).await.expect("connect"));
+    }
+    let checks = silent.into_iter().map(|mut conn| {
+        tokio::spawn(async move { closed_within(&mut conn, Duration::from_millis(500)).await })
+    });
+    let mut closed_at_once = 0;
+    for check in checks.collect::<Vec<_>>() {
+        closed_at_once += usize::from(check.await.expect("task"));
+    }
+    assert!(
+        (144..=300).contains(&closed_at_once),
+        "{closed_at_once} of 400 silent connections past the cap were closed at once (256 may wait for their head)"
+    );
+}
+
 /// A client that speaks HTTP/2 in clear text (prior knowledge) is served.
 #[tokio::test]
 async fn http2_clients_are_served() {
