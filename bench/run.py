@@ -805,7 +805,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--baseline", type=Path,
-                    help="with --only overload: also measure this wasmgate binary, in the same run")
+                    help="with --only overload or users: also measure this wasmgate binary, in the same run")
     ap.add_argument("--only", choices=["events", "users", "warm", "overload"],
                     help="run one group of rows (writes bench/results/<group>.json)")
     args = ap.parse_args()
@@ -828,6 +828,15 @@ def main():
         else:
             users_mix(work, TARGET / "release/wasmgate", work / "cache", seconds, conns, rows, skipped)
             ratios.update(users_ratios(rows))
+            if args.baseline:
+                base_rows = []
+                users_mix(work, args.baseline, work / "cache-baseline", seconds, conns, base_rows, skipped)
+                mix = lambda rs: next((r["rps"] for r in rs if r["name"].startswith("user-management")), None)
+                if mix(rows) and mix(base_rows):
+                    ratios["users_mix_vs_baseline"] = round(mix(rows) / mix(base_rows), 2)
+                for r in base_rows:
+                    r["name"] += " [baseline]"
+                rows.extend(base_rows)
         result = {"quick": args.quick, "seconds": seconds, "rows": rows, "ratios": ratios, "skipped": skipped}
         (ROOT / f"bench/results/{args.only}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
