@@ -26,8 +26,14 @@ pub struct Snapshot {
     pub status: u16,
     /// Name and raw value; values need not be UTF-8.
     pub headers: Vec<(String, Vec<u8>)>,
-    pub body: Vec<u8>,
+    /// Shared, so each replay hands out the same bytes instead of a copy (serialized as
+    /// `Vec<u8>` was: stored snapshots read back unchanged).
+    pub body: Bytes,
 }
+
+/// Headers the host adds to a replayed response (cache status, age, request id, version,
+/// content length...): room kept for them, so adding them does not grow the map.
+const ADDED_ON_THE_WAY_OUT: usize = 6;
 
 /// Why a snapshot could not be read back.
 #[derive(Debug, thiserror::Error)]
@@ -63,22 +69,22 @@ impl Snapshot {
                 .filter(|(k, _)| !NOT_KEPT.contains(&k.as_str()))
                 .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
                 .collect(),
-            body: buf.to_vec(),
+            body: buf.freeze(),
         };
-        let resp = Response::from_parts(parts, Body::from(buf.freeze()));
+        let resp = Response::from_parts(parts, Body::from(snapshot.body.clone()));
         Ok((snapshot, resp))
     }
 
     /// A fresh response with the kept status, headers and body.
     pub fn to_response(&self) -> Response {
-        let mut resp = Response::new(Body::from(Bytes::copy_from_slice(&self.body)));
+        let mut resp = Response::new(Body::from(self.body.clone()));
         *resp.status_mut() = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
         *resp.headers_mut() = self.header_map();
         resp
     }
 
     pub fn header_map(&self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.headers.len());
+        let mut map = HeaderMap::with_capacity(self.headers.len() + ADDED_ON_THE_WAY_OUT);
         for (k, v) in &self.headers {
             if let (Ok(k), Ok(v)) = (
                 HeaderName::from_bytes(k.as_bytes()),
@@ -134,7 +140,7 @@ mod tests {
             .await
             .expect("small body");
         assert_eq!(snap.status, 201);
-        assert_eq!(snap.body, b"hello");
+        assert_eq!(snap.body, &b"hello"[..]);
         assert!(snap.headers.iter().all(|(k, _)| k != "x-request-id"));
         let back = Snapshot::decode(&snap.encode()).expect("round trip");
         assert_eq!(back, snap);
@@ -162,5 +168,26 @@ mod tests {
     #[test]
     fn refuses_corrupt_bytes() {
         assert!(Snapshot::decode(b"\xff\xff\xff\xff\xff").is_err());
+    }
+
+    /// The body became shared bytes; what the idempotency store and Redis hold from before
+    /// reads back the same, and is written the same.
+    #[test]
+    fn snapshots_stored_before_the_body_was_shared_read_back() {
+        #[derive(Serialize)]
+        struct Before {
+            status: u16,
+            headers: Vec<(String, Vec<u8>)>,
+            body: Vec<u8>,
+        }
+        let stored = postcard::to_stdvec(&Before {
+            status: 201,
+            headers: vec![("etag".into(), b"\"1\"".to_vec())],
+            body: b"kept".to_vec(),
+        })
+        .expect("encodes");
+        let read = Snapshot::decode(&stored).expect("reads back");
+        assert_eq!((read.status, &read.body[..]), (201, &b"kept"[..]));
+        assert_eq!(read.encode(), stored);
     }
 }

@@ -16,7 +16,7 @@ fn response(body: &str) -> Snapshot {
     Snapshot {
         status: 201,
         headers: vec![("location".into(), b"/v1/users/1".to_vec())],
-        body: body.as_bytes().to_vec(),
+        body: bytes::Bytes::copy_from_slice(body.as_bytes()),
     }
 }
 

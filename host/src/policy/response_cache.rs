@@ -431,7 +431,7 @@ mod tests {
                 ("etag".into(), b"\"7\"".to_vec()),
                 ("content-type".into(), b"application/json".to_vec()),
             ],
-            body: b"{}".to_vec(),
+            body: bytes::Bytes::from_static(b"{}"),
         };
         let status = "wasmgate; hit";
         for (sent, expected) in [

@@ -35,7 +35,7 @@ fn entry(body: &str, tags: &[&str], ttl: Duration) -> Entry {
     let response = Snapshot {
         status: 200,
         headers: vec![("content-type".into(), b"text/plain".to_vec())],
-        body: body.as_bytes().to_vec(),
+        body: bytes::Bytes::copy_from_slice(body.as_bytes()),
     };
     Entry::new(response, tags.iter().map(|t| t.to_string()).collect(), ttl)
 }
@@ -145,7 +145,7 @@ async fn suite(cache: ResponseCache) {
                     .await;
                 match filled {
                     Filled::Entry(e, source) => (e.response.body.clone(), source),
-                    Filled::NotStored(_) => (Vec::new(), Source::Memory),
+                    Filled::NotStored(_) => (bytes::Bytes::new(), Source::Memory),
                 }
             })
         })
@@ -153,7 +153,7 @@ async fn suite(cache: ResponseCache) {
     let mut sources = Vec::new();
     for t in tasks {
         let (body, source) = t.await.expect("task");
-        assert_eq!(body, b"once");
+        assert_eq!(body, &b"once"[..]);
         sources.push(source);
     }
     assert_eq!(fills.load(Ordering::SeqCst), 1, "one fill for 16 misses");
@@ -241,13 +241,13 @@ async fn two_processes_fill_a_cold_key_once() {
                     .await;
                 match filled {
                     Filled::Entry(e, _) => e.response.body.clone(),
-                    Filled::NotStored(_) => Vec::new(),
+                    Filled::NotStored(_) => bytes::Bytes::new(),
                 }
             })
         })
         .collect();
     for t in tasks {
-        assert_eq!(t.await.expect("task"), b"once");
+        assert_eq!(t.await.expect("task"), &b"once"[..]);
     }
     assert_eq!(
         fills.load(Ordering::SeqCst),
@@ -275,7 +275,7 @@ async fn two_processes_fill_a_cold_key_once() {
             Ok(entry("own", &[], Duration::from_secs(30)))
         })
         .await;
-    assert!(matches!(waited, Filled::Entry(e, Source::Fill) if e.response.body == b"own"));
+    assert!(matches!(waited, Filled::Entry(e, Source::Fill) if e.response.body == &b"own"[..]));
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "waited {:?}",
