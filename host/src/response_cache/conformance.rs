@@ -275,7 +275,7 @@ async fn two_processes_fill_a_cold_key_once() {
             Ok(entry("own", &[], Duration::from_secs(30)))
         })
         .await;
-    assert!(matches!(waited, Filled::Entry(e, Source::Fill) if e.response.body == &b"own"[..]));
+    assert!(matches!(waited, Filled::Entry(e, Source::Fill) if e.response.body == b"own"[..]));
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "waited {:?}",
