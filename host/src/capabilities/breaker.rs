@@ -101,6 +101,23 @@ impl Breaker {
         result
     }
 
+    /// [`Breaker::call`] on `call` bounded by [`super::BACKEND_TIMEOUT`]: past it, the call
+    /// fails with `timed_out()`.
+    pub async fn call_within<T, E>(
+        &self,
+        call: impl Future<Output = Result<T, E>>,
+        timed_out: impl FnOnce() -> E,
+        down: impl Fn(&E) -> bool,
+        refused: impl FnOnce() -> E,
+    ) -> Result<T, E> {
+        let bounded = async {
+            tokio::time::timeout(super::BACKEND_TIMEOUT, call)
+                .await
+                .unwrap_or_else(|_| Err(timed_out()))
+        };
+        self.call(bounded, down, refused).await
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }

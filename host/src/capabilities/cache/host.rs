@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use super::{CacheError, MAX_KEY_LEN, MAX_VALUE_LEN, RequestCache, wit};
-use crate::capabilities::BACKEND_TIMEOUT;
 use crate::capabilities::breaker::Breaker;
 
 type Answer<T> = wasmtime::Result<Result<T, CacheError>>;
@@ -25,14 +24,10 @@ async fn bounded<T>(
     breaker: &Breaker,
     fut: impl Future<Output = Result<T, CacheError>>,
 ) -> Result<T, CacheError> {
-    let timed = async {
-        tokio::time::timeout(BACKEND_TIMEOUT, fut)
-            .await
-            .unwrap_or(Err(CacheError::Timeout))
-    };
     breaker
-        .call(
-            timed,
+        .call_within(
+            fut,
+            || CacheError::Timeout,
             |e| matches!(e, CacheError::Unavailable | CacheError::Timeout),
             || CacheError::Unavailable,
         )

@@ -9,7 +9,6 @@ use super::{
     Lease, LockBackend, LockError, LockView, MAX_DURATION, MAX_LEASES_PER_REQUEST, MAX_NAME_LEN,
     wit,
 };
-use crate::capabilities::BACKEND_TIMEOUT;
 use crate::capabilities::breaker::Breaker;
 
 type Answer<T> = wasmtime::Result<Result<T, LockError>>;
@@ -35,14 +34,10 @@ async fn bounded<T>(
     breaker: &Breaker,
     fut: impl Future<Output = Result<T, LockError>>,
 ) -> Result<T, LockError> {
-    let timed = async {
-        tokio::time::timeout(BACKEND_TIMEOUT, fut)
-            .await
-            .unwrap_or(Err(LockError::Unavailable))
-    };
     breaker
-        .call(
-            timed,
+        .call_within(
+            fut,
+            || LockError::Unavailable,
             |e| matches!(e, LockError::Unavailable),
             || LockError::Unavailable,
         )
