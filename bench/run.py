@@ -432,6 +432,79 @@ function = "hello"
         p.stop()
 
 
+def pinned_rows(work, wasmgate, cache, seconds, conns, rows, skipped, ratios):
+    """The hello rows per core: each server pinned to core 0, wrk to core 1, so the load generator
+    never shares the server's core (on two shared cores wrk saturates first and a cache hit and
+    bare axum read alike). Fresh instance, reused instance, response-cache hit, bare axum, and
+    `wasmtime serve` (default flags and instance reuse) when it is installed."""
+    if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+        skipped.append("pinned rows: need 2 cores and taskset")
+        return
+    hello = ROOT / "functions/dist/hello.wasm"
+    manifest = work / "pinned.toml"
+    manifest.write_text(f"""
+[server]
+max_instances = 1000
+[functions.hello]
+wasm = "{hello}"
+bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
+[functions.hello-reuse]
+wasm = "{hello}"
+instance_reuse = 100000
+bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
+[functions.hello-cached]
+wasm = "{hello}"
+[[routes]]
+path = "/hello"
+function = "hello"
+[[routes]]
+path = "/reuse/hello"
+function = "hello-reuse"
+[[routes]]
+path = "/cached/hello"
+methods = ["GET"]
+function = "hello-cached"
+cache = {{ ttl = "60s" }}
+""")
+    pin = ["taskset", "-c", "0"]
+    found = {}
+
+    def measure(name, url, pid):
+        r = wrk(url, seconds, conns, pin=1)
+        r.update(name=f"{name}, pinned (server core 0, wrk core 1)", rss_kib=rss_kib(pid), note="")
+        rows.append(r)
+        found[name] = r["rps"]
+        print(f"  {r['name']}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms", file=sys.stderr)
+
+    port = free_port()
+    gate = Proc(pin + [wasmgate, "up", "--manifest", manifest, "--listen", f"127.0.0.1:{port}",
+                       "--cache-dir", cache, "--database-url", f"sqlite://{work}/pinned.sqlite"])
+    assert wait_ok(f"http://127.0.0.1:{port}/hello"), "wasmgate did not start"
+    for name, path in (("fresh", "/hello"), ("reuse", "/reuse/hello"), ("hit", "/cached/hello")):
+        measure(f"wasmgate hello {name}", f"http://127.0.0.1:{port}{path}", gate.p.pid)
+    gate.stop()
+    aport = free_port()
+    axum = Proc(pin + [TARGET / "release/axum-hello", f"127.0.0.1:{aport}"])
+    assert wait_ok(f"http://127.0.0.1:{aport}/hello"), "axum-hello did not start"
+    measure("bare axum hello", f"http://127.0.0.1:{aport}/hello", axum.p.pid)
+    axum.stop()
+    wt = wasmtime_bin()
+    if wt:
+        for name, extra in (("wasmtime serve", []),
+                            ("wasmtime serve reuse", ["--max-instance-reuse-count", "100000"])):
+            wport = free_port()
+            p = Proc(pin + [wt, "serve", "-Scli", *extra, "--addr", f"127.0.0.1:{wport}", hello])
+            if wait_ok(f"http://127.0.0.1:{wport}/"):
+                measure(name, f"http://127.0.0.1:{wport}/", p.p.pid)
+            p.stop()
+    else:
+        skipped.append("pinned wasmtime serve rows: not installed")
+    ratio = lambda a, b: round(found[a] / found[b], 2) if found.get(a) and found.get(b) else None
+    ratios["pinned_hit_vs_bare_axum"] = ratio("wasmgate hello hit", "bare axum hello")
+    ratios["pinned_fresh_vs_wasmtime_serve"] = ratio("wasmgate hello fresh", "wasmtime serve")
+    ratios["pinned_reuse_vs_wasmtime_serve_reuse"] = ratio("wasmgate hello reuse", "wasmtime serve reuse")
+
+
 def mean_of(runs):
     """The mean of wrk runs' figures (errors summed)."""
     return {k: (sum(x[k] for x in runs) / len(runs) if k != "errors" else sum(x[k] for x in runs))
@@ -806,14 +879,14 @@ def main():
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--baseline", type=Path,
                     help="with --only overload or users: also measure this wasmgate binary, in the same run")
-    ap.add_argument("--only", choices=["events", "users", "warm", "overload"],
+    ap.add_argument("--only", choices=["events", "users", "warm", "overload", "pinned"],
                     help="run one group of rows (writes bench/results/<group>.json)")
     args = ap.parse_args()
     seconds, conns = (2, 16) if args.quick else (args.seconds, args.connections)
     if args.only:
         subprocess.run([ROOT / "scripts/build-functions"], check=True)
         subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "wasmgate", "-p", "wasmgate-bench",
-                        "--bin", "wasmgate", "--bin", "argon2-time"], check=True, cwd=ROOT)
+                        "--bin", "wasmgate", "--bin", "argon2-time", "--bin", "axum-hello"], check=True, cwd=ROOT)
         work = Path(tempfile.mkdtemp(prefix="wasmgate-bench-"))
         rows, skipped, ratios = [], [], {}
         if args.only == "events":
@@ -823,6 +896,8 @@ def main():
             if args.baseline:
                 binaries["baseline"] = args.baseline
             overload_rows(work, binaries, work / "cache", seconds, rows, skipped, ratios, args.quick)
+        elif args.only == "pinned":
+            pinned_rows(work, TARGET / "release/wasmgate", work / "cache", seconds, conns, rows, skipped, ratios)
         elif args.only == "warm":
             warm_rows(work, TARGET / "release/wasmgate", work / "cache", seconds, rows, skipped, ratios)
         else:
@@ -969,6 +1044,7 @@ function = "spin"
     shadow_rows(work, wasmgate, cache, seconds, conns, rows, skipped, swaps)
     event_rows(work, wasmgate, cache, seconds, rows, skipped, swaps)
     overload_rows(work, {"wasmgate": wasmgate}, cache, seconds, rows, skipped, swaps, args.quick)
+    pinned_rows(work, wasmgate, cache, seconds, conns, rows, skipped, swaps)
 
     ratio = lambda a, b: round(a / b, 2) if a and b else None
     row = lambda prefix: next((r["rps"] for r in rows if r["name"].startswith(prefix)), None)
