@@ -432,17 +432,10 @@ function = "hello"
         p.stop()
 
 
-def pinned_rows(work, wasmgate, cache, seconds, conns, rows, skipped, ratios):
-    """The hello rows per core: each server pinned to core 0, wrk to core 1, so the load generator
-    never shares the server's core (on two shared cores wrk saturates first and a cache hit and
-    bare axum read alike). Fresh instance, reused instance, response-cache hit, bare axum, and
-    `wasmtime serve` (default flags and instance reuse) when it is installed."""
-    if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
-        skipped.append("pinned rows: need 2 cores and taskset")
-        return
-    hello = ROOT / "functions/dist/hello.wasm"
-    manifest = work / "pinned.toml"
-    manifest.write_text(f"""
+def hello_rows_manifest(hello):
+    """The hello rows' functions, shared by the main rows and the pinned ones: a fresh instance
+    per request, a reused instance, and a response-cache hit, each with room for a flood."""
+    return f"""
 [server]
 max_instances = 1000
 [functions.hello]
@@ -465,7 +458,20 @@ path = "/cached/hello"
 methods = ["GET"]
 function = "hello-cached"
 cache = {{ ttl = "60s" }}
-""")
+"""
+
+
+def pinned_rows(work, wasmgate, cache, seconds, conns, rows, skipped, ratios):
+    """The hello rows per core: each server pinned to core 0, wrk to core 1, so the load generator
+    never shares the server's core (on two shared cores wrk saturates first and a cache hit and
+    bare axum read alike). Fresh instance, reused instance, response-cache hit, bare axum, and
+    `wasmtime serve` (default flags and instance reuse) when it is installed."""
+    if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+        skipped.append("pinned rows: need 2 cores and taskset")
+        return
+    hello = ROOT / "functions/dist/hello.wasm"
+    manifest = work / "pinned.toml"
+    manifest.write_text(hello_rows_manifest(hello))
     pin = ["taskset", "-c", "0"]
     found = {}
 
@@ -927,33 +933,11 @@ def main():
 
     work = Path(tempfile.mkdtemp(prefix="wasmgate-bench-"))
     manifest = work / "wasmgate.toml"
-    manifest.write_text(f"""
-[server]
-max_instances = 1000
-[functions.hello]
-wasm = "{hello}"
-bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
-[functions.hello-reuse]
-wasm = "{hello}"
-instance_reuse = 100000
-bulkhead = {{ max_concurrency = 512, max_queue = 512 }}
-[functions.hello-cached]
-wasm = "{hello}"
+    manifest.write_text(hello_rows_manifest(hello) + f"""
 [functions.spin]
 wasm = "{spin}"
 timeout = "100ms"
 bulkhead = {{ max_concurrency = 4, max_queue = 0 }}
-[[routes]]
-path = "/hello"
-function = "hello"
-[[routes]]
-path = "/reuse/hello"
-function = "hello-reuse"
-[[routes]]
-path = "/cached/hello"
-methods = ["GET"]
-function = "hello-cached"
-cache = {{ ttl = "60s" }}
 [[routes]]
 path = "/spin"
 function = "spin"

@@ -34,6 +34,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_util::either::Either;
 use tower::ServiceExt;
 
 /// How long a refused connection may take to send its request head and read its 503.
@@ -115,26 +116,19 @@ pub async fn serve(
         let tls = tls.as_ref().map(|t| t.acceptor().clone());
         open.increment(1.0);
         tokio::spawn(async move {
-            let served = match tls {
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => {
-                    match tokio::time::timeout(limits.request_head_timeout, acceptor.accept(tcp))
-                        .await
-                    {
-                        Ok(Ok(stream)) => {
-                            let conn = builder
-                                .serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            watcher.watch(conn.into_owned()).await
-                        }
-                        Ok(Err(e)) => Err(e.into()),
-                        Err(_) => Err("TLS handshake timed out".into()),
-                    }
-                }
+            let served = async {
+                let io = match tls {
+                    None => Either::Left(tcp),
+                    Some(acceptor) => Either::Right(
+                        tokio::time::timeout(limits.request_head_timeout, acceptor.accept(tcp))
+                            .await
+                            .map_err(|_| "TLS handshake timed out")??,
+                    ),
+                };
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                watcher.watch(conn.into_owned()).await
             };
-            if let Err(e) = served {
+            if let Err(e) = served.await {
                 // Timeouts, resets, failed handshakes and malformed requests end here; they are
                 // the client's.
                 tracing::debug!(%remote, error = %e, "connection ended with an error");

@@ -31,6 +31,29 @@ fn invalid(detail: String) -> Failure {
     Failure(StatusCode::BAD_REQUEST, "invalid", detail)
 }
 
+impl StartRequest {
+    /// Its `interval`, read (the default when it has none).
+    fn interval(&self) -> Result<std::time::Duration, Failure> {
+        match &self.interval {
+            Some(i) => crate::config::parse_duration(i).map_err(invalid),
+            None => Ok(DEFAULT_INTERVAL),
+        }
+    }
+
+    /// The plan it asks for, at `interval` (from [`Self::interval`]) with the deployment's
+    /// `sticky` key, checked.
+    fn plan(&self, interval: std::time::Duration, sticky: Option<String>) -> Result<Plan, Failure> {
+        let plan = Plan {
+            steps: self.steps.clone().unwrap_or(DEFAULT_STEPS.to_vec()),
+            interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            gates: self.gates.clone(),
+            sticky,
+        };
+        plan.check().map_err(invalid)?;
+        Ok(plan)
+    }
+}
+
 pub(super) async fn start(
     State(admin): State<Arc<Admin>>,
     Path(function): Path<String>,
@@ -39,10 +62,7 @@ pub(super) async fn start(
 ) -> Answer {
     function_config(&admin, &function)?;
     let req: StartRequest = json_body(&body)?;
-    let interval = match &req.interval {
-        Some(i) => crate::config::parse_duration(i).map_err(invalid)?,
-        None => DEFAULT_INTERVAL,
-    };
+    let interval = req.interval()?;
     let registry = admin.deployer.registry();
     let live = live_deployment(&admin, &function).await?;
     let full: Vec<&str> = live
@@ -80,13 +100,7 @@ pub(super) async fn start(
             format!("version {} of {function} not found", req.version),
         ));
     }
-    let plan = Plan {
-        steps: req.steps.unwrap_or(DEFAULT_STEPS.to_vec()),
-        interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
-        gates: req.gates,
-        sticky: live.spec.sticky.clone(),
-    };
-    plan.check().map_err(invalid)?;
+    let plan = req.plan(interval, live.spec.sticky.clone())?;
     let who = actor(&headers);
     let now = crate::auth::now_ms();
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
@@ -250,21 +264,9 @@ pub(super) async fn superseded(admin: &Admin, function: &str, generation: i64) {
 
 /// A rollout's JSON body, read and checked as [`start`] does before it looks at the registry.
 pub(super) fn fuzz_start(body: &[u8]) {
-    let Ok(req) = json_body::<StartRequest>(body) else {
-        return;
-    };
-    let Ok(interval) = req
-        .interval
-        .as_deref()
-        .map_or(Ok(DEFAULT_INTERVAL), crate::config::parse_duration)
-    else {
-        return;
-    };
-    let plan = Plan {
-        steps: req.steps.unwrap_or(DEFAULT_STEPS.to_vec()),
-        interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
-        gates: req.gates,
-        sticky: None,
-    };
-    let _ = plan.check();
+    if let Ok(req) = json_body::<StartRequest>(body)
+        && let Ok(interval) = req.interval()
+    {
+        let _ = req.plan(interval, None);
+    }
 }

@@ -41,7 +41,6 @@ use crate::request_id::RequestId;
 const MIN_ADAPTIVE_LIMIT: usize = 8;
 
 pub struct Bulkhead {
-    slots: Arc<Semaphore>,
     control: Arc<Control>,
     waiting: AtomicUsize,
     max_queue: usize,
@@ -98,13 +97,12 @@ impl Bulkhead {
                 owed: 0,
             })
         });
-        let slots = Arc::new(Semaphore::new(ceiling));
         let shed = |reason: &'static str| {
             metrics::counter!("wasmgate_bulkhead_shed_total",
                 "function" => function.to_string(), "reason" => reason)
         };
         let control = Control {
-            slots: slots.clone(),
+            slots: Arc::new(Semaphore::new(ceiling)),
             adaptive,
             mean_hold_ns: AtomicU64::new(0),
             limit: AtomicUsize::new(ceiling),
@@ -113,7 +111,6 @@ impl Bulkhead {
         };
         control.limit_gauge.set(ceiling as f64);
         Self {
-            slots,
             control: Arc::new(control),
             waiting: AtomicUsize::new(0),
             max_queue: cfg.max_queue as usize,
@@ -136,7 +133,7 @@ impl Bulkhead {
     }
 
     async fn queue(&self) -> Result<OwnedSemaphorePermit, Shed> {
-        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+        if let Ok(permit) = self.control.slots.clone().try_acquire_owned() {
             return Ok(permit);
         }
         let place = self.waiting.fetch_add(1, Ordering::AcqRel) + 1;
@@ -145,7 +142,7 @@ impl Bulkhead {
         } else if self.control.predicted_wait(place) > self.max_wait {
             Err(Shed::WouldWaitTooLong)
         } else {
-            tokio::time::timeout(self.max_wait, self.slots.clone().acquire_owned())
+            tokio::time::timeout(self.max_wait, self.control.slots.clone().acquire_owned())
                 .await
                 // The semaphore is never closed; a timeout is the only real outcome here.
                 .map_err(|_| Shed::WaitedTooLong)
@@ -295,7 +292,12 @@ mod tests {
 
     /// A free slot, as if taken `held_ms` ago.
     fn held_for(b: &Bulkhead, held_ms: u64) -> Slot {
-        let permit = b.slots.clone().try_acquire_owned().expect("a free slot");
+        let permit = b
+            .control
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .expect("a free slot");
         let mut slot = b.control.clone().admit(permit);
         slot.admitted -= Duration::from_millis(held_ms);
         slot
@@ -365,7 +367,7 @@ mod tests {
         // Every free slot taken at once, then all given back having been held `held_ms`.
         let report = |held_ms: u64, n: usize| {
             for _ in 0..n {
-                let slots: Vec<_> = (0..b.slots.available_permits())
+                let slots: Vec<_> = (0..b.control.slots.available_permits())
                     .map(|_| held_for(&b, held_ms))
                     .collect();
                 drop(slots);
@@ -379,7 +381,7 @@ mod tests {
             "slow slots bring the limit to its floor"
         );
         assert_eq!(
-            b.slots.available_permits(),
+            b.control.slots.available_permits(),
             MIN_ADAPTIVE_LIMIT,
             "the excess was retired"
         );
@@ -390,7 +392,7 @@ mod tests {
             "a steady latency lets it grow: {recovered}"
         );
         assert!(recovered <= 64);
-        assert_eq!(b.slots.available_permits(), recovered);
+        assert_eq!(b.control.slots.available_permits(), recovered);
     }
 
     #[test]
@@ -400,6 +402,6 @@ mod tests {
             drop(held_for(&b, held_ms));
         }
         assert_eq!(b.limit(), 4);
-        assert_eq!(b.slots.available_permits(), 4);
+        assert_eq!(b.control.slots.available_permits(), 4);
     }
 }
