@@ -56,7 +56,8 @@ impl Postgres {
 /// it) except to this machine: encrypting a loopback connection protects nothing (whoever can
 /// read it is already on the machine) and costs PostgreSQL CPU on every statement (`bench/run
 /// --only users`, the mix: 0.30 ms of PostgreSQL CPU per request over TLS, 0.23 ms without).
-/// Any `sslmode` written in the URL is followed as written.
+/// Any `sslmode` written in the URL, or set through `PGSSLMODE` (which sqlx reads into
+/// `options`), is followed as written.
 fn plain_on_loopback(url: &str, options: PgConnectOptions) -> PgConnectOptions {
     let host = options.get_host();
     let loopback = host == "localhost"
@@ -65,7 +66,8 @@ fn plain_on_loopback(url: &str, options: PgConnectOptions) -> PgConnectOptions {
             .trim_matches(['[', ']'])
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());
-    if loopback && !url.contains("sslmode=") {
+    let defaulted = matches!(options.get_ssl_mode(), sqlx::postgres::PgSslMode::Prefer);
+    if loopback && defaulted && !url.contains("sslmode=") {
         options.ssl_mode(sqlx::postgres::PgSslMode::Disable)
     } else {
         options
@@ -357,6 +359,15 @@ mod tls_tests {
         ));
         assert!(matches!(
             mode("postgres://u@127.0.0.1/db?sslmode=require"),
+            PgSslMode::Require
+        ));
+        // As `PGSSLMODE=require` leaves it: the operator's choice, not the default.
+        let url = "postgres://u@127.0.0.1/db";
+        let from_env = PgConnectOptions::from_str(url)
+            .expect("url")
+            .ssl_mode(PgSslMode::Require);
+        assert!(matches!(
+            plain_on_loopback(url, from_env).get_ssl_mode(),
             PgSslMode::Require
         ));
     }
