@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use wasmgate_tests::servers::{PrivatePostgres, PrivateRedis};
-use wasmgate_tests::{ADMIN_TOKEN, Server};
+use wasmgate_tests::{ADMIN_TOKEN, Server, with_admin};
 
 /// A CA of the test's own, and what it signs.
 struct Ca {
@@ -76,8 +76,6 @@ async fn both_listeners_serve_https_and_a_renewed_certificate_without_a_restart(
     let files = tempfile::tempdir().expect("tmp");
     let first = ca.leaf("first");
     write_pair(files.path(), &first);
-    let token = files.path().join("admin-token");
-    std::fs::write(&token, ADMIN_TOKEN).expect("token");
     let manifest = format!(
         r#"
 [server]
@@ -90,15 +88,7 @@ function = "hello"
 "#,
         dir = files.path().display()
     );
-    let s = Server::start_with_args(
-        &manifest,
-        &[
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--admin-token-file",
-            token.to_str().expect("utf-8"),
-        ],
-    );
+    let s = with_admin(files.path(), &manifest, &[]);
     assert!(s.url("/").starts_with("https://"), "{}", s.url("/"));
     let https = client(&ca);
 
