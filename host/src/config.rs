@@ -306,6 +306,163 @@ pub struct RouteConfig {
     pub auth: Option<crate::auth::RouteAuthConfig>,
     /// Failed-login throttling (for login routes).
     pub login_throttle: Option<crate::auth::LoginThrottleConfig>,
+    /// Calls from browser pages on other origins: preflights answered by the host.
+    pub cors: Option<CorsConfig>,
+    /// Response compression from `Accept-Encoding`: on unless `compression = false`.
+    #[serde(default)]
+    pub compression: CompressionSetting,
+}
+
+/// How long a browser may keep a preflight's answer by default (Chromium caps it at 2 hours).
+pub const DEFAULT_CORS_MAX_AGE: Duration = Duration::from_secs(600);
+
+/// A route's CORS policy (the Fetch standard's CORS protocol).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins allowed to call: exact (`"https://app.example.com"`), every subdomain of one
+    /// (`"https://*.example.com"`), or `"*"` (any, without credentials).
+    pub origins: Vec<String>,
+    /// Methods a page may use; by default the route's own.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Request headers a page may send beyond the CORS-safelisted ones (`["*"]`: any).
+    #[serde(default = "default_cors_headers")]
+    pub headers: Vec<String>,
+    /// Response headers a page may read beyond the safelisted ones.
+    #[serde(default = "default_cors_expose")]
+    pub expose: Vec<String>,
+    /// Whether a page may send cookies or HTTP authentication and read the answer.
+    #[serde(default)]
+    pub credentials: bool,
+    /// How long a browser keeps a preflight's answer.
+    #[serde(default = "default_cors_max_age", deserialize_with = "human_duration")]
+    pub max_age: Duration,
+}
+
+fn default_cors_headers() -> Vec<String> {
+    [
+        "authorization",
+        "content-type",
+        "idempotency-key",
+        "if-none-match",
+        "if-match",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn default_cors_expose() -> Vec<String> {
+    [
+        "etag",
+        "location",
+        "retry-after",
+        "x-request-id",
+        "wasmgate-version",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn default_cors_max_age() -> Duration {
+    DEFAULT_CORS_MAX_AGE
+}
+
+/// Bodies smaller than this are sent as they are: encoding them saves too little to pay for
+/// itself (and can make them larger).
+pub const DEFAULT_COMPRESSION_MIN_SIZE: u64 = 1024;
+
+/// `compression = false`, or `compression = { level = "best", ... }`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CompressionSetting {
+    Off,
+    On(CompressionConfig),
+}
+
+impl Default for CompressionSetting {
+    fn default() -> Self {
+        Self::On(CompressionConfig::default())
+    }
+}
+
+impl CompressionSetting {
+    pub fn config(&self) -> Option<&CompressionConfig> {
+        match self {
+            Self::Off => None,
+            Self::On(c) => Some(c),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CompressionSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = CompressionSetting;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`false`, `true` or a table such as { level = \"best\" }")
+            }
+            fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<Self::Value, E> {
+                Ok(if on {
+                    CompressionSetting::default()
+                } else {
+                    CompressionSetting::Off
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                CompressionConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(CompressionSetting::On)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionConfig {
+    #[serde(default)]
+    pub level: CompressionLevel,
+    /// Bodies known to be smaller are not encoded.
+    #[serde(
+        default = "default_compression_min_size",
+        deserialize_with = "human_size"
+    )]
+    pub min_size: u64,
+    /// The encodings offered, in order of preference when a client accepts several equally.
+    #[serde(default = "default_encodings")]
+    pub encodings: Vec<crate::compression::Encoding>,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        Self {
+            level: CompressionLevel::default(),
+            min_size: DEFAULT_COMPRESSION_MIN_SIZE,
+            encodings: default_encodings(),
+        }
+    }
+}
+
+/// Named, because each format counts its levels differently (`compression` maps them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressionLevel {
+    Fastest,
+    #[default]
+    Default,
+    Best,
+}
+
+fn default_compression_min_size() -> u64 {
+    DEFAULT_COMPRESSION_MIN_SIZE
+}
+
+fn default_encodings() -> Vec<crate::compression::Encoding> {
+    crate::compression::Encoding::ALL.to_vec()
 }
 
 /// 404s are cached this long at most: long enough to absorb a burst of lookups of a missing
@@ -625,6 +782,28 @@ impl Manifest {
                 if t.address_factor == 0 || t.account_field.is_empty() {
                     problems.push(format!(
                         "{label}: login_throttle needs an account_field and an address_factor of at least 1"
+                    ));
+                }
+            }
+            if let Some(c) = &r.cors
+                && let Err(found) = crate::cors::Cors::new(&r.function, c, &r.methods)
+            {
+                problems.extend(found.into_iter().map(|p| format!("{label}: {p}")));
+            }
+            if let Some(c) = r.compression.config() {
+                let mut seen = Vec::new();
+                for e in &c.encodings {
+                    if seen.contains(e) {
+                        problems.push(format!(
+                            "{label}: compression.encodings names `{}` twice",
+                            e.token()
+                        ));
+                    }
+                    seen.push(*e);
+                }
+                if c.encodings.is_empty() {
+                    problems.push(format!(
+                        "{label}: compression.encodings is empty; write `compression = false` to turn it off"
                     ));
                 }
             }

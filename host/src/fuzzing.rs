@@ -113,6 +113,7 @@ pub fn cache_control(data: &[u8]) {
                 vary: vec!["accept-language".into()],
                 not_found_ttl: std::time::Duration::from_secs(5),
             },
+            None,
         )
     });
     let (first, rest) = data.split_at(data.len().min(1));

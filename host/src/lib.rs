@@ -21,7 +21,9 @@
 //! - [`runtime`]: wasmtime engine, compiled cache, per-request instances and their limits.
 //! - [`notices`]: Redis pub/sub between processes (revocations, deployment changes).
 //! - [`policy`]: per-function and per-route tower layers: rate limit, idempotency, response
-//!   cache, bulkhead, invoke.
+//!   cache, compression, bulkhead, invoke.
+//! - [`cors`]: CORS per route: preflights answered by the host, allow headers per origin.
+//! - [`compression`]: response encodings negotiated from `Accept-Encoding`, and the encoders.
 //! - [`response_cache`]: the response cache's tiers (moka, Redis), tags, purges, single flight.
 //! - [`idempotency`]: the durable `Idempotency-Key` store in the platform's database.
 //! - [`snapshot`]: a response held in memory, as both of those keep and replay it.
@@ -39,8 +41,10 @@ pub mod admin;
 pub mod auth;
 pub mod body_limit;
 pub mod capabilities;
+pub mod compression;
 pub mod config;
 pub mod connections;
+pub mod cors;
 pub mod deploy;
 pub mod events;
 #[doc(hidden)]

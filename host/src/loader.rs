@@ -20,11 +20,12 @@ use crate::capabilities::{Backends, BackendsConfig};
 use crate::config::{Manifest, ManifestError};
 use crate::deploy::{Version, VersionSet};
 use crate::policy::{
-    AuthPolicy, CachePolicy, IdempotencyPolicy, LoginThrottle, PolicyState, RoutePolicies,
-    ShadowPolicy,
+    AuthPolicy, CachePolicy, CompressionPolicy, IdempotencyPolicy, LoginThrottle, PolicyState,
+    RoutePolicies, ShadowPolicy,
 };
 use crate::router::RouteTable;
 use crate::runtime::{Function, Limits, Runtime, RuntimeOptions, Source};
+use crate::server::Route;
 
 /// What lives as long as the process: the engine (and its instance pool), the backends (and
 /// with them the response cache's memory tier), auth. Built once from the manifest it started
@@ -144,7 +145,7 @@ pub struct Loaded {
 
 /// One deployment: the functions and the routes to them.
 pub struct Built {
-    pub routes: RouteTable<VersionSet>,
+    pub routes: RouteTable<Route>,
     pub functions: BTreeMap<String, Loaded>,
     /// Whether a loaded version publishes events (the outbox tables exist then).
     pub publishes: bool,
@@ -537,6 +538,13 @@ pub async fn build(
                 shared_throttle.clone(),
             ))
         });
+        let compression = r
+            .compression
+            .config()
+            .map(|cfg| Arc::new(crate::compression::Compression::new(cfg)));
+        let compression_policy = compression
+            .clone()
+            .map(|c| Arc::new(CompressionPolicy::new(&r.function, c)));
         let shadow = loaded.shadow.as_ref().and_then(|(percent, label)| {
             let (_, candidate, _) = loaded.versions.iter().find(|(_, _, l)| l == label)?;
             Some((*percent, candidate, label))
@@ -573,8 +581,10 @@ pub async fn build(
                         &r.function,
                         &function.sha256()[..12],
                         cfg,
+                        compression.clone(),
                     ))
                 }),
+                compression: compression_policy.clone(),
             };
             let label = if label.is_empty() {
                 MANIFEST_LABEL
@@ -603,9 +613,16 @@ pub async fn build(
             .iter()
             .filter_map(|m| Method::from_str(&m.to_ascii_uppercase()).ok())
             .collect();
+        // Refused by validation when it does not build; nothing to report twice.
+        let cors = r
+            .cors
+            .as_ref()
+            .and_then(|cfg| crate::cors::Cors::new(&r.function, cfg, &r.methods).ok())
+            .map(Arc::new);
         match set {
-            Ok(set) => {
-                if let Err(p) = routes.add(&r.path, &methods, set, &r.label(i)) {
+            Ok(versions) => {
+                let route = Route { versions, cors };
+                if let Err(p) = routes.add(&r.path, &methods, route, &r.label(i)) {
                     problems.push(p);
                 }
             }

@@ -1,8 +1,9 @@
 //! The HTTP front: axum listener, the request path, and the host's own endpoints.
 //!
-//! Request path: route match -> version pick -> body limit -> the version's policy stack (auth
-//! -> rate limit -> login throttle -> idempotency -> response cache -> bulkhead -> invoke) ->
-//! response, which names the version that served it (`wasmgate-version`). The deployment
+//! Request path: CORS preflight (answered here) -> route match -> version pick -> body limit ->
+//! the version's policy stack (auth -> rate limit -> login throttle -> compression ->
+//! idempotency -> response cache -> bulkhead -> invoke) -> response, which names the version
+//! that served it (`wasmgate-version`) and carries the route's CORS headers. The deployment
 //! (routes and the versions behind them) is swapped whole on reload; a request keeps the
 //! deployment it started with. The backends live as long as the process.
 
@@ -31,9 +32,17 @@ use crate::router::{Match, RouteTable};
 /// with this prefix are removed so a guest can trust them.
 pub const ROUTE_HEADER_PREFIX: &str = "wasmgate-";
 
+/// What a route serves: its function's versions, and its own CORS policy (which answers
+/// preflights before any version is picked).
+#[derive(Clone)]
+pub struct Route {
+    pub versions: VersionSet,
+    pub cors: Option<Arc<crate::cors::Cors>>,
+}
+
 /// What serves requests: swapped whole on reload.
 pub struct Deployment {
-    pub routes: RouteTable<VersionSet>,
+    pub routes: RouteTable<Route>,
     /// How many functions it serves.
     pub functions: usize,
 }
@@ -144,27 +153,44 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
     let started = Instant::now();
     let id = RequestId::new();
     let deployment = state.current.load_full();
-    let (version, pattern, params) = match deployment.routes.lookup(req.method(), req.uri().path())
+    if let Some(asked) = crate::cors::preflight_method(req.method(), req.headers())
+        && let Match::Found {
+            target: Route {
+                cors: Some(cors), ..
+            },
+            ..
+        } = deployment.routes.lookup(&asked, req.uri().path())
     {
-        Match::NotFound => return Problem::RouteNotFound.into_response_with(&id),
-        Match::MethodNotAllowed { allow } => {
-            return Problem::MethodNotAllowed { allow }.into_response_with(&id);
-        }
-        Match::Found {
-            target,
-            pattern,
-            params,
-        } => {
-            let version = match req.headers().get(PREVIEW_HEADER) {
-                None => target.pick(req.headers(), req.extensions()).clone(),
-                Some(label) => match preview(&state, target, label, req.headers()).await {
-                    Some(v) => v,
-                    None => return Problem::PreviewRefused.into_response_with(&id),
-                },
-            };
-            (version, pattern.to_string(), params)
-        }
-    };
+        let mut resp = cors.preflight(req.headers());
+        id.stamp(resp.headers_mut());
+        return resp;
+    }
+    let (version, pattern, params, cors) =
+        match deployment.routes.lookup(req.method(), req.uri().path()) {
+            Match::NotFound => return Problem::RouteNotFound.into_response_with(&id),
+            Match::MethodNotAllowed { allow } => {
+                return Problem::MethodNotAllowed { allow }.into_response_with(&id);
+            }
+            Match::Found {
+                target: Route { versions, cors },
+                pattern,
+                params,
+            } => {
+                let version = match req.headers().get(PREVIEW_HEADER) {
+                    None => versions.pick(req.headers(), req.extensions()).clone(),
+                    Some(label) => match preview(&state, versions, label, req.headers()).await {
+                        Some(v) => v,
+                        None => return Problem::PreviewRefused.into_response_with(&id),
+                    },
+                };
+                (version, pattern.to_string(), params, cors)
+            }
+        };
+    // The answer's CORS headers depend on the origin only: taken now, added at the end, so no
+    // policy (and no cached entry) ever holds them.
+    let origin = cors
+        .as_ref()
+        .map(|_| req.headers().get(header::ORIGIN).cloned());
     let limit = version.function.limits().max_body;
     let metrics = version.metrics;
     let resp = if declared_length(&req).is_some_and(|n| n > limit) {
@@ -190,6 +216,9 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
     let mut resp = resp;
     resp.headers_mut()
         .insert(VERSION_HEADER, version.header.clone());
+    if let (Some(cors), Some(origin)) = (cors, origin) {
+        cors.decorate(origin.as_ref(), resp.headers_mut());
+    }
     let (elapsed, outcome) = (
         started.elapsed(),
         resp.extensions().get::<Outcome>().map(|o| o.0),

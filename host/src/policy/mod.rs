@@ -11,6 +11,7 @@
 //!   by the wait it predicts.
 //! - `idempotency`: `Idempotency-Key` on POST/PATCH routes that opt in (store in `crate::idempotency`).
 //! - `response_cache`: GET/HEAD responses of routes that opt in (storage in `crate::response_cache`).
+//! - `compression`: responses encoded for clients that accept it (`crate::compression`).
 //! - `shadow`: a copy of a share of requests runs on a candidate version after the live
 //!   response has gone, its side effects held back, and the answers are compared.
 //! - `gate`: what rate limit and bulkhead share: admit on the request's head, or answer the
@@ -18,9 +19,10 @@
 //! - `layer`: the tower layer/service every policy is wrapped in, written once.
 //! - `invoke`: the innermost service: one request through the function.
 //!
-//! Order, outermost first: auth, rate limit, login throttle, idempotency, response cache,
-//! bulkhead, shadow, invoke. A refused token costs microseconds and touches nothing else; a cache hit
-//! or a replay costs no bulkhead slot; a rate-limited request never touches the stores.
+//! Order, outermost first: auth, rate limit, login throttle, compression, idempotency, response
+//! cache, bulkhead, shadow, invoke. A refused token costs microseconds and touches nothing else; a
+//! cache hit or a replay costs no bulkhead slot; a rate-limited request never touches the stores;
+//! a cache hit is served already encoded, and what the cache keeps is the guest's own bytes.
 //!
 //! The deadline is not a layer here: the guest runs in its own task (it may stream its body
 //! after answering), so the deadline lives with the store, in `runtime::invoke`, where it can
@@ -31,6 +33,7 @@
 
 pub mod auth;
 pub mod bulkhead;
+pub mod compression;
 mod gate;
 pub mod idempotency;
 mod invoke;
@@ -53,6 +56,7 @@ use crate::runtime::Function;
 
 pub use auth::AuthPolicy;
 pub use bulkhead::Bulkhead;
+pub use compression::CompressionPolicy;
 pub use idempotency::IdempotencyPolicy;
 use layer::PolicyLayer;
 pub use login_throttle::LoginThrottle;
@@ -67,6 +71,7 @@ pub struct RoutePolicies {
     pub login_throttle: Option<Arc<LoginThrottle>>,
     pub idempotency: Option<Arc<IdempotencyPolicy>>,
     pub cache: Option<Arc<CachePolicy>>,
+    pub compression: Option<Arc<CompressionPolicy>>,
     /// Set on the live versions' stacks while the function has a shadow.
     pub shadow: Option<Arc<ShadowPolicy>>,
 }
@@ -122,7 +127,8 @@ impl PolicyState {
     }
 
     /// Builds the stack for one version of the function on one route. Order, outermost first:
-    /// auth, rate limit, login throttle, idempotency, response cache, bulkhead, shadow, invoke.
+    /// auth, rate limit, login throttle, compression, idempotency, response cache, bulkhead,
+    /// shadow, invoke.
     pub fn stack(&self, function: Function, route: &RoutePolicies) -> FunctionService {
         let service = ServiceBuilder::new()
             .option_layer(route.auth.clone().map(PolicyLayer::new))
@@ -132,6 +138,7 @@ impl PolicyState {
                     .map(|(_, l)| PolicyLayer::new(l.clone())),
             )
             .option_layer(route.login_throttle.clone().map(PolicyLayer::new))
+            .option_layer(route.compression.clone().map(PolicyLayer::new))
             .option_layer(route.idempotency.clone().map(PolicyLayer::new))
             .option_layer(route.cache.clone().map(PolicyLayer::new))
             .layer(PolicyLayer::new(self.bulkhead.1.clone()))

@@ -11,6 +11,11 @@
 //!
 //! A request with `Authorization` bypasses the cache unless the route varies on it. Every
 //! response on a cached route says what happened in `Cache-Status` (RFC 9211).
+//!
+//! With compression on the route, an entry is encoded once when it is stored (each of the
+//! route's encodings that makes it smaller) and a hit hands out the variant the request accepts,
+//! with `Content-Encoding`, its own length and a weak `ETag`; the key stays the same, since the
+//! variants are of one response.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +31,7 @@ const MAX_PLAIN_KEY: usize = 256;
 use super::GuestRequest;
 use super::layer::{Next, Policy, forward};
 use crate::capabilities::response_cache::tags_from_header;
+use crate::compression::{Compression, Encoding, Verdict, negotiate};
 use crate::config::RouteCacheConfig;
 use crate::request_id::RequestId;
 use crate::response_cache::{Entry, Filled, MAX_ENTRY_BODY, NotStored, ResponseCache, Source};
@@ -47,6 +53,8 @@ pub struct CachePolicy {
     ttl: Duration,
     not_found_ttl: Duration,
     vary: Vec<HeaderName>,
+    /// The route's compression, for the variants an entry keeps.
+    compression: Option<Arc<Compression>>,
     counters: Counters,
 }
 
@@ -63,6 +71,7 @@ impl CachePolicy {
         function: &str,
         version: &str,
         cfg: &RouteCacheConfig,
+        compression: Option<Arc<Compression>>,
     ) -> Self {
         let counter = |result: &'static str| metrics::counter!("wasmgate_response_cache_total", "function" => function.to_string(), "result" => result);
         Self {
@@ -76,6 +85,7 @@ impl CachePolicy {
                 .iter()
                 .filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
                 .collect(),
+            compression,
             counters: Counters {
                 hit: counter("hit"),
                 miss: counter("miss"),
@@ -173,6 +183,41 @@ impl CachePolicy {
     }
 }
 
+/// The entry's variant for a request that sent these `Accept-Encoding` values, if any.
+fn accepted<'e>(accepts: &[HeaderValue], e: &'e Entry) -> Option<&'e (Encoding, bytes::Bytes)> {
+    if accepts.is_empty() {
+        return None;
+    }
+    let offered: Vec<Encoding> = e.encoded.iter().map(|(enc, _)| *enc).collect();
+    let chosen = negotiate(accepts, &offered)?;
+    e.encoded.iter().find(|(enc, _)| *enc == chosen)
+}
+
+impl CachePolicy {
+    /// The variants an entry keeps: each of the route's encodings that makes its body smaller.
+    async fn encode(&self, snapshot: &Snapshot) -> Vec<(Encoding, bytes::Bytes)> {
+        let Some(compression) = &self.compression else {
+            return Vec::new();
+        };
+        let status = StatusCode::from_u16(snapshot.status).unwrap_or(StatusCode::OK);
+        let len = snapshot.body.len() as u64;
+        if compression.verdict(status, &snapshot.header_map(), Some(len)) != Verdict::Encode {
+            return Vec::new();
+        }
+        let mut encoded = Vec::new();
+        for &e in compression.encodings() {
+            match compression.encode_all(&snapshot.body, e).await {
+                Ok(body) if body.len() < snapshot.body.len() => encoded.push((e, body)),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, encoding = e.token(), "encoding a cached response failed")
+                }
+            }
+        }
+        encoded
+    }
+}
+
 #[derive(Debug)]
 pub(crate) enum Judgement {
     Keep(Duration),
@@ -182,17 +227,31 @@ pub(crate) enum Judgement {
     Private,
 }
 
-/// A kept response, for this request.
+/// A kept response, for this request: `variant` is the encoded body it accepts, if any;
+/// `varies` says the entry has variants (so its identity form varies on `Accept-Encoding` too).
 /// With `if_none_match` naming the kept response's ETag, a 304 without a body (RFC 9110 13.1.2,
 /// weak comparison).
 fn serve(
     snapshot: &Snapshot,
+    variant: Option<&(Encoding, bytes::Bytes)>,
+    varies: bool,
     head_only: bool,
     if_none_match: Option<&HeaderValue>,
     status: &'static str,
     age: Option<u64>,
 ) -> Response {
     let mut resp = snapshot.to_response();
+    if let Some((encoding, body)) = variant {
+        let headers = resp.headers_mut();
+        headers.insert(header::CONTENT_ENCODING, encoding.header_value());
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        headers.remove(header::ACCEPT_RANGES);
+        crate::compression::weaken_etag(headers);
+        *resp.body_mut() = axum::body::Body::from(body.clone());
+    }
+    if varies {
+        crate::compression::vary_on_accept_encoding(resp.headers_mut());
+    }
     if head_only {
         *resp.body_mut() = axum::body::Body::empty();
     }
@@ -255,17 +314,49 @@ impl Policy for CachePolicy {
         };
         let id = RequestId::of(req.extensions());
         let if_none_match = req.headers().get(header::IF_NONE_MATCH).cloned();
-        let reply = |snapshot: &Snapshot, status: &'static str, age: Option<u64>| {
-            let mut resp = serve(snapshot, head_only, if_none_match.as_ref(), status, age);
+        // Variants are handed out only where this route compresses.
+        let accepts: Vec<HeaderValue> = match &self.compression {
+            Some(_) => req
+                .headers()
+                .get_all(header::ACCEPT_ENCODING)
+                .iter()
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        let variants = |e: &Entry| self.compression.is_some() && !e.encoded.is_empty();
+        let variant = |e: &Entry| {
+            variants(e)
+                .then(|| accepted(&accepts, e))
+                .flatten()
+                .cloned()
+        };
+        let reply_with = |snapshot: &Snapshot,
+                          chosen: Option<&(Encoding, bytes::Bytes)>,
+                          varies: bool,
+                          status: &'static str,
+                          age: Option<u64>| {
+            let mut resp = serve(
+                snapshot,
+                chosen,
+                varies,
+                head_only,
+                if_none_match.as_ref(),
+                status,
+                age,
+            );
             id.stamp(resp.headers_mut());
             resp
+        };
+        let reply = |e: &Entry, status: &'static str, age: Option<u64>| {
+            reply_with(&e.response, variant(e).as_ref(), variants(e), status, age)
         };
         if head_only {
             // HEAD reads GET's entries but does not fill them: its response has no body.
             return match self.cache.lookup(&key).await {
                 Some(e) => {
                     self.counters.hit.increment(1);
-                    reply(&e.response, "wasmgate; hit", Some(e.age()))
+                    reply(&e, "wasmgate; hit", Some(e.age()))
                 }
                 None => {
                     self.counters.miss.increment(1);
@@ -298,7 +389,10 @@ impl Policy for CachePolicy {
                 };
                 *own = Some(resp);
                 match judgement {
-                    Judgement::Keep(ttl) => Ok(Entry::new(snapshot, tags, ttl)),
+                    Judgement::Keep(ttl) => {
+                        let encoded = policy.encode(&snapshot).await;
+                        Ok(Entry::new(snapshot, tags, ttl).with_encoded(encoded))
+                    }
                     Judgement::Shareable => Err(NotStored {
                         shared: Some(snapshot),
                     }),
@@ -309,6 +403,12 @@ impl Policy for CachePolicy {
         };
         if let Some(mut resp) = own {
             self.counters.miss.increment(1);
+            if let Filled::Entry(e, _) = &filled
+                && variant(e).is_some()
+            {
+                // Encoded once, as stored: the leader gets that variant like everyone after it.
+                return reply(e, "wasmgate; fwd=miss; stored", None);
+            }
             let status = if matches!(filled, Filled::Entry(..)) {
                 "wasmgate; fwd=miss; stored"
             } else {
@@ -330,12 +430,18 @@ impl Policy for CachePolicy {
                 } else {
                     self.counters.hit.increment(1);
                 }
-                reply(&e.response, status, Some(e.age()))
+                reply(&e, status, Some(e.age()))
             }
             (Filled::NotStored(n), request) => match (&n.shared, request) {
                 (Some(snapshot), _) => {
                     self.counters.coalesced.increment(1);
-                    reply(snapshot, "wasmgate; fwd=miss; detail=coalesced", None)
+                    reply_with(
+                        snapshot,
+                        None,
+                        false,
+                        "wasmgate; fwd=miss; detail=coalesced",
+                        None,
+                    )
                 }
                 (None, Some(req)) => {
                     self.counters.miss.increment(1);
@@ -361,6 +467,7 @@ mod tests {
                 vary: vary.iter().map(|s| s.to_string()).collect(),
                 not_found_ttl: Duration::from_secs(5),
             },
+            None,
         )
     }
 
@@ -442,12 +549,23 @@ mod tests {
             ("\"8\"", 200),
         ] {
             let wanted = HeaderValue::from_static(sent);
-            let resp = serve(&snapshot, false, Some(&wanted), status, Some(1));
+            let resp = serve(
+                &snapshot,
+                None,
+                false,
+                false,
+                Some(&wanted),
+                status,
+                Some(1),
+            );
             assert_eq!(resp.status().as_u16(), expected, "{sent}");
             assert_eq!(resp.headers()["etag"], "\"7\"");
             assert_eq!(resp.headers()["cache-status"], status);
         }
-        assert_eq!(serve(&snapshot, false, None, status, None).status(), 200);
+        assert_eq!(
+            serve(&snapshot, None, false, false, None, status, None).status(),
+            200
+        );
     }
 
     /// Without `vary` a short URL is its own key; header values and long URLs are hashed

@@ -201,6 +201,35 @@ async fn two_processes_share_l2_and_purges() {
     );
 }
 
+/// An entry's encoded variants travel with it: a second process serves the same bytes per
+/// encoding, compressed by the first.
+#[tokio::test]
+async fn encoded_variants_are_shared_through_l2() {
+    use crate::compression::Encoding;
+    let (a, b) = (with_redis().await, with_redis().await);
+    let key = unique("variants");
+    let variants = vec![
+        (Encoding::Br, bytes::Bytes::from_static(b"br bytes")),
+        (Encoding::Gzip, bytes::Bytes::from_static(b"gzip bytes")),
+    ];
+    let stored = variants.clone();
+    let filled = a
+        .get_or_fill(&key, async move {
+            Ok(entry("identity", &[], Duration::from_secs(30)).with_encoded(stored))
+        })
+        .await;
+    assert!(matches!(filled, Filled::Entry(_, Source::Fill)));
+    let Filled::Entry(e, source) = b
+        .get_or_fill(&key, async { Err(NotStored { shared: None }) })
+        .await
+    else {
+        panic!("B finds A's entry");
+    };
+    assert_eq!(source, Source::Shared);
+    assert_eq!(e.encoded, variants);
+    assert_eq!(&e.response.body[..], b"identity");
+}
+
 #[tokio::test]
 async fn redis_down_degrades_to_memory() {
     // Nothing listens on port 1: L2 and purges fail, L1 keeps working.

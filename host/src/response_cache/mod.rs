@@ -55,6 +55,9 @@ pub struct Entry {
     /// Unix milliseconds.
     pub stored_at: u64,
     pub expires_at: u64,
+    /// The body encoded once when the entry was stored (`compression`), in the storing route's
+    /// order of preference; only those smaller than the body itself.
+    pub encoded: Vec<(crate::compression::Encoding, bytes::Bytes)>,
 }
 
 impl Entry {
@@ -65,7 +68,21 @@ impl Entry {
             tags,
             stored_at: now,
             expires_at: now + u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX / 2),
+            encoded: Vec::new(),
         }
+    }
+
+    pub fn with_encoded(
+        mut self,
+        encoded: Vec<(crate::compression::Encoding, bytes::Bytes)>,
+    ) -> Self {
+        self.encoded = encoded;
+        self
+    }
+
+    /// Bytes it holds, for cache weighing.
+    fn size(&self) -> usize {
+        self.response.size() + self.encoded.iter().map(|(_, b)| b.len()).sum::<usize>()
     }
 
     fn remaining(&self) -> Duration {
@@ -176,7 +193,7 @@ impl ResponseCache {
         let l1 = moka::future::Cache::builder()
             .max_capacity(L1_CAPACITY)
             .weigher(|k: &String, h: &Arc<Held>| {
-                u32::try_from(k.len() + h.entry.response.size()).unwrap_or(u32::MAX)
+                u32::try_from(k.len() + h.entry.size()).unwrap_or(u32::MAX)
             })
             .expire_after(HeldExpiry)
             .build();

@@ -1,6 +1,8 @@
 //! L2 on Redis, shared by every process, and the purge subscription.
 //!
-//! Keys (`wasmgate:rc:` prefix): `e:<key>` an entry (postcard) with its TTL; `t:<tag>` the set of
+//! Keys (`wasmgate:rc:` prefix): `e2:<key>` an entry (postcard) with its TTL (`e2`: entries
+//! with encoded variants; a process of the version before reads its own `e:` entries, so during a
+//! rolling upgrade neither mistakes the other's for corrupt); `t:<tag>` the set of
 //! entry keys carrying the tag; `p:<tag>` the purge sequence of the tag's last purge, kept for
 //! twice [`FILL_WINDOW`]; `seq` the purge sequence; `f:<key>` while a process fills the key, so
 //! the others wait for its entry instead of running the guest too. Both writes are Lua scripts,
@@ -17,6 +19,8 @@ use redis::aio::ConnectionManager;
 use super::{Entry, FILL_WINDOW, Inner};
 
 const PREFIX: &str = "wasmgate:rc:";
+/// Entry keys' part after the prefix (see the module docs).
+const ENTRY: &str = "e2:";
 /// Purged tags, newline-separated, are published here.
 pub const CHANNEL: &str = "wasmgate:rc:purge";
 
@@ -90,7 +94,7 @@ impl RedisTier {
     pub async fn get(&self, key: &str) -> redis::RedisResult<(Option<Entry>, u64)> {
         let mut conn = self.conn.clone();
         let (entry, seq): (Option<Vec<u8>>, Option<u64>) = conn
-            .mget(&[format!("{PREFIX}e:{key}"), format!("{PREFIX}seq")])
+            .mget(&[format!("{PREFIX}{ENTRY}{key}"), format!("{PREFIX}seq")])
             .await?;
         Ok((decode(key, entry), seq.unwrap_or(0)))
     }
@@ -125,7 +129,7 @@ impl RedisTier {
     /// ended without one, Redis failed, or [`LEAD_TTL`] passed (then the caller fills itself).
     pub async fn wait_for(&self, key: &str) -> Option<Entry> {
         let deadline = Instant::now() + LEAD_TTL;
-        let keys = [format!("{PREFIX}e:{key}"), format!("{PREFIX}f:{key}")];
+        let keys = [format!("{PREFIX}{ENTRY}{key}"), format!("{PREFIX}f:{key}")];
         while Instant::now() < deadline {
             tokio::time::sleep(WAIT_POLL).await;
             let (entry, lead): (Option<Vec<u8>>, Option<String>) =
@@ -147,7 +151,7 @@ impl RedisTier {
         }
         let bytes = postcard::to_stdvec(entry).expect("an entry serializes");
         let mut inv = self.store.prepare_invoke();
-        inv.key(format!("{PREFIX}e:{key}"));
+        inv.key(format!("{PREFIX}{ENTRY}{key}"));
         for t in &entry.tags {
             inv.key(format!("{PREFIX}t:{t}"));
         }
