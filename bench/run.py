@@ -511,6 +511,75 @@ def pinned_rows(work, wasmgate, cache, seconds, conns, rows, skipped, ratios):
     ratios["pinned_reuse_vs_wasmtime_serve_reuse"] = ratio("wasmgate hello reuse", "wasmtime serve reuse")
 
 
+def http_rows(work, wasmgate, cache, seconds, conns, rows, skipped, ratios, extra):
+    """Compression, as a client sees it. A response-cache hit (an 8 KiB JSON body) asked for with
+    `Accept-Encoding: gzip, br` against the same hit asked for without: the entry keeps its
+    encoded variants, so the first should cost no more than the second (alternated, two runs
+    each, the mean). And the bytes on the wire for `GET /v1/users?limit=100` (as an admin, on
+    PostgreSQL) in each encoding against none."""
+    echo = ROOT / "functions/dist/echo.wasm"
+    manifest = users_manifest(work, "http.toml")
+    manifest.write_text(manifest.read_text() + f"""
+[functions.echo]
+wasm = "{echo}"
+[[routes]]
+path = "/cached"
+methods = ["GET"]
+function = "echo"
+cache = {{ ttl = "600s" }}
+[[routes]]
+path = "/v1/users"
+methods = ["GET"]
+function = "users"
+auth = {{ roles = ["admin"] }}
+""")
+    db, drop = fresh_database(skipped, "http rows")
+    if not db:
+        return
+    port = free_port()
+    gate = Proc([wasmgate, "up", "--manifest", manifest, "--listen", f"127.0.0.1:{port}",
+                 "--cache-dir", cache, "--database-url", db])
+    try:
+        base = f"http://127.0.0.1:{port}"
+        if not wait_ok(f"{base}/healthz"):
+            skipped.append("http rows: wasmgate did not start")
+            return
+        hit = f"{base}/cached?generate=8192"
+        for accept in (None, "gzip, br"):
+            req = urllib.request.Request(hit, headers={"accept-encoding": accept} if accept else {})
+            urllib.request.urlopen(req).read()
+        found = {"identity": [], "encoded": []}
+        for _ in range(2):
+            for name, headers in (("identity", ()), ("encoded", ("Accept-Encoding: gzip, br",))):
+                found[name].append(wrk(hit, max(1, seconds // 2), conns, headers))
+        for name, label in (("encoded", "Accept-Encoding: gzip, br (kept br variant)"),
+                            ("identity", "no Accept-Encoding")):
+            r = mean_of(found[name])
+            r.update(name=f"cache hit, 8 KiB JSON, {label}", rss_kib=rss_kib(gate.p.pid), note="")
+            rows.append(r)
+            print(f"  {r['name']}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms", file=sys.stderr)
+        enc, ident = mean_of(found["encoded"])["rps"], mean_of(found["identity"])["rps"]
+        ratios["cache_hit_encoded_vs_identity"] = round(enc / ident, 2) if ident else None
+
+        bearer, _ = seed_users(wasmgate, manifest, db, base, work, 200)
+        auth = dict([bearer.split(": ", 1)])
+        wire = {}
+        for accept in ("identity", "gzip", "br", "zstd"):
+            req = urllib.request.Request(f"{base}/v1/users?limit=100",
+                                         headers={**auth, "accept-encoding": accept})
+            with urllib.request.urlopen(req) as r:
+                body = r.read()
+                assert (r.headers.get("content-encoding") or "identity") == accept, r.headers
+            wire[accept] = len(body)
+        extra["wire_bytes_users_limit_100"] = wire
+        for accept in ("gzip", "br", "zstd"):
+            ratios[f"wire_bytes_users_limit_100_{accept}_vs_identity"] = round(wire[accept] / wire["identity"], 3)
+        print(f"  bytes on the wire, GET /v1/users?limit=100: {wire}", file=sys.stderr)
+    finally:
+        gate.stop()
+        drop()
+
+
 def mean_of(runs):
     """The mean of wrk runs' figures (errors summed)."""
     return {k: (sum(x[k] for x in runs) / len(runs) if k != "errors" else sum(x[k] for x in runs))
@@ -885,7 +954,7 @@ def main():
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--baseline", type=Path,
                     help="with --only overload or users: also measure this wasmgate binary, in the same run")
-    ap.add_argument("--only", choices=["events", "users", "warm", "overload", "pinned"],
+    ap.add_argument("--only", choices=["events", "users", "warm", "overload", "pinned", "http"],
                     help="run one group of rows (writes bench/results/<group>.json)")
     args = ap.parse_args()
     seconds, conns = (2, 16) if args.quick else (args.seconds, args.connections)
@@ -904,6 +973,10 @@ def main():
             overload_rows(work, binaries, work / "cache", seconds, rows, skipped, ratios, args.quick)
         elif args.only == "pinned":
             pinned_rows(work, TARGET / "release/wasmgate", work / "cache", seconds, conns, rows, skipped, ratios)
+        elif args.only == "http":
+            extra = {}
+            http_rows(work, TARGET / "release/wasmgate", work / "cache", seconds, conns, rows, skipped, ratios, extra)
+            ratios.update(extra)
         elif args.only == "warm":
             warm_rows(work, TARGET / "release/wasmgate", work / "cache", seconds, rows, skipped, ratios)
         else:
@@ -1029,6 +1102,7 @@ function = "spin"
     event_rows(work, wasmgate, cache, seconds, rows, skipped, swaps)
     overload_rows(work, {"wasmgate": wasmgate}, cache, seconds, rows, skipped, swaps, args.quick)
     pinned_rows(work, wasmgate, cache, seconds, conns, rows, skipped, swaps)
+    http_rows(work, wasmgate, cache, seconds, conns, rows, skipped, swaps, swaps)
 
     ratio = lambda a, b: round(a / b, 2) if a and b else None
     row = lambda prefix: next((r["rps"] for r in rows if r["name"].startswith(prefix)), None)

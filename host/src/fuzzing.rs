@@ -25,6 +25,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("cache_control", cache_control),
     ("token", token),
     ("admin_inputs", admin_inputs),
+    ("cors_and_encoding", cors_and_encoding),
 ];
 
 /// A manifest as an operator writes it: parsed, then validated.
@@ -164,6 +165,64 @@ pub fn admin_inputs(data: &[u8]) {
             .expect("f")
     });
     crate::admin::fuzz_inputs(data, &FUNCTION);
+}
+
+/// Three lines: a route's CORS origins (space-separated), a request's `Origin` and its
+/// `Accept-Encoding`. A policy that builds answers a preflight and decorates an answer; an
+/// exact origin it lists is allowed for itself; a negotiated encoding is one that was offered.
+pub fn cors_and_encoding(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.lines();
+    let origins: Vec<String> = lines
+        .next()
+        .unwrap_or_default()
+        .split(' ')
+        .filter(|o| !o.is_empty())
+        .take(16)
+        .map(String::from)
+        .collect();
+    let (origin, accept) = (lines.next(), lines.next());
+    let cfg = crate::config::CorsConfig {
+        origins: origins.clone(),
+        methods: Vec::new(),
+        headers: vec!["content-type".into()],
+        expose: Vec::new(),
+        credentials: false,
+        max_age: std::time::Duration::from_secs(60),
+    };
+    if let Ok(cors) = crate::cors::Cors::new("fuzz", &cfg, &[]) {
+        let mut request = HeaderMap::new();
+        if let Some(o) = origin.and_then(|o| HeaderValue::from_str(o).ok()) {
+            request.insert(header::ORIGIN, o);
+        }
+        request.insert(
+            header::ACCESS_CONTROL_REQUEST_METHOD,
+            HeaderValue::from_static("GET"),
+        );
+        let _ = cors.preflight(&request);
+        let mut answer = HeaderMap::new();
+        cors.decorate(request.get(header::ORIGIN), &mut answer);
+        for exact in origins.iter().filter(|o| *o != "*" && !o.contains('*')) {
+            let Ok(value) = HeaderValue::from_str(exact) else {
+                continue;
+            };
+            let mut answer = HeaderMap::new();
+            cors.decorate(Some(&value), &mut answer);
+            assert!(
+                answer.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN),
+                "{exact} is listed but not allowed"
+            );
+        }
+    }
+    if let Some(a) = accept.and_then(|a| HeaderValue::from_str(a).ok()) {
+        let offered = [
+            crate::compression::Encoding::Gzip,
+            crate::compression::Encoding::Zstd,
+        ];
+        if let Some(e) = crate::compression::negotiate([&a], &offered) {
+            assert!(offered.contains(&e), "{e:?} was not offered");
+        }
+    }
 }
 
 #[cfg(test)]
