@@ -6,12 +6,14 @@ go one after another on one keep-alive connection, and the counters are dumped. 
 the dump's instruction total over N: everything the process did in that time (request workers,
 the background tasks of a server with nothing else to do), so the same code gives the same
 figure run after run. Paths: hello through a fresh instance, hello through a reused instance,
-hello from the response cache, and bare axum (the native ceiling). The pool is 4 instances:
+hello from the response cache (and the same hit on a route with `compression = false`, so the
+compression layer's cost on a hit shows on its own), and bare axum (the native ceiling). The pool is 4 instances:
 valgrind cannot reserve the default 1,000 slots' address space.
 """
 
 import http.client
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -103,6 +105,12 @@ path = "/cached/hello"
 methods = ["GET"]
 function = "hello-cached"
 cache = {{ ttl = "1h" }}
+[[routes]]
+path = "/cached-plain/hello"
+methods = ["GET"]
+function = "hello-cached"
+cache = {{ ttl = "1h" }}
+compression = false
 """)
     # Compile once natively, so no run counts cranelift.
     port = free_port()
@@ -114,9 +122,10 @@ cache = {{ ttl = "1h" }}
     p.wait()
     rows = {}
     for name, path in (("hello fresh", "/hello"), ("hello reused", "/reuse/hello"),
-                       ("hello cache hit", "/cached/hello")):
+                       ("hello cache hit", "/cached/hello"),
+                       ("hello cache hit, compression off", "/cached-plain/hello")):
         port = free_port()
-        rows[name] = count(up(port), port, path, n, work, name.replace(" ", "-"))
+        rows[name] = count(up(port), port, path, n, work, re.sub(r"[^a-z]+", "-", name))
         print(f"  {name}: {rows[name]:,.0f} instructions per request", file=sys.stderr)
     port = free_port()
     rows["bare axum"] = count([TARGET / "release/axum-hello", f"127.0.0.1:{port}"], port, "/hello", n, work,

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use axum::http::{Method, header};
+use axum::http::{HeaderValue, Method, header};
 use axum::response::Response;
 use http_body::Body as _;
 
@@ -35,10 +35,17 @@ impl CompressionPolicy {
 impl Policy for CompressionPolicy {
     async fn call<S: Next>(self: Arc<Self>, req: GuestRequest, mut next: S) -> Response {
         // A HEAD answer has no body to encode; its headers say what a GET would get only when
-        // the cache served a kept variant.
-        let encoding = (req.method() != Method::HEAD)
-            .then(|| self.compression.negotiate(req.headers()))
-            .flatten();
+        // the cache served a kept variant. Taken as they are (no allocation when there are
+        // none) and negotiated only for an answer worth encoding.
+        let accepts: Vec<HeaderValue> = if req.method() == Method::HEAD {
+            Vec::new()
+        } else {
+            req.headers()
+                .get_all(header::ACCEPT_ENCODING)
+                .iter()
+                .cloned()
+                .collect()
+        };
         let mut resp = forward(&mut next, req).await;
         let len = resp.body().size_hint().exact().or_else(|| {
             resp.headers()
@@ -52,7 +59,7 @@ impl Policy for CompressionPolicy {
             return resp;
         }
         vary_on_accept_encoding(resp.headers_mut());
-        let Some(encoding) = encoding else {
+        let Some(encoding) = self.compression.negotiate(&accepts) else {
             return resp;
         };
         if len.is_none() {
