@@ -40,6 +40,13 @@ enum Rule {
 impl Rule {
     fn parse(origin: &str) -> Result<Self, String> {
         let hint = "write it as scheme://host[:port], e.g. \"https://app.example.com\" or \"https://*.example.com\"";
+        // Browsers send origins in ASCII (an internationalized name as punycode), so any other
+        // byte could never match (found by the `cors_and_encoding` fuzz target).
+        if !origin.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "cors origin `{origin}` has a space or a character outside ASCII; write an internationalized domain in its punycode form (xn--...)"
+            ));
+        }
         let lower = origin.to_ascii_lowercase();
         let Some((scheme, authority)) = lower.split_once("://") else {
             return Err(format!("cors origin `{origin}` has no scheme; {hint}"));
@@ -386,6 +393,7 @@ mod tests {
             ("https://a.*.example.com", "subdomains at the start"),
             ("https://example.com:http", "not a port"),
             ("1http://x", "not a scheme"),
+            ("https://bücher.example", "punycode"),
         ] {
             let p = problems(cfg(&[origin]), &[]);
             assert!(p.contains(says), "{origin}: {p}");
