@@ -7,12 +7,18 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Held as the header value it is sent as: stamping a response (often more than once on the
+/// way out) shares its bytes instead of copying and checking them again.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestId(String);
+pub struct RequestId(HeaderValue);
 
 impl RequestId {
+    /// A UUID v4 in simple form, from a thread-local generator (`uuid`'s `fast-rng`), not a
+    /// `getrandom` system call per request: the id must be unique, not secret.
     pub fn new() -> Self {
-        Self(uuid::Uuid::new_v4().simple().to_string())
+        let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
+        let text = uuid::Uuid::new_v4().simple().encode_lower(&mut buf);
+        Self(HeaderValue::from_str(text).expect("hex digits are a header value"))
     }
 
     /// The id the server put in a request's extensions (a fresh one if none, which only a
@@ -22,14 +28,11 @@ impl RequestId {
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.to_str().expect("made of hex digits")
     }
 
     pub fn stamp(&self, headers: &mut HeaderMap) {
-        headers.insert(
-            HEADER,
-            HeaderValue::from_str(&self.0).expect("a uuid is a valid header value"),
-        );
+        headers.insert(HEADER, self.0.clone());
     }
 }
 
@@ -41,6 +44,6 @@ impl Default for RequestId {
 
 impl std::fmt::Display for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
