@@ -471,6 +471,39 @@ mod tests {
         )
     }
 
+    /// `PolicyService` moves each policy's future into a box on every request through it, hit
+    /// or not: a large one costs every request its size in copies. Held inline, the encoders of
+    /// a cached entry's variants once made this one tens of KiB (a hit 37k -> 127k instructions
+    /// in `bench/callgrind`); the bound leaves room for ordinary growth, not for that. (Measured
+    /// in a debug build, where futures are larger: 6,064 and 1,080 bytes when this was written.)
+    #[test]
+    fn the_cache_and_compression_futures_stay_small() {
+        use crate::body_limit::LimitedBody;
+        use crate::compression::Compression;
+        use crate::config::CompressionConfig;
+        use crate::policy::CompressionPolicy;
+
+        let next = tower::service_fn(|_req: GuestRequest| async {
+            Ok::<_, std::convert::Infallible>(Response::new(axum::body::Body::empty()))
+        });
+        let request = || http::Request::new(LimitedBody::new(axum::body::Body::empty(), 1024).0);
+        let compression = Arc::new(Compression::new(&CompressionConfig::default()));
+        let mut cached = policy(&[]);
+        cached.compression = Some(compression.clone());
+        let cached = std::mem::size_of_val(&Arc::new(cached).call(request(), next));
+        let compressing = CompressionPolicy::new("f", compression);
+        let compressing = std::mem::size_of_val(&Arc::new(compressing).call(request(), next));
+        eprintln!("futures: response cache {cached} bytes, compression {compressing} bytes");
+        assert!(
+            cached <= 8192,
+            "the response cache's future is {cached} bytes"
+        );
+        assert!(
+            compressing <= 4096,
+            "the compression layer's future is {compressing} bytes"
+        );
+    }
+
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
