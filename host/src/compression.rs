@@ -289,6 +289,29 @@ async fn read_all<R: AsyncRead + Unpin>(mut encoder: R) -> io::Result<Bytes> {
     Ok(out.into())
 }
 
+/// A request's `Accept-Encoding` values, taken before the request moves on (no allocation when
+/// there are none), for [`Compression::negotiate`] once the answer is known.
+pub fn accept_encoding(headers: &HeaderMap) -> Vec<HeaderValue> {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .cloned()
+        .collect()
+}
+
+/// Makes a response's headers describe its body encoded with `encoding`: `Content-Encoding`,
+/// the encoded length when it is known (`None`: streamed, so none), no `Accept-Ranges` (ranges
+/// would be of the identity bytes) and a weak `ETag`.
+pub fn mark_encoded(headers: &mut HeaderMap, encoding: Encoding, len: Option<usize>) {
+    headers.insert(header::CONTENT_ENCODING, encoding.header_value());
+    match len {
+        Some(n) => headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n)),
+        None => headers.remove(header::CONTENT_LENGTH),
+    };
+    headers.remove(header::ACCEPT_RANGES);
+    weaken_etag(headers);
+}
+
 /// Adds `accept-encoding` to the response's `Vary` unless it is there already.
 pub fn vary_on_accept_encoding(headers: &mut HeaderMap) {
     let present = headers.get_all(header::VARY).iter().any(|v| {

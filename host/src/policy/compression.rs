@@ -7,13 +7,15 @@
 
 use std::sync::Arc;
 
-use axum::http::{HeaderValue, Method, header};
+use axum::http::{Method, header};
 use axum::response::Response;
 use http_body::Body as _;
 
 use super::GuestRequest;
 use super::layer::{Next, Policy, forward};
-use crate::compression::{Compression, Encoding, Verdict, vary_on_accept_encoding, weaken_etag};
+use crate::compression::{
+    Compression, Encoding, Verdict, accept_encoding, mark_encoded, vary_on_accept_encoding,
+};
 use crate::snapshot::Snapshot;
 
 pub struct CompressionPolicy {
@@ -35,16 +37,11 @@ impl CompressionPolicy {
 impl Policy for CompressionPolicy {
     async fn call<S: Next>(self: Arc<Self>, req: GuestRequest, mut next: S) -> Response {
         // A HEAD answer has no body to encode; its headers say what a GET would get only when
-        // the cache served a kept variant. Taken as they are (no allocation when there are
-        // none) and negotiated only for an answer worth encoding.
-        let accepts: Vec<HeaderValue> = if req.method() == Method::HEAD {
+        // the cache served a kept variant. Negotiated only for an answer worth encoding.
+        let accepts = if req.method() == Method::HEAD {
             Vec::new()
         } else {
-            req.headers()
-                .get_all(header::ACCEPT_ENCODING)
-                .iter()
-                .cloned()
-                .collect()
+            accept_encoding(req.headers())
         };
         let mut resp = forward(&mut next, req).await;
         let len = resp.body().size_hint().exact().or_else(|| {
@@ -72,12 +69,7 @@ impl Policy for CompressionPolicy {
             };
         }
         let (mut parts, body) = resp.into_parts();
-        parts.headers.remove(header::CONTENT_LENGTH);
-        parts.headers.remove(header::ACCEPT_RANGES);
-        parts
-            .headers
-            .insert(header::CONTENT_ENCODING, encoding.header_value());
-        weaken_etag(&mut parts.headers);
+        mark_encoded(&mut parts.headers, encoding, None);
         let i = Encoding::ALL
             .iter()
             .position(|e| *e == encoding)

@@ -31,7 +31,9 @@ const MAX_PLAIN_KEY: usize = 256;
 use super::GuestRequest;
 use super::layer::{Next, Policy, forward};
 use crate::capabilities::response_cache::tags_from_header;
-use crate::compression::{Compression, Encoding, Verdict, negotiate};
+use crate::compression::{
+    Compression, Encoding, Verdict, accept_encoding, mark_encoded, negotiate,
+};
 use crate::config::RouteCacheConfig;
 use crate::request_id::RequestId;
 use crate::response_cache::{Entry, Filled, MAX_ENTRY_BODY, NotStored, ResponseCache, Source};
@@ -185,7 +187,7 @@ impl CachePolicy {
 
 /// The entry's variant for a request that sent these `Accept-Encoding` values, if any.
 fn accepted<'e>(accepts: &[HeaderValue], e: &'e Entry) -> Option<&'e (Encoding, bytes::Bytes)> {
-    if accepts.is_empty() {
+    if accepts.is_empty() || e.encoded.is_empty() {
         return None;
     }
     let offered: Vec<Encoding> = e.encoded.iter().map(|(enc, _)| *enc).collect();
@@ -242,11 +244,7 @@ fn serve(
 ) -> Response {
     let mut resp = snapshot.to_response();
     if let Some((encoding, body)) = variant {
-        let headers = resp.headers_mut();
-        headers.insert(header::CONTENT_ENCODING, encoding.header_value());
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        headers.remove(header::ACCEPT_RANGES);
-        crate::compression::weaken_etag(headers);
+        mark_encoded(resp.headers_mut(), *encoding, Some(body.len()));
         *resp.body_mut() = axum::body::Body::from(body.clone());
     }
     if varies {
@@ -314,23 +312,13 @@ impl Policy for CachePolicy {
         };
         let id = RequestId::of(req.extensions());
         let if_none_match = req.headers().get(header::IF_NONE_MATCH).cloned();
-        // Variants are handed out only where this route compresses.
-        let accepts: Vec<HeaderValue> = match &self.compression {
-            Some(_) => req
-                .headers()
-                .get_all(header::ACCEPT_ENCODING)
-                .iter()
-                .cloned()
-                .collect(),
+        // Variants are handed out only where this route compresses: elsewhere `accepts` stays
+        // empty and no variant is accepted.
+        let accepts = match &self.compression {
+            Some(_) => accept_encoding(req.headers()),
             None => Vec::new(),
         };
         let variants = |e: &Entry| self.compression.is_some() && !e.encoded.is_empty();
-        let variant = |e: &Entry| {
-            variants(e)
-                .then(|| accepted(&accepts, e))
-                .flatten()
-                .cloned()
-        };
         let reply_with = |snapshot: &Snapshot,
                           chosen: Option<&(Encoding, bytes::Bytes)>,
                           varies: bool,
@@ -349,7 +337,7 @@ impl Policy for CachePolicy {
             resp
         };
         let reply = |e: &Entry, status: &'static str, age: Option<u64>| {
-            reply_with(&e.response, variant(e).as_ref(), variants(e), status, age)
+            reply_with(&e.response, accepted(&accepts, e), variants(e), status, age)
         };
         if head_only {
             // HEAD reads GET's entries but does not fill them: its response has no body.
@@ -404,7 +392,7 @@ impl Policy for CachePolicy {
         if let Some(mut resp) = own {
             self.counters.miss.increment(1);
             if let Filled::Entry(e, _) = &filled
-                && variant(e).is_some()
+                && accepted(&accepts, e).is_some()
             {
                 // Encoded once, as stored: the leader gets that variant like everyone after it.
                 return reply(e, "wasmgate; fwd=miss; stored", None);
