@@ -621,7 +621,7 @@ pub async fn build(
             .map(Arc::new);
         match set {
             Ok(versions) => {
-                let route = Route { versions, cors };
+                let route = Route::new(&r.path, versions, cors);
                 if let Err(p) = routes.add(&r.path, &methods, route, &r.label(i)) {
                     problems.push(p);
                 }

@@ -17,9 +17,20 @@ pub struct RouteTable<T> {
 
 #[derive(Debug)]
 struct PathEntry<T> {
+    /// matchit's form of the path (a prefix's rest is a catch-all parameter).
     pattern: String,
+    methods: Vec<MethodEntry<T>>,
+}
+
+#[derive(Debug)]
+struct MethodEntry<T> {
     /// `None` answers every method.
-    methods: Vec<(Option<Method>, T, String)>,
+    method: Option<Method>,
+    target: T,
+    /// "routes[2] (GET /x)", for problems.
+    label: String,
+    /// The route's path as written in the manifest.
+    path: String,
 }
 
 /// The outcome of looking a request up.
@@ -72,19 +83,22 @@ impl<T> RouteTable<T> {
             let index = self.entry_for(&pattern, label)?;
             let entry = &mut self.entries[index];
             for m in &methods {
-                if let Some((_, _, other)) = entry
+                if let Some(MethodEntry { label: other, .. }) = entry
                     .methods
                     .iter()
-                    .find(|(have, _, _)| have.is_none() || m.is_none() || have == m)
+                    .find(|e| e.method.is_none() || m.is_none() || e.method == *m)
                 {
                     return Err(format!(
                         "{label}: duplicate route, {other} already serves {} {path}; remove one or give them distinct methods",
                         m.as_ref().map_or("every method", Method::as_str)
                     ));
                 }
-                entry
-                    .methods
-                    .push((m.clone(), target.clone(), label.to_string()));
+                entry.methods.push(MethodEntry {
+                    method: m.clone(),
+                    target: target.clone(),
+                    label: label.to_string(),
+                    path: path.to_string(),
+                });
             }
         }
         Ok(())
@@ -102,7 +116,7 @@ impl<T> RouteTable<T> {
                     .iter()
                     .find(|e| e.pattern == with)
                     .and_then(|e| e.methods.first())
-                    .map_or(with.clone(), |(_, _, l)| l.clone());
+                    .map_or(with.clone(), |m| m.label.clone());
                 format!(
                     "{label}: overlaps {other}: both match the same paths; rename a parameter or make one path more specific"
                 )
@@ -125,7 +139,7 @@ impl<T> RouteTable<T> {
             entry
                 .methods
                 .iter()
-                .find(|(m, _, _)| m.as_ref().is_none_or(|m| m == want))
+                .find(|e| e.method.as_ref().is_none_or(|m| m == want))
         };
         // HEAD is GET without a body: a GET route answers it unless HEAD is routed itself.
         let chosen = pick(method).or_else(|| {
@@ -134,9 +148,9 @@ impl<T> RouteTable<T> {
                 .flatten()
         });
         match chosen {
-            Some((_, target, _)) => Match::Found {
+            Some(MethodEntry { target, path, .. }) => Match::Found {
                 target,
-                pattern: entry.pattern.as_str(),
+                pattern: path.as_str(),
                 params: found
                     .params
                     .iter()
@@ -148,7 +162,7 @@ impl<T> RouteTable<T> {
                 let mut allow: Vec<&str> = entry
                     .methods
                     .iter()
-                    .filter_map(|(m, _, _)| m.as_ref().map(Method::as_str))
+                    .filter_map(|e| e.method.as_ref().map(Method::as_str))
                     .collect();
                 if allow.contains(&"GET") && !allow.contains(&"HEAD") {
                     allow.push("HEAD");
@@ -164,11 +178,16 @@ impl<T> RouteTable<T> {
 /// Name of the catch-all parameter a prefix route uses; never shown to guests.
 const PREFIX_REST: &str = "wasmgate_rest";
 
-/// A prefix `/api/*` matches `/api` itself and everything below it.
+/// A prefix `/api/*` matches `/api` itself, `/api/` and everything below it (matchit's
+/// catch-all needs at least one character, so `/api/` is a pattern of its own).
 fn matchit_patterns(path: &str) -> Vec<String> {
     match path.strip_suffix("/*") {
         Some("") => vec!["/".into(), format!("/{{*{PREFIX_REST}}}")],
-        Some(prefix) => vec![prefix.into(), format!("{prefix}/{{*{PREFIX_REST}}}")],
+        Some(prefix) => vec![
+            prefix.into(),
+            format!("{prefix}/"),
+            format!("{prefix}/{{*{PREFIX_REST}}}"),
+        ],
         None => vec![path.to_string()],
     }
 }
@@ -232,6 +251,16 @@ mod tests {
         assert!(
             matches!(t.lookup(&Method::GET, "/static/a/b.css"), Match::Found { target: &"static", params, .. } if params.is_empty())
         );
+        // The prefix with its trailing slash, and the route as written (not matchit's form).
+        assert_eq!(
+            t.lookup(&Method::GET, "/static/"),
+            Match::Found {
+                target: &"static",
+                pattern: "/static/*",
+                params: vec![]
+            }
+        );
+        assert_eq!(t.lookup(&Method::GET, "/staticx"), Match::NotFound);
         assert_eq!(
             t.lookup(&Method::PUT, "/users/42"),
             Match::MethodNotAllowed {

@@ -38,6 +38,19 @@ pub const ROUTE_HEADER_PREFIX: &str = "wasmgate-";
 pub struct Route {
     pub versions: VersionSet,
     pub cors: Option<Arc<crate::cors::Cors>>,
+    /// The route's path as written, as the guest gets it in `wasmgate-route` (made once here,
+    /// not per request; `None` for a path that is not a valid header value).
+    pub path: Option<HeaderValue>,
+}
+
+impl Route {
+    pub fn new(path: &str, versions: VersionSet, cors: Option<Arc<crate::cors::Cors>>) -> Self {
+        Self {
+            versions,
+            cors,
+            path: HeaderValue::from_str(path).ok(),
+        }
+    }
 }
 
 /// What serves requests: swapped whole on reload.
@@ -165,16 +178,21 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
         id.stamp(resp.headers_mut());
         return resp;
     }
-    let (version, pattern, params, cors) =
+    let (version, route_path, params, cors) =
         match deployment.routes.lookup(req.method(), req.uri().path()) {
             Match::NotFound => return Problem::RouteNotFound.into_response_with(&id),
             Match::MethodNotAllowed { allow } => {
                 return Problem::MethodNotAllowed { allow }.into_response_with(&id);
             }
             Match::Found {
-                target: Route { versions, cors },
-                pattern,
+                target:
+                    Route {
+                        versions,
+                        cors,
+                        path,
+                    },
                 params,
+                ..
             } => {
                 let version = match req.headers().get(PREVIEW_HEADER) {
                     None => versions.pick(req.headers(), req.extensions()).clone(),
@@ -183,7 +201,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
                         None => return Problem::PreviewRefused.into_response_with(&id),
                     },
                 };
-                (version, pattern.to_string(), params, cors)
+                (version, path, params, cors)
             }
         };
     // The answer's CORS headers depend on the origin only: taken now, added at the end, so no
@@ -198,7 +216,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
     } else {
         req.extensions_mut().insert(id.clone());
         let (mut parts, body) = req.into_parts();
-        tell_guest_about_route(&mut parts.headers, &pattern, &params);
+        tell_guest_about_route(&mut parts.headers, route_path.as_ref(), &params);
         let (body, exceeded) = LimitedBody::new(body, limit);
         let body = body.read_within(version.function.limits().timeout);
         let req = http::Request::from_parts(parts, body);
@@ -261,24 +279,24 @@ fn declared_length(req: &Request) -> Option<u64> {
         .ok()
 }
 
-/// Replaces any client-sent `wasmgate-*` headers with the route pattern and its parameters.
+/// Replaces any client-sent `wasmgate-*` headers with the route's path and its parameters.
 fn tell_guest_about_route(
     headers: &mut axum::http::HeaderMap,
-    pattern: &str,
+    route_path: Option<&HeaderValue>,
     params: &[(String, String)],
 ) {
-    let forged: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with(ROUTE_HEADER_PREFIX))
-        .cloned()
-        .collect();
-    for k in forged {
-        headers.remove(k);
+    let forged = |k: &HeaderName| k.as_str().starts_with(ROUTE_HEADER_PREFIX);
+    // Collected only when there is something to remove (a client rarely sends any).
+    if headers.keys().any(forged) {
+        let forged: Vec<HeaderName> = headers.keys().filter(|k| forged(k)).cloned().collect();
+        for k in forged {
+            headers.remove(k);
+        }
     }
     // A preview token is for the host; the guest never needs it.
     headers.remove(PREVIEW_TOKEN_HEADER);
-    if let Ok(v) = HeaderValue::from_str(pattern) {
-        headers.insert(HeaderName::from_static("wasmgate-route"), v);
+    if let Some(v) = route_path {
+        headers.insert(HeaderName::from_static("wasmgate-route"), v.clone());
     }
     for (name, value) in params {
         if let (Ok(k), Ok(v)) = (

@@ -141,7 +141,20 @@ async fn route_parameters_reach_the_guest_and_cannot_be_forged() {
     let body: serde_json::Value = resp.json().await.expect("json");
     assert_eq!(
         body["headers"],
-        serde_json::json!({"wasmgate-route": "/echo/{*wasmgate_rest}"})
+        serde_json::json!({"wasmgate-route": "/echo/*"})
+    );
+    // ... and the prefix with a trailing slash, as a path of its own.
+    let resp = client
+        .post(s.url("/echo/"))
+        .body("x")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(
+        body["headers"],
+        serde_json::json!({"wasmgate-route": "/echo/*"})
     );
 }
 

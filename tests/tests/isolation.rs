@@ -407,6 +407,80 @@ async fn opted_in_reuse_serves_sequential_requests_and_a_trap_discards_the_insta
     assert_eq!(seen("").await.1, Some(1));
 }
 
+/// What a guest writes to stdout and stderr is logged with the id of the request that wrote it,
+/// also when one instance serves several requests; a guest that writes more than the host keeps
+/// still answers, and the log says how much was dropped.
+#[tokio::test]
+async fn guest_output_is_logged_per_request_and_bounded() {
+    let s = Server::start(
+        r#"
+        [functions.stateful]
+        wasm = "{wasm:stateful}"
+        instance_reuse = 10
+        [[routes]]
+        path = "/count"
+        function = "stateful"
+        "#,
+    );
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for expected in 1..=2u64 {
+        let resp = client.get(s.url("/count?print")).send().await.expect("req");
+        assert_eq!(resp.status(), 200);
+        ids.push(
+            resp.headers()["x-request-id"]
+                .to_str()
+                .expect("id")
+                .to_string(),
+        );
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["seen"], expected, "one instance serves both");
+    }
+    let flood = client.get(s.url("/count?flood")).send().await.expect("req");
+    assert_eq!(flood.status(), 200, "too much output is not a failure");
+    let flood_id = flood.headers()["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_string();
+    let log = s.log();
+    let lines = |id: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains(id))
+            .map(str::to_string)
+            .collect()
+    };
+    for (i, id) in ids.iter().enumerate() {
+        let n = i + 1;
+        let lines = lines(id);
+        let stdout = lines.iter().find(|l| l.contains("guest wrote to stdout"));
+        let stderr = lines.iter().find(|l| l.contains("guest wrote to stderr"));
+        assert!(
+            stdout.is_some_and(|l| l.contains(&format!("stdout of request {n}"))),
+            "{lines:?}"
+        );
+        assert!(
+            stderr.is_some_and(|l| l.contains(&format!("stderr of request {n}"))),
+            "{lines:?}"
+        );
+        // Nothing of another request's output under this id.
+        let other = if n == 1 { 2 } else { 1 };
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.contains(&format!("of request {other}"))),
+            "{lines:?}"
+        );
+    }
+    let flooded = lines(&flood_id);
+    // 200 lines of 1,024 bytes; 64 KiB kept.
+    assert!(
+        flooded
+            .iter()
+            .any(|l| l.contains(&format!("[{} more bytes not kept]", 200 * 1024 - 64 * 1024))),
+        "{flooded:?}"
+    );
+}
+
 #[tokio::test]
 async fn metrics_count_outcomes_per_function() {
     let s = Server::start(

@@ -117,7 +117,14 @@ impl CachePolicy {
         // tenth of a hit's instructions (`bench/callgrind`). Header values (a token, when
         // `authorization` is varied on) are always hashed, so no credential lands in a key.
         if self.vary.is_empty() && path.len() + query.len() <= MAX_PLAIN_KEY {
-            return Some(format!("{}:{}:{path}?{query}", self.function, self.version));
+            // Pushed piece by piece: `format!` was a twentieth of a hit's instructions.
+            let mut key = String::with_capacity(
+                self.function.len() + self.version.len() + path.len() + query.len() + 3,
+            );
+            for piece in [&*self.function, ":", &*self.version, ":", path, "?", query] {
+                key.push_str(piece);
+            }
+            return Some(key);
         }
         let mut h = Sha256::new();
         h.update(path.as_bytes());
@@ -295,64 +302,56 @@ async fn forwarded<S: Next>(next: &mut S, req: GuestRequest, status: &'static st
     resp
 }
 
-impl Policy for CachePolicy {
-    async fn call<S: Next>(self: Arc<Self>, req: GuestRequest, mut next: S) -> Response {
-        let head_only = match *req.method() {
-            Method::GET => false,
-            Method::HEAD => true,
-            _ => return forward(&mut next, req).await,
-        };
-        let authorized = req
-            .extensions()
-            .get::<Arc<crate::auth::Principal>>()
-            .is_some();
-        let Some(key) = self.key(req.uri(), req.headers(), authorized) else {
-            self.counters.bypass.increment(1);
-            return forwarded(&mut next, req, "wasmgate; fwd=bypass").await;
-        };
-        let id = RequestId::of(req.extensions());
-        let if_none_match = req.headers().get(header::IF_NONE_MATCH).cloned();
-        // Variants are handed out only where this route compresses: elsewhere `accepts` stays
-        // empty and no variant is accepted.
-        let accepts = match &self.compression {
-            Some(_) => accept_encoding(req.headers()),
-            None => Vec::new(),
-        };
-        let variants = |e: &Entry| self.compression.is_some() && !e.encoded.is_empty();
-        let reply_with = |snapshot: &Snapshot,
-                          chosen: Option<&(Encoding, bytes::Bytes)>,
-                          varies: bool,
-                          status: &'static str,
-                          age: Option<u64>| {
-            let mut resp = serve(
-                snapshot,
-                chosen,
-                varies,
-                head_only,
-                if_none_match.as_ref(),
-                status,
-                age,
-            );
-            id.stamp(resp.headers_mut());
-            resp
-        };
-        let reply = |e: &Entry, status: &'static str, age: Option<u64>| {
-            reply_with(&e.response, accepted(&accepts, e), variants(e), status, age)
-        };
-        if head_only {
-            // HEAD reads GET's entries but does not fill them: its response has no body.
-            return match self.cache.lookup(&key).await {
-                Some(e) => {
-                    self.counters.hit.increment(1);
-                    reply(&e, "wasmgate; hit", Some(e.age()))
-                }
-                None => {
-                    self.counters.miss.increment(1);
-                    forwarded(&mut next, req, "wasmgate; fwd=miss").await
-                }
-            };
-        }
+/// What a request asked of the cache, beside its key: how a kept response is handed to it.
+struct Asked {
+    id: RequestId,
+    head_only: bool,
+    if_none_match: Option<HeaderValue>,
+    /// Its `Accept-Encoding` values; empty where the route does not compress, so no variant is
+    /// handed out there.
+    accepts: Vec<HeaderValue>,
+}
 
+impl CachePolicy {
+    /// `e` for this request, with the variant it accepts.
+    fn reply(&self, asked: &Asked, e: &Entry, status: &'static str, age: Option<u64>) -> Response {
+        let variants = self.compression.is_some() && !e.encoded.is_empty();
+        let chosen = accepted(&asked.accepts, e);
+        self.reply_with(asked, &e.response, chosen, variants, status, age)
+    }
+
+    fn reply_with(
+        &self,
+        asked: &Asked,
+        snapshot: &Snapshot,
+        chosen: Option<&(Encoding, bytes::Bytes)>,
+        varies: bool,
+        status: &'static str,
+        age: Option<u64>,
+    ) -> Response {
+        let mut resp = serve(
+            snapshot,
+            chosen,
+            varies,
+            asked.head_only,
+            asked.if_none_match.as_ref(),
+            status,
+            age,
+        );
+        asked.id.stamp(resp.headers_mut());
+        resp
+    }
+
+    /// A GET that this process's memory did not answer: the shared cache, then one fill for
+    /// every concurrent request with the same key. Boxed by the caller: its state (the capture,
+    /// the encoders) is large, and a hit should not carry it.
+    async fn miss<S: Next>(
+        self: Arc<Self>,
+        key: String,
+        req: GuestRequest,
+        mut next: S,
+        asked: Asked,
+    ) -> Response {
         // The fill runs only in the request that leads it; the others keep their request and
         // wait for its outcome.
         let mut request = Some(req);
@@ -392,10 +391,10 @@ impl Policy for CachePolicy {
         if let Some(mut resp) = own {
             self.counters.miss.increment(1);
             if let Filled::Entry(e, _) = &filled
-                && accepted(&accepts, e).is_some()
+                && accepted(&asked.accepts, e).is_some()
             {
                 // Encoded once, as stored: the leader gets that variant like everyone after it.
-                return reply(e, "wasmgate; fwd=miss; stored", None);
+                return self.reply(&asked, e, "wasmgate; fwd=miss; stored", None);
             }
             let status = if matches!(filled, Filled::Entry(..)) {
                 "wasmgate; fwd=miss; stored"
@@ -418,12 +417,13 @@ impl Policy for CachePolicy {
                 } else {
                     self.counters.hit.increment(1);
                 }
-                reply(&e, status, Some(e.age()))
+                self.reply(&asked, &e, status, Some(e.age()))
             }
             (Filled::NotStored(n), request) => match (&n.shared, request) {
                 (Some(snapshot), _) => {
                     self.counters.coalesced.increment(1);
-                    reply_with(
+                    self.reply_with(
+                        &asked,
                         snapshot,
                         None,
                         false,
@@ -438,6 +438,45 @@ impl Policy for CachePolicy {
                 (None, None) => unreachable!("the request that led the fill has its response"),
             },
         }
+    }
+}
+
+impl Policy for CachePolicy {
+    async fn call<S: Next>(self: Arc<Self>, req: GuestRequest, mut next: S) -> Response {
+        let head_only = match *req.method() {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => return forward(&mut next, req).await,
+        };
+        let authorized = req
+            .extensions()
+            .get::<Arc<crate::auth::Principal>>()
+            .is_some();
+        let Some(key) = self.key(req.uri(), req.headers(), authorized) else {
+            self.counters.bypass.increment(1);
+            return forwarded(&mut next, req, "wasmgate; fwd=bypass").await;
+        };
+        let asked = Asked {
+            id: RequestId::of(req.extensions()),
+            head_only,
+            if_none_match: req.headers().get(header::IF_NONE_MATCH).cloned(),
+            accepts: match &self.compression {
+                Some(_) => accept_encoding(req.headers()),
+                None => Vec::new(),
+            },
+        };
+        // A hit in this process's memory, the common case, is answered before anything a fill
+        // needs exists.
+        if let Some(e) = self.cache.lookup(&key).await {
+            self.counters.hit.increment(1);
+            return self.reply(&asked, &e, "wasmgate; hit", Some(e.age()));
+        }
+        if head_only {
+            // HEAD reads GET's entries but does not fill them: its response has no body.
+            self.counters.miss.increment(1);
+            return forwarded(&mut next, req, "wasmgate; fwd=miss").await;
+        }
+        Box::pin(self.miss(key, req, next, asked)).await
     }
 }
 
@@ -482,8 +521,9 @@ mod tests {
         let compressing = CompressionPolicy::new("f", compression);
         let compressing = std::mem::size_of_val(&Arc::new(compressing).call(request(), next));
         eprintln!("futures: response cache {cached} bytes, compression {compressing} bytes");
+        // 6,064 bytes (debug) while a fill's state was held inline; 1,680 with the miss boxed.
         assert!(
-            cached <= 8192,
+            cached <= 2048,
             "the response cache's future is {cached} bytes"
         );
         assert!(
@@ -599,8 +639,7 @@ mod tests {
                 .expect("cacheable")
         };
         let k = key(&plain, "/u/1?x=1", &[("authorization", "Bearer secret")]);
-        assert!(k.ends_with(":/u/1?x=1"), "{k}");
-        assert!(!k.contains('#'));
+        assert_eq!(k, "users:0123456789ab:/u/1?x=1");
         let long = format!("/u/{}", "x".repeat(MAX_PLAIN_KEY));
         let k = key(&plain, &long, &[]);
         assert!(k.contains(":#") && k.len() < 150, "{k}");

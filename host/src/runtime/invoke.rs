@@ -306,9 +306,11 @@ impl Function {
         request_id: &RequestId,
     ) -> Result<(), Failure> {
         let name = &self.inner.name;
-        let stderr = state.stderr.contents();
-        let guest_stderr = String::from_utf8_lossy(&stderr);
-        let guest_stderr = guest_stderr.trim_end();
+        let guest_stdout = state.stdout.take().for_log();
+        if let Some(guest_stdout) = &guest_stdout {
+            tracing::info!(function = %name, %request_id, guest_stdout, "guest wrote to stdout");
+        }
+        let guest_stderr = state.stderr.take().for_log().unwrap_or_default();
         let (failure, error) = match result {
             Ok(Ok(())) => {
                 if !guest_stderr.is_empty() {

@@ -21,6 +21,7 @@ mod deny_outgoing;
 mod epoch;
 mod event;
 mod invoke;
+mod output;
 mod shadow;
 mod state;
 mod warm_pool;

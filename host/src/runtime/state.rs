@@ -5,20 +5,20 @@ use std::time::Instant;
 
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::deny_outgoing::DenyOutgoing;
+use super::output::Captured;
 use crate::capabilities::RequestCaps;
 
 /// Tables and memories beyond this many elements are refused: a guest that grows a table
 /// without bound gets a trap, not the host's memory.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
-/// Guest stderr kept per request, for the log. A panic message and a short trace fit; a guest
-/// that writes more gets write errors rather than growing host memory.
-const STDERR_CAPACITY: usize = 64 * 1024;
+/// Guest stdout and stderr kept per request and stream, for the log. A panic message and a
+/// short trace fit; what a guest writes beyond it is counted and dropped, never host memory.
+pub const OUTPUT_CAPACITY: usize = 64 * 1024;
 
 pub struct GuestState {
     wasi: WasiCtx,
@@ -27,9 +27,10 @@ pub struct GuestState {
     /// The capabilities' per-request state; only the granted ones are linked.
     pub(crate) caps: RequestCaps,
     hooks: DenyOutgoing,
-    /// What the guest wrote to stderr (a Rust panic message lands here); logged with its
-    /// request id, never sent to the client.
-    pub stderr: MemoryOutputPipe,
+    /// What the guest wrote to stdout and stderr (a Rust panic message lands in stderr);
+    /// logged with its request id, never sent to the client.
+    pub stdout: Captured,
+    pub stderr: Captured,
     memory_cap: usize,
     /// Set when the guest asked for more memory than its cap; the trap that follows is then
     /// reported as a memory problem rather than a generic failure.
@@ -41,15 +42,23 @@ pub struct GuestState {
 
 impl GuestState {
     pub fn new(memory_cap: usize, deadline: Instant, caps: RequestCaps) -> Self {
-        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
+        let (stdout, stderr) = (
+            Captured::new(OUTPUT_CAPACITY),
+            Captured::new(OUTPUT_CAPACITY),
+        );
         Self {
-            // No preopens, no environment, no network, no stdin/stdout: a guest reaches the
-            // world only through the capabilities the host links.
-            wasi: WasiCtx::builder().stderr(stderr.clone()).build(),
+            // No preopens, no environment, no network, no stdin: a guest reaches the world only
+            // through the capabilities the host links. Built once per instance: nothing in it
+            // belongs to one request.
+            wasi: WasiCtx::builder()
+                .stdout(stdout.clone())
+                .stderr(stderr.clone())
+                .build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             caps,
             hooks: DenyOutgoing,
+            stdout,
             stderr,
             memory_cap,
             memory_exceeded: false,
@@ -60,11 +69,13 @@ impl GuestState {
 }
 
 impl GuestState {
-    /// Readies a reused instance's state for its next request: new deadline, flags, stderr
-    /// and capability handles; the instance's own memory is what carries over.
+    /// Readies a reused instance's state for its next request: new deadline, flags, empty
+    /// output and capability handles; the instance's own memory is what carries over.
     pub fn reset(&mut self, deadline: Instant, caps: RequestCaps) {
-        self.stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
-        self.wasi = WasiCtx::builder().stderr(self.stderr.clone()).build();
+        // Normally taken by the log at the end of the last run; emptied here in any case, so
+        // no request's output is logged under another's id.
+        self.stdout.take();
+        self.stderr.take();
         self.caps = caps;
         self.deadline = deadline;
         self.deadline_hit = false;
