@@ -148,6 +148,34 @@ pub struct ServerConfig {
     pub request_head_timeout: Duration,
     /// HTTPS on both listeners (public and admin); plain HTTP without it.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// What one component may hold, for the instance pool.
+    pub component_limits: ComponentLimits,
+}
+
+/// What one component instance may hold. The pool reserves room by these, so they bound
+/// components rather than describe one; a component over a limit is refused at load (and at
+/// deploy) with the setting to raise. The defaults admit what the common toolchains build:
+/// cargo's `wasm32-wasip2` (a handful of core instances), componentize-py (14 core instances)
+/// and componentize-js.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ComponentLimits {
+    /// Core module instances, the component's own and its adapters' and shims'.
+    pub core_instances: u32,
+    /// Linear memories across those instances.
+    pub memories: u32,
+    /// Tables across those instances.
+    pub tables: u32,
+}
+
+impl Default for ComponentLimits {
+    fn default() -> Self {
+        Self {
+            core_instances: 32,
+            memories: 4,
+            tables: 16,
+        }
+    }
 }
 
 impl ServerConfig {
@@ -172,6 +200,7 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             request_head_timeout: DEFAULT_REQUEST_HEAD_TIMEOUT,
             tls: None,
+            component_limits: ComponentLimits::default(),
         }
     }
 }
@@ -575,6 +604,18 @@ impl Manifest {
     /// Duplicate and overlapping routes are found when the route table is built.
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        let limits = self.server.component_limits;
+        for (name, value) in [
+            ("core_instances", limits.core_instances),
+            ("memories", limits.memories),
+            ("tables", limits.tables),
+        ] {
+            if value == 0 {
+                problems.push(format!(
+                    "[server.component_limits] {name} is 0: no component would fit; leave it out for the default"
+                ));
+            }
+        }
         if self.server.max_instances == 0 {
             problems.push("[server] max_instances is 0; set it to at least 1".to_string());
         }

@@ -48,6 +48,7 @@ pub struct Settings {
     pub connections: crate::connections::Limits,
     pub max_instances: u32,
     pub warm_instances: u32,
+    pub component_limits: crate::config::ComponentLimits,
     pub cache_dir: PathBuf,
     /// The largest memory cap the pool's slots hold.
     pub max_memory: u64,
@@ -217,6 +218,7 @@ impl Settings {
             connections: manifest.server.connections(),
             max_instances: manifest.server.max_instances,
             warm_instances: manifest.server.warm_instances,
+            component_limits: manifest.server.component_limits,
             cache_dir: overrides
                 .cache_dir
                 .clone()
@@ -251,10 +253,11 @@ impl Settings {
         }
         if next.max_instances != self.max_instances
             || next.warm_instances != self.warm_instances
+            || next.component_limits != self.component_limits
             || next.cache_dir != self.cache_dir
         {
             problems.push(format!(
-                "[server] max_instances, warm_instances and cache_dir: this {restart}"
+                "[server] max_instances, warm_instances, component_limits and cache_dir: this {restart}"
             ));
         }
         if next.max_memory > self.max_memory {
@@ -324,6 +327,7 @@ impl Platform {
             // Zero is reported as a problem above; the engine still needs a pool to check the rest.
             max_instances: settings.max_instances.max(1),
             warm_instances: settings.warm_instances,
+            component_limits: settings.component_limits,
             max_memory: settings.max_memory,
             cache_dir: settings.cache_dir.clone(),
         })?;

@@ -31,7 +31,11 @@ pub fn wasm(name: &str) -> PathBuf {
         assert!(status.success(), "building the guest functions failed");
     });
     let path = repo().join("functions/dist").join(format!("{name}.wasm"));
-    assert!(path.exists(), "{} was not built", path.display());
+    assert!(
+        path.exists(),
+        "{} was not built (scripts/build-functions builds the Rust guests, scripts/build-other-languages the Python and JavaScript ones)",
+        path.display()
+    );
     path
 }
 

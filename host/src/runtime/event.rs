@@ -141,6 +141,7 @@ mod tests {
         let runtime = Runtime::new(&RuntimeOptions {
             max_instances: 4,
             warm_instances: 2,
+            component_limits: Default::default(),
             max_memory: 64 * 1024 * 1024,
             cache_dir: dir.path().join("cache"),
         })

@@ -51,16 +51,14 @@ use compile_cache::CompileCache;
 /// load and compare in guest code; the ticker thread wakes 1,000 times a second.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
-/// Core instances a component may hold: a Rust `wasm32-wasip2` component has a handful (main
-/// module plus wit-component shims); the pool reserves this many per live component instance.
-const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
-
 /// Settings the engine needs before any function is loaded.
 #[derive(Debug, Clone)]
 pub struct RuntimeOptions {
     pub max_instances: u32,
     /// Instances made ahead of demand, across all functions (0: none).
     pub warm_instances: u32,
+    /// What one component may hold (`[server.component_limits]`).
+    pub component_limits: crate::config::ComponentLimits,
     /// The largest memory cap of any function: the pool's slots are sized for it.
     pub max_memory: u64,
     pub cache_dir: PathBuf,
@@ -123,6 +121,14 @@ pub enum LoadError {
     #[error("`{path}` is not a valid wasm component: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error(
+        "`{path}` does not fit the instance pool: {reason}; raise `{setting}` under `[server.component_limits]` (a restart applies it)"
+    )]
+    TooBig {
+        path: PathBuf,
+        reason: String,
+        setting: &'static str,
+    },
+    #[error(
         "`{path}` imports something wasmgate does not provide: {reason}; functions may import wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets and wasi:http 0.2.x, and the capabilities they are granted"
     )]
     Import { path: PathBuf, reason: String },
@@ -138,14 +144,36 @@ pub enum LoadError {
 #[error("cannot start the wasm engine: {0}")]
 pub struct EngineError(String);
 
+/// The `[server.component_limits]` setting a pool refusal is about, if it is one (wasmtime
+/// says which limit in its message; the pool's other limits follow from the function's).
+fn over_a_component_limit(reason: &str) -> Option<&'static str> {
+    if !reason.contains("in the pooling allocator") {
+        return None;
+    }
+    [
+        ("core module instances", "core_instances"),
+        ("linear memories", "memories"),
+        ("tables", "tables"),
+    ]
+    .into_iter()
+    .find(|(what, _)| reason.contains(what))
+    .map(|(_, setting)| setting)
+}
+
 impl Runtime {
     pub fn new(opts: &RuntimeOptions) -> Result<Self, EngineError> {
+        let per = opts.component_limits;
         let mut pool = PoolingAllocationConfig::new();
+        // Totals: every slot could hold the largest component. Core instances and tables cost
+        // little until used; memories stay one per slot (each reserves address space for the
+        // largest memory cap), so components with several memories fit fewer at once.
         pool.total_component_instances(opts.max_instances)
-            .total_core_instances(opts.max_instances * CORE_INSTANCES_PER_COMPONENT)
-            .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
-            .total_memories(opts.max_instances)
-            .total_tables(opts.max_instances * 2)
+            .total_core_instances(opts.max_instances.saturating_mul(per.core_instances))
+            .max_core_instances_per_component(per.core_instances)
+            .max_memories_per_component(per.memories)
+            .max_tables_per_component(per.tables)
+            .total_memories(opts.max_instances.max(per.memories))
+            .total_tables(opts.max_instances.saturating_mul(per.tables))
             .total_stacks(opts.max_instances)
             .max_memory_size(usize::try_from(opts.max_memory).unwrap_or(usize::MAX))
             .decommit_batch_size(DECOMMIT_BATCH);
@@ -245,13 +273,20 @@ impl Runtime {
             return Ok(Function { inner });
         }
         drop(loaded);
-        let (component, source) =
-            self.cache
-                .load(&self.engine, &sha256, wasm)
-                .map_err(|e| LoadError::Invalid {
+        let (component, source) = self.cache.load(&self.engine, &sha256, wasm).map_err(|e| {
+            let reason = format!("{e:#}");
+            match over_a_component_limit(&reason) {
+                Some(setting) => LoadError::TooBig {
                     path: path.to_path_buf(),
-                    reason: format!("{e:#}"),
-                })?;
+                    reason,
+                    setting,
+                },
+                None => LoadError::Invalid {
+                    path: path.to_path_buf(),
+                    reason,
+                },
+            }
+        })?;
         capabilities::check_grants(&self.engine, &component, grants).map_err(|reason| {
             LoadError::NotGranted {
                 path: path.to_path_buf(),
