@@ -225,6 +225,9 @@ pub struct FunctionConfig {
     /// Sequential requests one instance may serve (0, the default: a fresh instance each).
     #[serde(default)]
     pub instance_reuse: u32,
+    /// Environment variables the guest sees (`wasi:cli/environment`); never the host's own.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
     /// Requests per second and burst; none by default.
     pub rate_limit: Option<RateLimitConfig>,
     /// Concurrency cap and bounded queue; always on, so no function can take every instance.
@@ -647,6 +650,14 @@ impl Manifest {
                 problems.push(format!(
                     "[functions.{name}] timeout is 0; set a duration such as \"5s\""
                 ));
+            }
+            for (key, value) in &f.env {
+                if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
+                    problems.push(format!(
+                        "[functions.{name}] env: `{}` cannot be an environment variable (a name is not empty and holds no `=`; neither holds a NUL byte)",
+                        key.escape_debug()
+                    ));
+                }
             }
             if f.migrations.is_some()
                 && !f

@@ -415,7 +415,7 @@ pub async fn build(
             max_body: f.max_body,
             instance_reuse: f.instance_reuse,
         };
-        let caps = backends.configure(name);
+        let caps = backends.configure(name).with_env(&f.env);
         let loaded = match live.get(name) {
             None => runtime
                 .load(name, &base.join(&f.wasm), limits, &f.capabilities, caps)

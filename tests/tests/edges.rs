@@ -428,3 +428,39 @@ async fn memory_hog_is_500_and_host_memory_stays_bounded() {
     );
     hello_ok(&client, &s).await;
 }
+
+/// A function sees the environment variables its manifest entry names and nothing else (never
+/// the host's own), and the same module without `env` sees none.
+#[tokio::test]
+async fn a_guest_sees_its_manifests_environment_and_never_the_hosts() {
+    let s = Server::start(
+        r#"
+        [functions.configured]
+        wasm = "{wasm:echo}"
+        env = { GREETING = "hello there", EMPTY = "", "WITH SPACE" = "ok" }
+        [functions.bare]
+        wasm = "{wasm:echo}"
+        [[routes]]
+        path = "/configured"
+        function = "configured"
+        [[routes]]
+        path = "/bare"
+        function = "bare"
+        "#,
+    );
+    let client = reqwest::Client::new();
+    let env = |path: &'static str| {
+        let (client, url) = (client.clone(), s.url(&format!("{path}?env")));
+        async move {
+            let resp = client.get(url).send().await.expect("request");
+            assert_eq!(resp.status(), 200);
+            resp.json::<serde_json::Value>().await.expect("json")
+        }
+    };
+    assert_eq!(
+        env("/configured").await,
+        serde_json::json!({"EMPTY": "", "GREETING": "hello there", "WITH SPACE": "ok"})
+    );
+    assert!(std::env::var_os("PATH").is_some(), "the host has a PATH");
+    assert_eq!(env("/bare").await, serde_json::json!({}));
+}

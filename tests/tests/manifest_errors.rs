@@ -338,3 +338,18 @@ fn warm_instances_over_half_the_pool() {
         ],
     );
 }
+
+#[test]
+fn an_environment_variable_that_cannot_be_one() {
+    assert_refused(
+        r#"
+        [functions.hello]
+        wasm = "{wasm:hello}"
+        env = { "A=B" = "x" }
+        [[routes]]
+        path = "/hi"
+        function = "hello"
+        "#,
+        &["[functions.hello] env: `A=B` cannot be an environment variable"],
+    );
+}

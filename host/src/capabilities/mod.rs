@@ -21,6 +21,7 @@ pub mod password;
 pub mod response_cache;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -236,6 +237,7 @@ impl Backends {
             auth: auth::FunctionAuth::new(self.auth.clone()),
             events: events::FunctionEvents::new(function),
             password: self.passwords.configure(function),
+            env: Arc::new([]),
         }
     }
 
@@ -285,9 +287,24 @@ pub struct FunctionCaps {
     auth: auth::FunctionAuth,
     events: events::FunctionEvents,
     password: password::FunctionPasswords,
+    /// The environment variables its instances see (the manifest's `env`).
+    env: Arc<[(String, String)]>,
 }
 
 impl FunctionCaps {
+    /// With these environment variables for its instances.
+    pub fn with_env<'a>(mut self, env: impl IntoIterator<Item = (&'a String, &'a String)>) -> Self {
+        self.env = env
+            .into_iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        self
+    }
+
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
     /// Per request: cheap, infallible.
     pub fn instance(&self) -> RequestCaps {
         RequestCaps {

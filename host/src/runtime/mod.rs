@@ -263,7 +263,7 @@ impl Runtime {
             });
         }
         let sha256 = hex::encode(Sha256::digest(wasm));
-        let key = format!("{name} {sha256} {limits:?} {grants:?}");
+        let key = format!("{name} {sha256} {limits:?} {grants:?} {:?}", caps.env());
         let mut loaded = self
             .loaded
             .lock()

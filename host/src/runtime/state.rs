@@ -41,16 +41,22 @@ pub struct GuestState {
 }
 
 impl GuestState {
-    pub fn new(memory_cap: usize, deadline: Instant, caps: RequestCaps) -> Self {
+    pub fn new(
+        memory_cap: usize,
+        deadline: Instant,
+        caps: RequestCaps,
+        env: &[(String, String)],
+    ) -> Self {
         let (stdout, stderr) = (
             Captured::new(OUTPUT_CAPACITY),
             Captured::new(OUTPUT_CAPACITY),
         );
         Self {
-            // No preopens, no environment, no network, no stdin: a guest reaches the world only
-            // through the capabilities the host links. Built once per instance: nothing in it
-            // belongs to one request.
+            // No preopens, no network, no stdin, only the function's own environment: a guest
+            // reaches the world only through the capabilities the host links. Built once per
+            // instance: nothing in it belongs to one request.
             wasi: WasiCtx::builder()
+                .envs(env)
                 .stdout(stdout.clone())
                 .stderr(stderr.clone())
                 .build(),
