@@ -228,6 +228,10 @@ pub struct FunctionConfig {
     /// Environment variables the guest sees (`wasi:cli/environment`); never the host's own.
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
+    /// Values the guest reads through `wasi:config/store` (granted as `config`); a value may
+    /// come from a file or the host's environment, read at load.
+    #[serde(default)]
+    pub config: std::collections::BTreeMap<String, crate::capabilities::wasi_config::ConfigValue>,
     /// Requests per second and burst; none by default.
     pub rate_limit: Option<RateLimitConfig>,
     /// Concurrency cap and bounded queue; always on, so no function can take every instance.
@@ -649,6 +653,15 @@ impl Manifest {
             if f.timeout.is_zero() {
                 problems.push(format!(
                     "[functions.{name}] timeout is 0; set a duration such as \"5s\""
+                ));
+            }
+            if !f.config.is_empty()
+                && !f
+                    .capabilities
+                    .contains(&crate::capabilities::Capability::Config)
+            {
+                problems.push(format!(
+                    "[functions.{name}] has config values but is not granted `config`; add \"config\" to its capabilities"
                 ));
             }
             for (key, value) in &f.env {

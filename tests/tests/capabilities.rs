@@ -258,3 +258,78 @@ async fn two_processes_starting_together_apply_migrations_once() {
         .expect("get");
     assert_eq!(got.status(), 200);
 }
+
+fn configured_manifest(token: &std::path::Path, grants: &str) -> String {
+    format!(
+        r#"
+        [functions.configured]
+        wasm = "{{wasm:configured}}"
+        capabilities = [{grants}]
+        config = {{ greeting = "hello", token = {{ file = "{}" }} }}
+        [[routes]]
+        path = "/configured"
+        function = "configured"
+        "#,
+        token.display()
+    )
+}
+
+/// `wasi:config/store` (the `config` capability) hands a function the values its manifest
+/// entry names, a secret read from a file among them, which never reaches the log.
+#[tokio::test]
+async fn config_values_reach_the_guest_through_wasi_config() {
+    let dir = tempfile::tempdir().expect("dir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-token\n").expect("write");
+    let s = Server::start(&configured_manifest(&token, r#""config""#));
+    let client = reqwest::Client::new();
+    assert_eq!(
+        get_json(&client, &s.url("/configured")).await,
+        serde_json::json!({"greeting": "hello", "token": "s3cret-token"})
+    );
+    assert_eq!(
+        get_json(&client, &s.url("/configured?key=greeting")).await,
+        serde_json::json!({"value": "hello"})
+    );
+    assert_eq!(
+        get_json(&client, &s.url("/configured?key=unset")).await,
+        serde_json::json!({"value": null})
+    );
+    assert!(!s.log().contains("s3cret"), "a config value was logged");
+}
+
+#[test]
+fn config_needs_its_grant_and_a_readable_source() {
+    let dir = tempfile::tempdir().expect("dir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t").expect("write");
+    let (ok, stderr) = check(&configured_manifest(&token, ""));
+    assert!(!ok);
+    assert!(
+        stderr.contains("has config values but is not granted `config`"),
+        "{stderr}"
+    );
+    // Granted, but the file is not there: the key and the path are named.
+    let missing = dir.path().join("missing");
+    let (ok, stderr) = check(&configured_manifest(&missing, r#""config""#));
+    assert!(!ok);
+    assert!(
+        stderr.contains("config `token`: cannot read") && stderr.contains("missing"),
+        "{stderr}"
+    );
+    // A component that imports wasi:config/store without the grant is refused at load.
+    let (ok, stderr) = check(
+        r#"
+        [functions.configured]
+        wasm = "{wasm:configured}"
+        [[routes]]
+        path = "/configured"
+        function = "configured"
+        "#,
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("imports `wasi:config/store@0.2.0-rc.1` but is not granted `config`"),
+        "{stderr}"
+    );
+}

@@ -19,6 +19,7 @@ pub mod events;
 pub mod lock;
 pub mod password;
 pub mod response_cache;
+pub mod wasi_config;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -73,10 +74,12 @@ pub enum Capability {
     Auth,
     Events,
     Password,
+    /// `wasi:config/store`, with the function's `config` values.
+    Config,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 7] = [
+    pub const ALL: [Capability; 8] = [
         Capability::Db,
         Capability::Cache,
         Capability::Lock,
@@ -84,6 +87,7 @@ impl Capability {
         Capability::Auth,
         Capability::Events,
         Capability::Password,
+        Capability::Config,
     ];
 
     pub fn name(self) -> &'static str {
@@ -95,7 +99,22 @@ impl Capability {
             Capability::Auth => "auth",
             Capability::Events => "events",
             Capability::Password => "password",
+            Capability::Config => "config",
         }
+    }
+
+    /// The interface a component imports for it, without its version.
+    pub fn interface(self) -> String {
+        match self {
+            Capability::Config => wasi_config::INTERFACE.to_string(),
+            platform => format!("{PACKAGE}{}", platform.name()),
+        }
+    }
+
+    /// The capability an import (`package/interface@version`) asks for, if it is one.
+    fn of_import(name: &str) -> Option<Self> {
+        let iface = name.split('@').next().unwrap_or(name);
+        Self::ALL.into_iter().find(|c| c.interface() == iface)
     }
 }
 
@@ -114,6 +133,7 @@ pub fn link(linker: &mut Linker<GuestState>, grants: &Grants) -> wasmtime::Resul
             Capability::Auth => auth::link(linker)?,
             Capability::Events => events::link(linker)?,
             Capability::Password => password::link(linker)?,
+            Capability::Config => wasi_config::link(linker)?,
         }
     }
     Ok(())
@@ -125,37 +145,27 @@ pub fn link(linker: &mut Linker<GuestState>, grants: &Grants) -> wasmtime::Resul
 pub fn imported(engine: &Engine, component: &Component) -> Vec<&'static str> {
     let ty = component.component_type();
     ty.imports(engine)
-        .filter_map(|(name, _)| {
-            let rest = name.strip_prefix(PACKAGE)?;
-            let iface = rest.split('@').next().unwrap_or(rest);
-            Capability::ALL
-                .iter()
-                .find(|c| c.name() == iface)
-                .map(|c| c.name())
-        })
+        .filter_map(|(name, _)| Capability::of_import(name).map(Capability::name))
         .collect()
 }
 
 pub fn check_grants(engine: &Engine, component: &Component, grants: &Grants) -> Result<(), String> {
     let ty = component.component_type();
     for (name, _) in ty.imports(engine) {
-        let Some(rest) = name.strip_prefix(PACKAGE) else {
-            continue;
-        };
-        let iface = rest.split('@').next().unwrap_or(rest);
-        match Capability::ALL.iter().find(|c| c.name() == iface) {
-            Some(cap) if grants.contains(cap) => {}
+        match Capability::of_import(name) {
+            Some(cap) if grants.contains(&cap) => {}
             Some(cap) => {
                 return Err(format!(
                     "it imports `{name}` but is not granted `{0}`; add \"{0}\" to its `capabilities`",
                     cap.name()
                 ));
             }
-            None => {
+            None if name.starts_with(PACKAGE) => {
                 return Err(format!(
-                    "it imports `{name}`, which wasmgate does not provide; the capabilities are db, cache, lock, response-cache, auth, events and password"
+                    "it imports `{name}`, which wasmgate does not provide; the capabilities are db, cache, lock, response-cache, auth, events, password and config (wasi:config/store)"
                 ));
             }
+            None => {}
         }
     }
     Ok(())
@@ -238,6 +248,7 @@ impl Backends {
             events: events::FunctionEvents::new(function),
             password: self.passwords.configure(function),
             env: Arc::new([]),
+            config: Default::default(),
         }
     }
 
@@ -289,6 +300,8 @@ pub struct FunctionCaps {
     password: password::FunctionPasswords,
     /// The environment variables its instances see (the manifest's `env`).
     env: Arc<[(String, String)]>,
+    /// Its `wasi:config/store` values (the manifest's `config`).
+    config: wasi_config::FunctionConfigValues,
 }
 
 impl FunctionCaps {
@@ -303,6 +316,16 @@ impl FunctionCaps {
 
     pub fn env(&self) -> &[(String, String)] {
         &self.env
+    }
+
+    /// With these `wasi:config/store` values for its instances.
+    pub fn with_config(mut self, config: wasi_config::FunctionConfigValues) -> Self {
+        self.config = config;
+        self
+    }
+
+    pub fn config(&self) -> &wasi_config::FunctionConfigValues {
+        &self.config
     }
 
     /// Per request: cheap, infallible.

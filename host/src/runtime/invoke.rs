@@ -87,7 +87,7 @@ impl Function {
         let memory_cap = usize::try_from(f.limits.memory).unwrap_or(usize::MAX);
         let mut store = Store::new(
             f.entry.engine(),
-            GuestState::new(memory_cap, deadline, caps, f.caps.env()),
+            GuestState::new(memory_cap, deadline, caps, &f.caps),
         );
         store.limiter(|s| s);
         store.epoch_deadline_callback(|mut ctx| {

@@ -263,7 +263,11 @@ impl Runtime {
             });
         }
         let sha256 = hex::encode(Sha256::digest(wasm));
-        let key = format!("{name} {sha256} {limits:?} {grants:?} {:?}", caps.env());
+        let key = format!(
+            "{name} {sha256} {limits:?} {grants:?} {:?} {}",
+            caps.env(),
+            caps.config().fingerprint()
+        );
         let mut loaded = self
             .loaded
             .lock()

@@ -26,6 +26,8 @@ pub struct GuestState {
     pub(crate) table: ResourceTable,
     /// The capabilities' per-request state; only the granted ones are linked.
     pub(crate) caps: RequestCaps,
+    /// The function's `wasi:config/store` values (linked only when granted `config`).
+    pub(crate) config: crate::capabilities::wasi_config::FunctionConfigValues,
     hooks: DenyOutgoing,
     /// What the guest wrote to stdout and stderr (a Rust panic message lands in stderr);
     /// logged with its request id, never sent to the client.
@@ -45,7 +47,7 @@ impl GuestState {
         memory_cap: usize,
         deadline: Instant,
         caps: RequestCaps,
-        env: &[(String, String)],
+        function: &crate::capabilities::FunctionCaps,
     ) -> Self {
         let (stdout, stderr) = (
             Captured::new(OUTPUT_CAPACITY),
@@ -56,13 +58,14 @@ impl GuestState {
             // reaches the world only through the capabilities the host links. Built once per
             // instance: nothing in it belongs to one request.
             wasi: WasiCtx::builder()
-                .envs(env)
+                .envs(function.env())
                 .stdout(stdout.clone())
                 .stderr(stderr.clone())
                 .build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             caps,
+            config: function.config().clone(),
             hooks: DenyOutgoing,
             stdout,
             stderr,
