@@ -40,6 +40,10 @@ use tower::ServiceExt;
 /// How long a refused connection may take to send its request head and read its 503.
 const REFUSAL_TIME: Duration = Duration::from_secs(2);
 
+/// Marks a request that arrived over TLS, so a guest is told its scheme is `https`.
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls;
+
 /// Refused connections being answered at once; past this, a connection over the cap is closed
 /// without an answer, so a flood of new connections cannot hold more than this many
 /// descriptors beyond `max_connections`.
@@ -108,8 +112,12 @@ pub async fn serve(
             continue;
         };
         let router = router.clone();
+        let secure = tls.is_some();
         let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(remote));
+            if secure {
+                req.extensions_mut().insert(OverTls);
+            }
             router.clone().oneshot(req.map(axum::body::Body::new))
         });
         let (builder, watcher, open) = (builder.clone(), graceful.watcher(), open.clone());

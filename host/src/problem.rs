@@ -56,6 +56,8 @@ pub enum Problem {
     },
     /// A preview header without a valid preview token, or naming no deployed version.
     PreviewRefused,
+    /// Neither the request target nor a `Host` header names a host (RFC 9112 3.2: 400).
+    HostMissing,
     Internal,
 }
 
@@ -91,6 +93,7 @@ impl Problem {
             Problem::Forbidden { .. } => StatusCode::FORBIDDEN,
             Problem::LoginThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Problem::PreviewRefused => StatusCode::FORBIDDEN,
+            Problem::HostMissing => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -119,6 +122,7 @@ impl Problem {
             Problem::Forbidden { .. } => "forbidden",
             Problem::LoginThrottled { .. } => "login-throttled",
             Problem::PreviewRefused => "preview-refused",
+            Problem::HostMissing => "host-missing",
             Problem::Internal => "internal",
         }
     }
@@ -147,6 +151,7 @@ impl Problem {
             Problem::Forbidden { .. } => "Not allowed",
             Problem::LoginThrottled { .. } => "Too many failed logins; wait before trying again",
             Problem::PreviewRefused => "Preview refused",
+            Problem::HostMissing => "The request names no host",
             Problem::Internal => "Internal error",
         }
     }
@@ -183,6 +188,9 @@ impl Problem {
             Problem::PreviewRefused => Some(
                 "x-wasmgate-preview needs the label of a deployed version of this route's function and a valid x-wasmgate-preview-token from the admin API".into(),
             ),
+            Problem::HostMissing => {
+                Some("send a Host header (HTTP/1.1 requires one) or an absolute URI".into())
+            }
             _ => None,
         }
     }

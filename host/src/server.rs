@@ -178,6 +178,11 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
         id.stamp(resp.headers_mut());
         return resp;
     }
+    // A guest is told the request's authority (wasi:http has no request without one): refuse a
+    // request that names none rather than fail it inside the runtime as a 500.
+    if req.uri().authority().is_none() && !req.headers().contains_key(header::HOST) {
+        return Problem::HostMissing.into_response_with(&id);
+    }
     let (version, route_path, params, cors) =
         match deployment.routes.lookup(req.method(), req.uri().path()) {
             Match::NotFound => return Problem::RouteNotFound.into_response_with(&id),

@@ -456,3 +456,38 @@ async fn a_guest_sees_its_manifests_environment_and_never_the_hosts() {
     assert!(std::env::var_os("PATH").is_some(), "the host has a PATH");
     assert_eq!(env("/bare").await, serde_json::json!({}));
 }
+
+/// A guest is told the request's scheme and authority: `http` and the `Host` the client sent
+/// (over TLS `https`, in tls.rs). A request that names no host is a 400, not a failure inside
+/// the runtime.
+#[tokio::test]
+async fn a_guest_sees_scheme_and_authority_and_a_request_without_a_host_is_refused() {
+    let s = server();
+    let resp = reqwest::Client::new()
+        .put(s.url("/echo/x?uri"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    let authority = s
+        .url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    assert_eq!(body["uri"], format!("http://{authority}/echo/x?uri"));
+
+    let mut conn = tokio::net::TcpStream::connect(&authority)
+        .await
+        .expect("connect");
+    conn.write_all(b"GET /hello HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.expect("read");
+    assert!(answer.starts_with("HTTP/1.0 400"), "{answer}");
+    assert!(
+        answer.contains("urn:wasmgate:problem:host-missing"),
+        "{answer}"
+    );
+}

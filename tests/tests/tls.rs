@@ -82,9 +82,14 @@ async fn both_listeners_serve_https_and_a_renewed_certificate_without_a_restart(
 tls = {{ cert = "{dir}/cert.pem", key = "{dir}/key.pem" }}
 [functions.hello]
 wasm = "{{wasm:hello}}"
+[functions.echo]
+wasm = "{{wasm:echo}}"
 [[routes]]
 path = "/hello"
 function = "hello"
+[[routes]]
+path = "/echo"
+function = "echo"
 "#,
         dir = files.path().display()
     );
@@ -100,6 +105,21 @@ function = "hello"
         "h2 offered by ALPN"
     );
     assert_eq!(presented(&resp), first.2);
+    // The guest is told it was asked over https.
+    let seen: serde_json::Value = https
+        .get(s.url("/echo?uri"))
+        .send()
+        .await
+        .expect("https")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        seen["uri"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("https://")),
+        "{seen}"
+    );
     let h1 = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).expect("CA"))
         .http1_only()

@@ -211,7 +211,16 @@ impl Function {
         let (tx, rx) = oneshot::channel();
         let (req, out) = {
             let mut http = store.data_mut().http();
-            let req = http.new_incoming_request(Scheme::Http, req);
+            let scheme = if req
+                .extensions()
+                .get::<crate::connections::OverTls>()
+                .is_some()
+            {
+                Scheme::Https
+            } else {
+                Scheme::Http
+            };
+            let req = http.new_incoming_request(scheme, req);
             let out = http.new_response_outparam(tx);
             match (req, out) {
                 (Ok(req), Ok(out)) => (req, out),
