@@ -655,14 +655,25 @@ impl Manifest {
                     "[functions.{name}] timeout is 0; set a duration such as \"5s\""
                 ));
             }
-            if !f.config.is_empty()
-                && !f
-                    .capabilities
-                    .contains(&crate::capabilities::Capability::Config)
-            {
-                problems.push(format!(
-                    "[functions.{name}] has config values but is not granted `config`; add \"config\" to its capabilities"
-                ));
+            // Settings that only a grant makes usable.
+            for (set, what, needs) in [
+                (
+                    f.migrations.is_some(),
+                    "migrations",
+                    crate::capabilities::Capability::Db,
+                ),
+                (
+                    !f.config.is_empty(),
+                    "config values",
+                    crate::capabilities::Capability::Config,
+                ),
+            ] {
+                if set && !f.capabilities.contains(&needs) {
+                    problems.push(format!(
+                        "[functions.{name}] has {what} but is not granted `{0}`; add \"{0}\" to its capabilities",
+                        needs.name()
+                    ));
+                }
             }
             for (key, value) in &f.env {
                 if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
@@ -671,15 +682,6 @@ impl Manifest {
                         key.escape_debug()
                     ));
                 }
-            }
-            if f.migrations.is_some()
-                && !f
-                    .capabilities
-                    .contains(&crate::capabilities::Capability::Db)
-            {
-                problems.push(format!(
-                    "[functions.{name}] has migrations but is not granted `db`; add \"db\" to its capabilities"
-                ));
             }
             if f.bulkhead.max_concurrency == 0 {
                 problems.push(format!(

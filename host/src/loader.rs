@@ -415,26 +415,27 @@ pub async fn build(
             max_body: f.max_body,
             instance_reuse: f.instance_reuse,
         };
-        let config =
-            crate::capabilities::wasi_config::FunctionConfigValues::resolve(&f.config, base);
-        let caps = backends.configure(name).with_env(&f.env);
-        let loaded = match (config, live.get(name)) {
-            (Err(e), _) => Err(e),
-            (Ok(config), live) => {
-                let caps = caps.with_config(config);
-                match live {
-                    None => runtime
-                        .load(name, &base.join(&f.wasm), limits, &f.capabilities, caps)
-                        .map(|loaded| Loaded {
-                            versions: vec![(100, loaded, "manifest".to_string())],
-                            sticky: None,
-                            shadow: None,
-                        })
-                        .map_err(|e| e.to_string()),
-                    Some(l) => load_live(runtime, name, l, f, platform.settings.max_memory, &caps),
-                }
-            }
-        };
+        let loaded =
+            crate::capabilities::wasi_config::FunctionConfigValues::resolve(&f.config, base)
+                .and_then(|config| {
+                    let caps = backends
+                        .configure(name)
+                        .with_env(&f.env)
+                        .with_config(config);
+                    match live.get(name) {
+                        None => runtime
+                            .load(name, &base.join(&f.wasm), limits, &f.capabilities, caps)
+                            .map(|loaded| Loaded {
+                                versions: vec![(100, loaded, "manifest".to_string())],
+                                sticky: None,
+                                shadow: None,
+                            })
+                            .map_err(|e| e.to_string()),
+                        Some(l) => {
+                            load_live(runtime, name, l, f, platform.settings.max_memory, &caps)
+                        }
+                    }
+                });
         match loaded {
             Ok(loaded) => {
                 for (weight, v, label) in &loaded.versions {

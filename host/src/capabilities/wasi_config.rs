@@ -77,29 +77,27 @@ fn resolve_each(
     base: &Path,
 ) -> Result<BTreeMap<String, String>, String> {
     let mut resolved = BTreeMap::new();
-    {
-        for (key, value) in values {
-            let value = match value {
-                ConfigValue::Plain(v) => v.clone(),
-                ConfigValue::FromEnv { env } => std::env::var(env).map_err(|e| {
-                    format!(
-                        "config `{key}`: the host's environment variable `{env}` {}",
-                        match e {
-                            std::env::VarError::NotPresent => "is not set",
-                            std::env::VarError::NotUnicode(_) => "is not UTF-8",
-                        }
-                    )
-                })?,
-                ConfigValue::FromFile { file } => {
-                    let path = base.join(file);
-                    let text = std::fs::read_to_string(&path).map_err(|e| {
-                        format!("config `{key}`: cannot read `{}`: {e}", path.display())
-                    })?;
-                    text.strip_suffix('\n').unwrap_or(&text).to_string()
-                }
-            };
-            resolved.insert(key.clone(), value);
-        }
+    for (key, value) in values {
+        let value = match value {
+            ConfigValue::Plain(v) => v.clone(),
+            ConfigValue::FromEnv { env } => std::env::var(env).map_err(|e| {
+                format!(
+                    "config `{key}`: the host's environment variable `{env}` {}",
+                    match e {
+                        std::env::VarError::NotPresent => "is not set",
+                        std::env::VarError::NotUnicode(_) => "is not UTF-8",
+                    }
+                )
+            })?,
+            ConfigValue::FromFile { file } => {
+                let path = base.join(file);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    format!("config `{key}`: cannot read `{}`: {e}", path.display())
+                })?;
+                text.strip_suffix('\n').unwrap_or(&text).to_string()
+            }
+        };
+        resolved.insert(key.clone(), value);
     }
     Ok(resolved)
 }
